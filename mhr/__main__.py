@@ -1,0 +1,3 @@
+from mhr.cli import main
+
+main()

@@ -1,0 +1,7 @@
+"""`mhr priors …` commands."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="priors commands", no_args_is_help=True)

@@ -1,0 +1,98 @@
+"""`mhr status`: datasets, stages with keys and ages, runs."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from mhr.cache import read_manifest
+from mhr.cli.common import context
+from mhr.console import emit_json, err
+from mhr.store import connect
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def collect_status(workspace) -> list[dict[str, Any]]:
+    """One record per dataset: its stage runs (from the store) and directory artifacts."""
+    out = []
+    for name in workspace.datasets():
+        ds = workspace.dataset(name)
+        record: dict[str, Any] = {"dataset": name, "stages": [], "artifacts": []}
+        con = connect(ds.store_path, read_only=True)
+        try:
+            rows = con.execute(
+                "SELECT stage, key, epoch(started), seconds, status, params FROM stage_runs ORDER BY started"
+            ).fetchall()
+        finally:
+            con.close()
+        for stage, key, started, seconds, status, params in rows:
+            record["stages"].append(
+                {
+                    "stage": stage,
+                    "key": key,
+                    "started": started,
+                    "seconds": seconds,
+                    "status": status,
+                    "params": json.loads(params or "{}"),
+                }
+            )
+        for kind, folder in (("windows", ds.windows_dir), ("run", ds.runs_dir)):
+            if not folder.is_dir():
+                continue
+            for d in sorted(folder.iterdir()):
+                if d.name.startswith("."):
+                    continue
+                manifest = read_manifest(d, verify=False)
+                record["artifacts"].append(
+                    {
+                        "kind": kind,
+                        "name": d.name,
+                        "key": manifest and manifest["key"],
+                        "complete": manifest is not None,
+                        "age_s": time.time() - d.stat().st_mtime,
+                    }
+                )
+        out.append(record)
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("status")
+    def status(
+        ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")
+    ) -> None:
+        """Show datasets, the stages run on each (keys, ages) and the artifacts and runs they hold."""
+        c = context(ctx)
+        records = collect_status(c.workspace)
+        if as_json:
+            emit_json(records)
+            return
+        if not records:
+            err.print(f"no datasets in {c.workspace.root} — start with `mhr data fetch movielens-100k`")
+            return
+        now = time.time()
+        for rec in records:
+            table = Table(title=f"dataset {rec['dataset']}", title_justify="left")
+            for col in ("kind", "name / stage", "key", "age", "status"):
+                table.add_column(col)
+            for s in rec["stages"]:
+                table.add_row("stage", s["stage"], s["key"][:12], _age(now - s["started"]), s["status"])
+            for a in rec["artifacts"]:
+                table.add_row(
+                    a["kind"],
+                    a["name"],
+                    (a["key"] or "")[:12],
+                    _age(a["age_s"]),
+                    "done" if a["complete"] else "[yellow]incomplete[/]",
+                )
+            err.print(table)

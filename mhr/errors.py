@@ -1,0 +1,63 @@
+"""Every error a user can cause, in one place.
+
+Each carries a one-line message naming the file, row or column at fault and a hint saying how to
+fix it; `mhr.cli.main` prints them as one red line plus the hint and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class MhrError(Exception):
+    """Base of all user-facing errors. `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
+
+
+class InputError(MhrError):
+    """Bad input data: a file, row or column that cannot be used as given."""
+
+    exit_code = 2
+
+
+class UsageError(MhrError):
+    """Bad options: unknown names, values out of range, contradictory flags."""
+
+    exit_code = 2
+
+
+class NotFoundError(MhrError):
+    """A dataset, prior, artifact, run or user that does not exist."""
+
+    exit_code = 3
+
+
+class BusyError(MhrError):
+    """Another process is writing the same dataset."""
+
+    exit_code = 4
+
+
+class StaleError(MhrError):
+    """An artifact was built from inputs that no longer match (keys differ)."""
+
+    exit_code = 5
+
+
+class TrainingError(MhrError):
+    """Training cannot go on (NaN loss, incompatible checkpoint, model too large)."""
+
+    exit_code = 6
+
+
+class ExternalError(MhrError):
+    """A download or an LLM endpoint failed after retries."""
+
+    exit_code = 7

@@ -1,0 +1,133 @@
+"""Where artifacts live: `<workspace>/<dataset>/{store.duckdb, windows/, runs/, reports/}`.
+
+The workspace root is `--workspace` / `MHR_WORKSPACE` (default `./workspace`); the dataset is
+`--dataset` / `MHR_DATASET`, or the only dataset in the workspace.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mhr.errors import BusyError, NotFoundError, UsageError
+
+STORE_FILE = "store.duckdb"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str, what: str = "dataset") -> str:
+    """A dataset, prior or run name: letters, digits, `.`, `_`, `-`; no path separators, no `..`."""
+    if not _NAME.match(name) or ".." in name:
+        raise UsageError(
+            f"invalid {what} name {name!r}: only letters, digits, '.', '_' and '-' are allowed "
+            "(no path separators, no '..', at most 64 characters)",
+            hint="pick a plain name such as 'ml-100k' for --name",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset's folder in the workspace."""
+
+    root: Path
+    name: str
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.name
+
+    @property
+    def store_path(self) -> Path:
+        return self.dir / STORE_FILE
+
+    @property
+    def windows_dir(self) -> Path:
+        return self.dir / "windows"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.dir / "runs"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.dir / "reports"
+
+    def exists(self) -> bool:
+        return self.store_path.is_file()
+
+    def require(self) -> Dataset:
+        if not self.exists():
+            raise NotFoundError(
+                f"dataset {self.name!r} has no store at {self.store_path}",
+                hint="create it with `mhr data fetch movielens-100k`, `mhr data import` or `mhr data synth`",
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def from_option(cls, root: str | Path | None) -> Workspace:
+        return cls(Path(root or os.environ.get("MHR_WORKSPACE") or "workspace").resolve())
+
+    def datasets(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / STORE_FILE).is_file())
+
+    def dataset(self, name: str | None = None) -> Dataset:
+        """The named dataset (need not exist yet), `MHR_DATASET`, or the only one there is."""
+        name = name or os.environ.get("MHR_DATASET")
+        if name:
+            return Dataset(self.root, check_name(name))
+        names = self.datasets()
+        if len(names) == 1:
+            return Dataset(self.root, names[0])
+        if not names:
+            raise NotFoundError(
+                f"no dataset in workspace {self.root}",
+                hint="create one with `mhr data fetch movielens-100k` (or `mhr data import` / `mhr data synth`)",
+            )
+        raise UsageError(
+            f"several datasets in {self.root} ({', '.join(names)}): say which",
+            hint="pass --dataset NAME or set MHR_DATASET",
+        )
+
+
+@contextmanager
+def writing(dataset: Dataset, stage: str) -> Iterator[None]:
+    """Hold the dataset's write lock for the duration of a stage.
+
+    A second writer gets `busy: <stage> is writing <dataset>` at once instead of waiting or
+    corrupting the store. The lock is an `flock` on `<dataset>/.lock`, released by the kernel if the
+    process dies, so a killed stage never leaves the dataset locked.
+    """
+    dataset.dir.mkdir(parents=True, exist_ok=True)
+    path = dataset.dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another stage"
+            raise BusyError(
+                f"busy: {holder} is writing {dataset.name}",
+                hint="wait for it to finish (or stop it) and run this again",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{stage} (pid {os.getpid()})".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
