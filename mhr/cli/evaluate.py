@@ -1,9 +1,147 @@
-"""`mhr evaluate` command (registered on the root app)."""
+"""`mhr eval` and `mhr recommend`."""
 
 from __future__ import annotations
 
+import json
+
 import typer
+from rich.table import Table
+
+from mhr.cli.common import context, parse_list
+from mhr.console import emit, emit_json, err
+
+
+def latest_run(dataset) -> str:
+    from mhr.errors import NotFoundError
+
+    runs = sorted(
+        (p for p in dataset.runs_dir.glob("*/manifest.json")), key=lambda p: p.stat().st_mtime
+    ) if dataset.runs_dir.is_dir() else []
+    if not runs:
+        raise NotFoundError(f"no finished run in {dataset.runs_dir}", hint="train one with `mhr train`")
+    return runs[-1].parent.name
+
+
+def _strip(ref: str | None) -> str | None:
+    return ref.split(":", 1)[1] if ref and ref.startswith("run:") else ref
+
+
+def print_eval(result: dict) -> None:
+    ks, hs = result["ks"], result["horizons"]
+    title = f"{result['run']} · {result['split']} · fusion {result['params']['fusion']}"
+    if result.get("oracle"):
+        title += " · [bold red]ORACLE (true next event type used)[/]"
+    table = Table(title=title, title_justify="left")
+    table.add_column("horizon")
+    for k in ks:
+        table.add_column(f"R@{k}", justify="right")
+        table.add_column(f"N@{k}", justify="right")
+    m = result["metrics"]
+    for h in hs:
+        row = [str(h)]
+        for k in ks:
+            row += [f"{100 * m.get(f'recall@{k}/h{h}', 0):.2f}", f"{100 * m.get(f'ndcg@{k}/h{h}', 0):.2f}"]
+        table.add_row(*row)
+    err.print(table)
+    extra = [f"users {m.get('users')}"]
+    if "entropy" in result:
+        extra.append("entropy " + ", ".join(f"{k} {v:.3f}" for k, v in result["entropy"].items() if k != "prior"))
+    extra.append("coverage " + ", ".join(f"{k} {v:.3f}" for k, v in result["coverage"].items()))
+    if "new_interest" in result:
+        ni = result["new_interest"]
+        line = f"new-interest users {ni['metrics'].get('users')} ({100 * ni['share']:.1f}%)"
+        n10 = ni["metrics"].get(f"ndcg@10/h{hs[-1]}")
+        if n10 is not None:
+            line += f", N@10 {100 * n10:.2f}"
+        if ni.get("boost") and ni["boost"].get(f"ndcg@10/h{hs[-1]}") is not None:
+            line += f" (boost vs {ni['baseline']['run']}: {100 * ni['boost'][f'ndcg@10/h{hs[-1]}']:+.1f}%)"
+        extra.append(line)
+    if "head_usage@10" in result and len(result["head_usage@10"]) > 1:
+        top = sorted(result["head_usage@10"].items(), key=lambda kv: -kv[1])[:6]
+        extra.append("heads winning top-10: " + ", ".join(f"{n} {100 * v:.0f}%" for n, v in top))
+    for line in extra:
+        err.print(line)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("eval")
+    def eval_cmd(
+        ctx: typer.Context,
+        run: str = typer.Argument(None, help="Run name or run:<name> (default: the latest finished run)."),
+        fusion: str = typer.Option("max", help="How eligible heads' scores fuse: max (explainable) or avg."),
+        k: str = typer.Option("5,10,50,200", "--k", help="Cut-offs K."),
+        horizons: str = typer.Option("", help="Horizons to score, e.g. 1,4,8 (default 1, τ/2, τ)."),
+        split: str = typer.Option("test", help="valid or test."),
+        keep_history: bool = typer.Option(False, "--keep-history", help="Do not exclude already-seen items."),
+        oracle_event: bool = typer.Option(False, "--oracle-event",
+                                          help="DIAGNOSTIC ORACLE: mask heads with the true next event type."),
+        baseline: str = typer.Option(None, help="Baseline run for the new-interest boost."),
+        entropy_prior: str = typer.Option(None, help="Item prior whose categories H@K counts (default: item)."),
+        device: str = typer.Option("cpu", help="cpu or cuda."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result JSON on stdout."),
+        force: bool = typer.Option(False, help="Recompute even if cached."),
+    ) -> None:
+        """Rank the full catalogue for every user and score Recall/NDCG@K, H@K, new-interest, groups, heads."""
+        from mhr.evaluate import EvalParams, evaluate
+
+        c = context(ctx)
+        ds = c.dataset()
+        name = _strip(run) or latest_run(ds)
+        params = EvalParams(
+            fusion=fusion, ks=tuple(parse_list(k, int)), horizons=tuple(parse_list(horizons, int)),
+            split=split, keep_history=keep_history, oracle_event=oracle_event,
+            baseline=_strip(baseline), entropy_prior=entropy_prior,
+        )
+        path, result, cached = evaluate(ds, name, params, force=force, device=device)
+        if cached:
+            err.print(f"cached: {path}")
+        print_eval(result)
+        if as_json:
+            emit_json(result)
+        else:
+            emit(str(path))
+
+    @app.command("recommend")
+    def recommend_cmd(
+        ctx: typer.Context,
+        run: str = typer.Argument(..., help="Run name or run:<name>."),
+        user: str = typer.Option(..., "--user", help="The user's raw id in the source data."),
+        top: int = typer.Option(10, help="How many items."),
+        fusion: str = typer.Option("max", help="max (explained by the winning head) or avg."),
+        explain: bool = typer.Option(False, "--explain", help="Show which head recommended each item."),
+        keep_history: bool = typer.Option(False, "--keep-history", help="Allow already-seen items."),
+        as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+    ) -> None:
+        """Top items for one user, with the head that won each under max fusion."""
+        from mhr.errors import UsageError
+        from mhr.evaluate import FUSIONS
+        from mhr.recommend import as_json as rec_json
+        from mhr.recommend import recommend
+        from mhr.train import load_run
+
+        if fusion not in FUSIONS:
+            raise UsageError(f"unknown fusion {fusion!r}", hint=f"use one of {', '.join(FUSIONS)}")
+        c = context(ctx)
+        ds = c.dataset()
+        loaded = load_run(ds, _strip(run))
+        recs, info = recommend(loaded, ds, user, top, fusion, not keep_history)
+        if as_json:
+            typer.echo(rec_json(recs, info))
+            return
+        err.print(f"user {user}: {info['history_length']} interactions; recently: "
+                  + "; ".join(t or "?" for t in info["recent_titles"][:3]))
+        table = Table()
+        table.add_column("#", justify="right")
+        table.add_column("item")
+        table.add_column("title")
+        table.add_column("score", justify="right")
+        if explain:
+            table.add_column("recommended by")
+        for r in recs:
+            row = [str(r.rank), r.raw_id, r.title or "", f"{r.score:.3f}"]
+            if explain:
+                row.append(r.head or "—")
+            table.add_row(*row)
+        err.print(table)
+        for r in recs:
+            emit(json.dumps({"item": r.raw_id, "head": r.head}) if explain else r.raw_id)

@@ -1,9 +1,83 @@
-"""`mhr train` command (registered on the root app)."""
+"""`mhr train`: windows + priors → a trained run in runs/<name>/."""
 
 from __future__ import annotations
 
 import typer
 
+from mhr.cli.common import context, parse_list
+from mhr.console import emit, err
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("train")
+    def train_cmd(
+        ctx: typer.Context,
+        backbone: str = typer.Option("hstu", help="Backbone: hstu or sasrec."),
+        size: str = typer.Option("1", help="Backbone size: tiny, 1, 2, 3, 4, 1b (paper Table 5)."),
+        priors: str = typer.Option("", help="Comma-separated built priors, e.g. item,temporal ('' = plain backbone)."),
+        compose: str = typer.Option(
+            "hierarchical", help="How several priors combine: flat, additive, multiplicative, hierarchical."
+        ),
+        global_head: bool = typer.Option(False, "--global-head/--no-global-head",
+                                         help="Keep the backbone's own state as an extra head over all items."),
+        score: str = typer.Option("cosine", help="cosine (shared learnable temperature) or dot."),
+        temperature: float = typer.Option(0.05, help="Initial temperature of cosine scores."),
+        negatives: str = typer.Option("full", help="'full' softmax over each head's group, or N sampled negatives."),
+        negatives_from: str = typer.Option("group", help="Draw negatives from the head's group or the global pool."),
+        global_negatives_ratio: float = typer.Option(0.0, help="Share of each head's negatives from the whole catalogue."),
+        head_weights: str = typer.Option("frequency", help="frequency (w_k ∝ |Y_k|) or uniform."),
+        gamma: float = typer.Option(0.99, help="Discount γ over the forecast horizon."),
+        epochs: int = typer.Option(20, help="Epoch budget."),
+        max_steps: int = typer.Option(None, help="Step budget (overrides --epochs)."),
+        batch_size: int = typer.Option(64, help="Global batch size (windows per step)."),
+        lr: float = typer.Option(1e-3, help="AdamW learning rate (warmup then cosine decay)."),
+        weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+        warmup_steps: int = typer.Option(50, help="Linear warmup steps."),
+        clip: float = typer.Option(1.0, help="Gradient-norm clipping (0 = off)."),
+        eval_every: int = typer.Option(0, help="Validate every N steps (0 = once per epoch)."),
+        patience: int = typer.Option(3, help="Stop after N validations without a better NDCG@10 (0 = never)."),
+        dropout: float = typer.Option(None, help="Override the size's dropout."),
+        seed: int = typer.Option(0, help="Seed of initialisation, batch order and negative sampling."),
+        windows: str = typer.Option(None, help="Windows reference (default: the latest for this dataset)."),
+        name: str = typer.Option(None, help="Run name (default: derived from the parameters)."),
+        device: str = typer.Option("cpu", help="cpu, cuda or mps (bf16 autocast on cuda)."),
+        checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps (always at each validation)."),
+        resume: str = typer.Option(None, help="Continue the interrupted run RUN from its last checkpoint."),
+        force: bool = typer.Option(False, help="Retrain even if a run with the same key exists."),
+    ) -> None:
+        """Train a backbone with prior-conditioned heads; prints `run:<name>`.
+
+        Example: mhr train --backbone hstu --size 1 --priors item,temporal --compose hierarchical
+        """
+        from mhr.errors import UsageError
+        from mhr.train import TrainParams, resume_params, train
+
+        c = context(ctx)
+        ds = c.dataset()
+        if resume:
+            params, windows = resume_params(ds, resume)
+            name = resume
+        else:
+            if negatives == "full":
+                n_neg = None
+            elif negatives.isdigit() and int(negatives) > 0:
+                n_neg = int(negatives)
+            else:
+                raise UsageError(f"--negatives {negatives!r} is neither 'full' nor a positive count")
+            params = TrainParams(
+                backbone=backbone, size=size, priors=tuple(parse_list(priors)), compose=compose,
+                global_head=global_head, score=score, temperature=temperature, negatives=n_neg,
+                negatives_from=negatives_from, global_ratio=global_negatives_ratio,
+                head_weights=head_weights, gamma=gamma, epochs=epochs, max_steps=max_steps,
+                batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                clip=clip, eval_every=eval_every, patience=patience, seed=seed, dropout=dropout,
+            )
+        result = train(ds, params, windows=windows, name=name, device=device, force=force,
+                       resume=bool(resume), checkpoint_every=checkpoint_every)
+        if result.cached:
+            err.print(f"cached: run {result.name} (key {result.key[:12]})")
+        else:
+            best = result.best
+            err.print(f"trained {result.name}: best valid NDCG@10 {best.get('valid_ndcg@10', float('nan')):.4f} "
+                      f"at step {best.get('step')} of {best.get('steps')}")
+        emit(f"run:{result.name}")

@@ -1,0 +1,283 @@
+"""`mhr report`: comparison tables (mean ± 95% CI over seeds) and PNG plots for a set of runs.
+
+Runs are grouped by everything but the seed; each group's metrics come from the runs' evaluation
+JSONs with the requested split and fusion. Plots: validation NDCG@10 over training (paper Fig. 2),
+the comparison bars (Fig. 6 style), per-user-group bars (Fig. 3), scaling with context length and
+size when the runs vary them (Fig. 4), and a 2-D projection of one user's history, targets and top
+items coloured by the winning head.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mhr.errors import NotFoundError
+from mhr.metrics import mean_ci
+from mhr.workspace import Dataset
+
+HEADLINE = ("ndcg@10", "recall@10", "ndcg@50", "recall@50")
+
+
+@dataclass
+class RunGroup:
+    label: str
+    params: dict[str, Any]
+    runs: list[str] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    logs: list[list[dict[str, Any]]] = field(default_factory=list)
+
+
+def _group_label(params: dict[str, Any], varying: set[str]) -> str:
+    parts = []
+    for k in sorted(varying):
+        v = params.get(k)
+        if k == "priors":
+            parts.append("+".join(v) if v else "base")
+        else:
+            parts.append(f"{k}={v}")
+    return " ".join(parts) or "runs"
+
+
+def _find_eval(run_dir: Path, split: str, fusion: str) -> dict[str, Any] | None:
+    best = None
+    for path in sorted((run_dir / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            continue
+        p = data.get("params", {})
+        if data.get("split") == split and p.get("fusion") == fusion and not data.get("oracle"):
+            best = data
+    return best
+
+
+def collect(dataset: Dataset, runs: list[str], split: str = "test", fusion: str = "max") -> list[RunGroup]:
+    records = []
+    for name in runs:
+        run_dir = dataset.runs_dir / name
+        if not (run_dir / "config.json").is_file():
+            raise NotFoundError(f"no run {name!r} in {dataset.runs_dir}", hint="see `mhr status`")
+        config = json.loads((run_dir / "config.json").read_text())
+        ev = _find_eval(run_dir, split, fusion)
+        if ev is None:
+            raise NotFoundError(
+                f"run {name!r} has no {split} evaluation with fusion {fusion}",
+                hint=f"run `mhr eval {name} --split {split} --fusion {fusion}` first",
+            )
+        log = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines() if ln]
+        params = {k: v for k, v in config["params"].items() if k != "seed"}
+        params["context"] = config["windows"]["params"].get("context")
+        records.append((name, params, ev, log))
+    varying = {
+        k for k in {k for _, p, _, _ in records for k in p}
+        if len({json.dumps(p.get(k), sort_keys=True) for _, p, _, _ in records}) > 1
+    }
+    groups: dict[str, RunGroup] = {}
+    for name, params, ev, log in records:
+        label = _group_label(params, varying)
+        g = groups.setdefault(label, RunGroup(label, params))
+        g.runs.append(name)
+        g.evals.append(ev)
+        g.logs.append(log)
+    return list(groups.values())
+
+
+def _metric(ev: dict[str, Any], name: str) -> float | None:
+    h = ev["horizons"][-1]
+    if name.startswith("H@"):
+        return ev.get("entropy", {}).get(name)
+    return ev["metrics"].get(f"{name}/h{h}")
+
+
+def comparison_table(groups: list[RunGroup]) -> list[dict[str, Any]]:
+    rows = []
+    metrics = list(HEADLINE) + ["H@10"]
+    for g in groups:
+        row: dict[str, Any] = {"variant": g.label, "seeds": len(g.runs), "runs": g.runs}
+        for m in metrics:
+            vals = [v for v in (_metric(ev, m) for ev in g.evals) if v is not None]
+            if vals:
+                mean, half = mean_ci(np.array(vals))
+                row[m] = {"mean": float(mean), "ci95": float(half), "values": vals}
+        rows.append(row)
+    return rows
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    metrics = [m for m in (*HEADLINE, "H@10") if any(m in r for r in rows)]
+    head = "| variant | seeds | " + " | ".join(metrics) + " |"
+    lines = [head, "|" + "---|" * (len(metrics) + 2)]
+    for r in rows:
+        cells = []
+        for m in metrics:
+            if m not in r:
+                cells.append("—")
+            elif m.startswith("H@"):
+                cells.append(f"{r[m]['mean']:.3f} ± {r[m]['ci95']:.3f}")
+            else:
+                cells.append(f"{100 * r[m]['mean']:.2f} ± {100 * r[m]['ci95']:.2f}")
+        lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training(groups: list[RunGroup], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for g in groups:
+        for i, log in enumerate(g.logs):
+            pts = [(e["step"], e["valid_ndcg@10"]) for e in log if "valid_ndcg@10" in e]
+            if pts:
+                x, y = zip(*pts, strict=True)
+                ax.plot(x, np.array(y) * 100, label=g.label if i == 0 else None,
+                        color=f"C{groups.index(g)}", alpha=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation NDCG@10 (%)")
+    ax.set_title("Validation NDCG@10 during training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bars(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> bool:
+    rows = [r for r in rows if metric in r]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 4))
+    scale = 1 if metric.startswith("H@") else 100
+    means = [r[metric]["mean"] * scale for r in rows]
+    cis = [r[metric]["ci95"] * scale for r in rows]
+    ax.bar(range(len(rows)), means, yerr=cis, capsize=4, color=[f"C{i}" for i in range(len(rows))])
+    ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(metric + ("" if scale == 1 else " (%)"))
+    lo = min(m - c for m, c in zip(means, cis, strict=True))
+    hi = max(m + c for m, c in zip(means, cis, strict=True))
+    pad = max(1e-6, 0.15 * (hi - lo))
+    ax.set_ylim(max(0, lo - pad * 3), hi + pad)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_user_groups(groups: list[RunGroup], path: Path) -> bool:
+    per: dict[str, dict[str, list[float]]] = {}
+    prior_name = None
+    for g in groups:
+        for ev in g.evals:
+            for prior, gm in ev.get("user_groups", {}).items():
+                prior_name = prior_name or prior
+                if prior != prior_name:
+                    continue
+                for gname, m in gm.items():
+                    val = next((v for k, v in m.items() if k.startswith("ndcg@10/")), None)
+                    if val is not None:
+                        per.setdefault(g.label, {}).setdefault(gname, []).append(val)
+    if not per:
+        return False
+    plt = _plt()
+    names = sorted({n for d in per.values() for n in d})
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.9), 4))
+    width = 0.8 / len(per)
+    for i, (label, d) in enumerate(per.items()):
+        vals = [100 * float(np.mean(d.get(n, [np.nan]))) for n in names]
+        ax.bar(np.arange(len(names)) + i * width, vals, width, label=label)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("NDCG@10 (%)")
+    ax.set_title(f"NDCG@10 per user group ({prior_name})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_projection(dataset: Dataset, run_name: str, path: Path, user: str | None = None) -> bool:
+    """PCA of item vectors: one user's history, targets and top items coloured by winning head."""
+    import torch
+
+    from mhr.recommend import recommend
+    from mhr.store import connect
+    from mhr.train import load_run
+
+    run = load_run(dataset, run_name)
+    con = connect(dataset.store_path, read_only=True)
+    try:
+        if user is None:
+            user = con.execute(
+                "SELECT u.raw_id FROM users u JOIN interactions x USING (user_id) GROUP BY u.user_id, u.raw_id "
+                "ORDER BY count(*) DESC, u.user_id LIMIT 1").fetchone()[0]
+        uid = con.execute("SELECT user_id FROM users WHERE raw_id = ?", [user]).fetchone()[0]
+        hist = con.execute("SELECT item_id FROM interactions WHERE user_id = ? ORDER BY pos", [uid]).fetchnumpy()
+    finally:
+        con.close()
+    tau = int(run.windows.params["horizon"])
+    items = hist["item_id"].astype(np.int64)
+    past, targets = items[:-tau], items[-tau:]
+    recs, _ = recommend(run, dataset, user, top=20)
+    with torch.no_grad():
+        vecs = torch.nn.functional.normalize(run.model.item_vectors().float(), dim=-1).numpy()
+    centred = vecs[1:] - vecs[1:].mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = (vecs - vecs[1:].mean(0)) @ vt[:2].T
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.scatter(xy[1:, 0], xy[1:, 1], s=2, c="lightgrey", label="catalogue")
+    ax.scatter(xy[past, 0], xy[past, 1], s=12, c="black", marker="x", label="history")
+    ax.scatter(xy[targets, 0], xy[targets, 1], s=60, facecolors="none", edgecolors="red", label="last τ items")
+    heads = sorted({r.head or "fused" for r in recs})
+    for i, h in enumerate(heads):
+        pts = [r.item_id for r in recs if (r.head or "fused") == h]
+        ax.scatter(xy[pts, 0], xy[pts, 1], s=30, color=f"C{i}", label=f"top-20 via {h}")
+    ax.set_title(f"{run_name}: user {user} (PCA of item vectors)")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def build_report(dataset: Dataset, runs: list[str], out: Path, split: str = "test", fusion: str = "max",
+                 title: str = "mhr report") -> Path:
+    """Write table.md, table.json, PNGs and index.md into `out`; returns the index path."""
+    groups = collect(dataset, runs, split, fusion)
+    rows = comparison_table(groups)
+    out.mkdir(parents=True, exist_ok=True)
+    table = table_markdown(rows)
+    (out / "table.md").write_text(table)
+    (out / "table.json").write_text(json.dumps(rows, indent=1))
+    figures = []
+    plot_training(groups, out / "training.png")
+    figures.append(("Validation NDCG@10 over training (Fig. 2)", "training.png"))
+    if plot_bars(rows, "ndcg@10", out / "ndcg10.png", f"NDCG@10 ({split}, {fusion} fusion), mean ± 95% CI"):
+        figures.append(("NDCG@10 by variant (Fig. 6 style)", "ndcg10.png"))
+    if plot_bars(rows, "H@10", out / "entropy10.png", "Category entropy H@10 of the top 10"):
+        figures.append(("Category entropy H@10 by variant", "entropy10.png"))
+    if plot_user_groups(groups, out / "user_groups.png"):
+        figures.append(("NDCG@10 per user group (Fig. 3)", "user_groups.png"))
+    multi = next((g.runs[0] for g in groups if len(g.params.get("priors") or []) > 0), groups[0].runs[0])
+    if plot_projection(dataset, multi, out / "projection.png"):
+        figures.append((f"One user's history, targets and top items by winning head ({multi})", "projection.png"))
+    lines = [f"# {title}", "", f"Dataset `{dataset.name}`, split `{split}`, fusion `{fusion}`; "
+             "mean ± 95% CI (Student t) over seeds; metrics in %, at the full horizon.", "", table]
+    for caption, fname in figures:
+        lines += [f"## {caption}", "", f"![{caption}]({fname})", ""]
+    index = out / "index.md"
+    index.write_text("\n".join(lines))
+    return index

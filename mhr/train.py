@@ -1,0 +1,567 @@
+"""One training loop for every backbone and head layout (DESIGN §6).
+
+`train()` is the stage: windows + priors + parameters → `runs/<name>/` holding `config.json`
+(everything needed to rebuild the model), `model.safetensors` (the best weights on validation
+NDCG@10), `log.jsonl`, `checkpoint/` (weights, optimizer, scheduler and RNG state, no pickles) and
+`manifest.json` written last. A run with the same key is skipped; `resume=True` continues from the
+last checkpoint and ends bit-identical to an uninterrupted run on CPU, because every source of
+randomness (batch order, dropout, negative sampling) is either derived from (seed, epoch) or
+restored from the checkpoint.
+
+Distributed: under `torchrun --nproc_per_node N` (WORLD_SIZE > 1) each process takes every N-th
+row of the same global batch and DistributedDataParallel averages gradients; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mhr.cache import is_done, stage_key, write_manifest
+from mhr.console import err, progress
+from mhr.errors import NotFoundError, StaleError, TrainingError, UsageError
+from mhr.heads import COMPOSITIONS, Compatibility, HeadLayout, build_layout, parameter_count
+from mhr.inference import rank_split
+from mhr.loss import multihead_loss
+from mhr.metrics import ndcg_at_k
+from mhr.model import BACKBONES, MultiHeadRecommender, backbone_config, build_model
+from mhr.priors.spec import PriorSpec, load_prior
+from mhr.store import connect, data_key
+from mhr.windows import WindowsRef, horizon_targets, load_windows
+from mhr.workspace import Dataset, check_name
+
+RUN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Everything that decides the trained weights (and so the run's key)."""
+
+    backbone: str = "hstu"
+    size: str = "1"
+    priors: tuple[str, ...] = ()
+    compose: str = "hierarchical"
+    global_head: bool = False
+    score: str = "cosine"
+    temperature: float = 0.05
+    negatives: int | None = None
+    negatives_from: str = "group"
+    global_ratio: float = 0.0
+    head_weights: str = "frequency"
+    gamma: float = 0.99
+    epochs: int = 20
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    clip: float = 1.0
+    eval_every: int = 0
+    patience: int = 3
+    seed: int = 0
+    dropout: float | None = None
+
+    def check(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise UsageError(f"unknown backbone {self.backbone!r}", hint=f"use one of {', '.join(BACKBONES)}")
+        if self.compose not in COMPOSITIONS:
+            raise UsageError(f"unknown composition {self.compose!r}", hint=f"use one of {', '.join(COMPOSITIONS)}")
+        if self.compose == "flat" and len(self.priors) > 1:
+            raise UsageError("--compose flat takes one prior", hint="use additive, multiplicative or hierarchical")
+        if self.head_weights not in ("frequency", "uniform"):
+            raise UsageError(f"unknown --head-weights {self.head_weights!r}", hint="use frequency or uniform")
+        if self.negatives_from not in ("group", "global"):
+            raise UsageError(f"unknown --negatives-from {self.negatives_from!r}", hint="use group or global")
+        if self.score not in ("cosine", "dot"):
+            raise UsageError(f"unknown --score {self.score!r}", hint="use cosine or dot")
+        if not 0.0 <= self.global_ratio <= 1.0:
+            raise UsageError("--global-negatives-ratio must be in [0, 1]")
+        if self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
+            raise UsageError("--batch-size, --epochs and --lr must be positive")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["priors"] = list(self.priors)
+        return d
+
+
+@dataclass
+class TrainResult:
+    name: str
+    path: Path
+    key: str
+    cached: bool
+    best: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run rebuilt from its directory and the store."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    model: MultiHeadRecommender
+    layout: HeadLayout
+    compat: Compatibility
+    windows: WindowsRef
+    priors: tuple[PriorSpec, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+
+
+def default_run_name(p: TrainParams) -> str:
+    priors = "+".join(p.priors) if p.priors else "base"
+    comp = f"-{p.compose[:4]}" if len(p.priors) > 1 else ""
+    glob = "-g" if p.global_head else ""
+    return f"{p.backbone}{p.size}-{priors}{comp}{glob}-s{p.seed}"
+
+
+def _load_priors(dataset: Dataset, names: tuple[str, ...]) -> tuple[PriorSpec, ...]:
+    con = connect(dataset.store_path, read_only=True)
+    try:
+        return tuple(load_prior(con, n) for n in names)
+    finally:
+        con.close()
+
+
+def _check_horizon(specs: tuple[PriorSpec, ...], windows: WindowsRef) -> None:
+    tau = windows.params["horizon"]
+    for spec in specs:
+        if spec.kind == "temporal" and len(spec.horizon_groups) != tau:
+            raise UsageError(
+                f"temporal prior {spec.name!r} covers a horizon of {len(spec.horizon_groups)}, "
+                f"the windows have τ = {tau}",
+                hint=f"rebuild it with `mhr priors build --kind temporal --horizon {tau} --name {spec.name}`",
+            )
+        holdout = spec.params.get("holdout")
+        if holdout is not None and int(holdout) < 2 * tau and windows.params.get("protocol") != "loo":
+            raise UsageError(
+                f"prior {spec.name!r} was built holding out the last {holdout} interactions per user, "
+                f"but validation + test targets are the last {2 * tau}: the prior would leak them",
+                hint=f"rebuild it with --holdout {2 * tau}",
+            )
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _check_memory(p: TrainParams, config: Any, seq_len: int, device: str) -> None:
+    need = BACKBONES[p.backbone].estimate_memory(config, p.batch_size, seq_len)
+    have = torch.cuda.mem_get_info()[0] if device.startswith("cuda") else _available_memory()
+    if need > 0.9 * have:
+        raise TrainingError(
+            f"--size {p.size} at batch {p.batch_size} needs about {need / 2**30:.1f} GiB, "
+            f"{have / 2**30:.1f} GiB is available on {device}",
+            hint="lower --batch-size, pick a smaller --size or use a GPU (--device cuda)",
+        )
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress_ = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+    return f
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The batch order of one epoch: a function of (seed, epoch) only, so resume can recompute it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _batch(train: dict[str, np.ndarray], rows: np.ndarray, context: int, horizon: int, device) -> dict:
+    items = train["items"][rows]
+    events = train["events"][rows]
+    tgt = horizon_targets(items, horizon)[:, :context]
+    tgt_ev = horizon_targets(events.astype(np.int64), horizon)[:, :context]
+    # a target beyond the window's real length is padding (item 0) in `tgt`; its event is 0 too
+    tgt_ev = np.where(tgt > 0, tgt_ev, 0)
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    return {
+        "items": to(items[:, :context]),
+        "ts": to(train["ts"][rows][:, :context]),
+        "targets": to(tgt),
+        "target_events": to(tgt_ev),
+        "users": to(train["user"][rows].astype(np.int64)),
+    }
+
+
+def _validate(model, compat, valid, k: int, device) -> float:
+    ranking = rank_split(model, compat, valid, k=k, fusion="max", device=device)
+    return float(np.mean(ndcg_at_k(ranking.items, valid["targets"], k)))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: safetensors + JSON, never pickles
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generator, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    opt_tensors, opt_meta = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state": {}}
+    for pid, st in optimizer.state_dict()["state"].items():
+        meta = {}
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                opt_tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                meta[name] = value
+        opt_meta["state"][str(pid)] = meta
+    opt_tensors["__rng_torch"] = torch.get_rng_state()
+    opt_tensors["__rng_gen"] = gen.get_state()
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    full = {**state, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
+    (tmp / "state.json").write_text(json.dumps(full, indent=1, default=float))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generator) -> dict:
+    state = json.loads((path / "state.json").read_text())
+    weights = load_file(path / "model.safetensors")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise TrainingError(
+            f"checkpoint {path} does not fit this model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})",
+            hint="resume with the run's own config, or train anew with --force",
+        )
+    tensors = load_file(path / "optimizer.safetensors")
+    opt_state: dict[int, dict] = {}
+    for pid, meta in state["optimizer"]["state"].items():
+        opt_state[int(pid)] = dict(meta)
+    for name, value in tensors.items():
+        if name.startswith("__"):
+            continue
+        pid, key = name.split(".", 1)
+        opt_state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["__rng_torch"])
+    gen.set_state(tensors["__rng_gen"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return world, rank
+
+
+def train(
+    dataset: Dataset,
+    params: TrainParams,
+    windows: str | None = None,
+    name: str | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    resume: bool = False,
+    checkpoint_every: int = 0,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train (or skip, or resume) one run; returns where it is and its best validation figures."""
+    params.check()
+    name = check_name(name or default_run_name(params), "run")
+    run_dir = dataset.runs_dir / name
+    wref = load_windows(dataset, windows)
+    specs = _load_priors(dataset, params.priors)
+    _check_horizon(specs, wref)
+    inputs = {"windows": wref.key, **{f"prior:{s.name}": s.key for s in specs}}
+    key = stage_key("train", params.as_dict(), inputs)
+
+    if not force and is_done(run_dir, key):
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        return TrainResult(name, run_dir, key, True, manifest.get("best", {}))
+    config_path = run_dir / "config.json"
+    if run_dir.exists() and not force:
+        old = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if old.get("key") != key:
+            raise UsageError(
+                f"run {name!r} exists with other parameters or inputs",
+                hint="pass --force to retrain it, or --name for a new run",
+            )
+        if not resume:
+            raise UsageError(
+                f"run {name!r} is incomplete (interrupted?)",
+                hint=f"continue it with `mhr train --resume {name}` or start over with --force",
+            )
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+
+    world, rank = _dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if params.batch_size % world:
+        raise UsageError(f"--batch-size {params.batch_size} is not divisible by {world} processes")
+
+    T, tau = int(wref.params["context"]), int(wref.params["horizon"])
+    n_items = int(wref.stats["max_item_id"])
+    config = backbone_config(params.backbone, params.size, n_items, T, dropout=params.dropout)
+    _check_memory(params, config, T, device)
+    layout = build_layout(specs, params.compose, params.global_head)
+
+    torch.manual_seed(params.seed)
+    model = build_model(params.backbone, config, layout, params.score, params.temperature).to(device)
+    compat = Compatibility(layout, n_items, wref.event_vocab).to(device)
+    gen = torch.Generator(device=device).manual_seed(params.seed + 1)
+
+    train_split = wref.read_split("train")
+    valid = wref.read_split("valid")
+    n_windows = len(train_split["user"])
+    steps_per_epoch = math.ceil(n_windows / params.batch_size)
+    total = params.max_steps or steps_per_epoch * params.epochs
+    eval_every = params.eval_every or steps_per_epoch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(params.warmup_steps, total))
+    step_module = _LossStep(model, compat, params, gen)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(step_module) if world > 1 else step_module
+
+    record = {
+        "format": RUN_FORMAT,
+        "key": key,
+        "name": name,
+        "params": params.as_dict(),
+        "inputs": inputs,
+        "backbone_config": dataclasses.asdict(config),
+        "layout": {"names": list(layout.names), "compose": layout.compose, "global_head": layout.global_head},
+        "windows": {"key": wref.key, "params": wref.params},
+        "dataset": dataset.name,
+        "data_key": wref.data_key,
+        "device": device,
+        "world_size": world,
+    }
+    state = {"step": 0, "best_ndcg": -1.0, "best_step": -1, "bad_evals": 0, "stopped": False}
+    ckpt = run_dir / "checkpoint"
+    if resume and ckpt.is_dir():
+        state = _load_checkpoint(ckpt, model, optimizer, scheduler, gen)
+    elif rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(record, indent=2, sort_keys=True))
+        (run_dir / "log.jsonl").write_text("")
+    if rank == 0:
+        _trim_log(run_dir / "log.jsonl", state["step"])
+
+    n_params = sum(p.numel() for p in model.parameters())
+    head_params = parameter_count(layout, config.d)
+    if show_progress and rank == 0:
+        err.print(
+            f"[bold]{name}[/]: {params.backbone} size {params.size} ({n_params:,} parameters; "
+            f"{layout.n_heads} heads, {head_params:,} head parameters = {100 * head_params / n_params:.2f}%), "
+            f"{n_windows:,} windows, {steps_per_epoch} steps/epoch, up to {total} steps"
+        )
+
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _nullcontext()
+    )
+    model.train()
+    step = int(state["step"])
+    t0, seqs = time.time(), 0
+    bar = progress() if show_progress and rank == 0 else None
+    if bar:
+        bar.start()
+        task = bar.add_task(name, total=total, completed=step, info="")
+    try:
+        while step < total and not state["stopped"]:
+            epoch, offset = divmod(step, steps_per_epoch)
+            order = _epoch_order(params.seed, epoch, n_windows)
+            rows = order[offset * params.batch_size : (offset + 1) * params.batch_size]
+            rows = rows[rank::world]
+            b = _batch(train_split, rows, T, tau, device)
+            with autocast:
+                loss, stats = ddp_model(b["items"], b["ts"], b["targets"], b["target_events"], b["users"])
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item()} at step {step} of run {name}",
+                    hint="lower --lr or raise --temperature; the last good checkpoint is kept in "
+                    f"{ckpt} (resume with --resume {name})",
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if params.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), params.clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seqs += len(rows) * world
+            entry: dict[str, Any] = {"step": step, "epoch": epoch, "loss": round(float(loss.item()), 6),
+                                     "lr": scheduler.get_last_lr()[0]}
+            if step % eval_every == 0 or step == total:
+                ndcg = _validate(model, compat, valid, 10, device)
+                entry["valid_ndcg@10"] = ndcg
+                if ndcg > state["best_ndcg"]:
+                    state.update(best_ndcg=ndcg, best_step=step, bad_evals=0)
+                    if rank == 0:
+                        _save_weights(model, run_dir / "model.safetensors")
+                else:
+                    state["bad_evals"] += 1
+                    if params.patience and state["bad_evals"] >= params.patience:
+                        state["stopped"] = True
+                model.train()
+            if rank == 0:
+                elapsed = max(time.time() - t0, 1e-9)
+                entry["seq_per_s"] = round(seqs / elapsed, 1)
+                with open(run_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                if bar:
+                    info = f"loss {entry['loss']:.4f} · {entry['seq_per_s']:.0f} seq/s"
+                    if state["best_ndcg"] >= 0:
+                        info += f" · best NDCG@10 {state['best_ndcg']:.4f}"
+                    bar.update(task, completed=step, info=info)
+            state["step"] = step
+            if rank == 0 and (
+                (checkpoint_every and step % checkpoint_every == 0) or step % eval_every == 0
+            ):
+                _save_checkpoint(ckpt, model, optimizer, scheduler, gen, state)
+    finally:
+        if bar:
+            bar.stop()
+    state["step"] = step
+    best = {"valid_ndcg@10": state["best_ndcg"], "step": state["best_step"], "steps": step,
+            "early_stopped": bool(state["stopped"])}
+    if rank == 0:
+        _save_checkpoint(ckpt, model, optimizer, scheduler, gen, state)
+        if not (run_dir / "model.safetensors").exists():
+            _save_weights(model, run_dir / "model.safetensors")
+        write_manifest(run_dir, "train", key, params.as_dict(), inputs, best=best,
+                       n_parameters=n_params, head_parameters=head_params)
+    if world > 1:
+        torch.distributed.barrier()
+    return TrainResult(name, run_dir, key, False, best)
+
+
+class _LossStep(torch.nn.Module):
+    """Model + loss as one module, so DistributedDataParallel sees every parameter that the loss
+    touches (the scorer's temperature and the scoring item table included) inside forward."""
+
+    def __init__(self, model: MultiHeadRecommender, compat: Compatibility, params: TrainParams,
+                 gen: torch.Generator) -> None:
+        super().__init__()
+        self.model = model
+        self.compat = compat
+        self.params = params
+        self.gen = gen
+
+    def forward(self, items, ts, targets, target_events, users):
+        p = self.params
+        q = self.model(items, ts)
+        compat_t = self.compat.targets(targets, target_events, users)
+        return multihead_loss(
+            q.float(),
+            self.model.item_vectors().float(),
+            self.model.scorer,
+            targets,
+            compat_t,
+            self.compat.omega,
+            gamma=p.gamma,
+            head_weights=p.head_weights,
+            negatives=p.negatives,
+            negatives_from=p.negatives_from,
+            global_ratio=p.global_ratio,
+            generator=self.gen,
+        )
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _save_weights(model, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint so the log reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def resume_params(dataset: Dataset, name: str) -> tuple[TrainParams, str]:
+    """The parameters and windows key an interrupted run was started with."""
+    path = dataset.runs_dir / check_name(name, "run") / "config.json"
+    if not path.is_file():
+        raise NotFoundError(f"no run {name!r} in {dataset.runs_dir}", hint="see `mhr status` for runs")
+    record = json.loads(path.read_text())
+    p = dict(record["params"])
+    p["priors"] = tuple(p["priors"])
+    return TrainParams(**p), record["windows"]["key"]
+
+
+def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
+    """Rebuild a finished run; refuses when the store's priors or data changed since training."""
+    run_dir = dataset.runs_dir / check_name(name, "run")
+    if not (run_dir / "manifest.json").is_file():
+        raise NotFoundError(
+            f"run {name!r} is not finished in {dataset.runs_dir}",
+            hint="train it with `mhr train` (or finish it with `mhr train --resume NAME`)",
+        )
+    record = json.loads((run_dir / "config.json").read_text())
+    con = connect(dataset.store_path, read_only=True)
+    try:
+        current = data_key(con)
+        if current != record["data_key"]:
+            raise StaleError(
+                f"run {name!r} was trained on another version of dataset {dataset.name} "
+                f"(data key {record['data_key'][:12]} ≠ {current[:12]})",
+                hint="retrain the run on the current data",
+            )
+        params = record["params"]
+        specs = tuple(load_prior(con, n) for n in params["priors"])
+    finally:
+        con.close()
+    for spec in specs:
+        if record["inputs"].get(f"prior:{spec.name}") != spec.key:
+            raise StaleError(
+                f"prior {spec.name!r} was rebuilt since run {name!r} was trained (keys differ)",
+                hint="retrain the run, or rebuild the prior with its old parameters",
+            )
+    wref = load_windows(dataset, record["windows"]["key"])
+    layout = build_layout(specs, params["compose"], params["global_head"])
+    family = BACKBONES[params["backbone"]]
+    config = family.config_cls(**record["backbone_config"])
+    model = build_model(params["backbone"], config, layout, params["score"], params["temperature"])
+    model.load_state_dict(load_file(run_dir / "model.safetensors"))
+    model.to(device).eval()
+    compat = Compatibility(layout, config.n_items, wref.event_vocab).to(device)
+    return LoadedRun(name, run_dir, record, model, layout, compat, wref, specs)
