@@ -417,7 +417,11 @@ def train(
             scheduler.step()
             step += 1
             seqs += len(rows) * world
-            entry: dict[str, Any] = {"step": step, "epoch": epoch, "loss": round(float(loss.item()), 6),
+            logged = loss.detach()
+            if world > 1:  # log the global batch's loss, not this process's half
+                torch.distributed.all_reduce(logged)
+                logged = logged / world
+            entry: dict[str, Any] = {"step": step, "epoch": epoch, "loss": round(float(logged.item()), 6),
                                      "lr": scheduler.get_last_lr()[0]}
             if step % eval_every == 0 or step == total:
                 ndcg = _validate(model, compat, valid, 10, device)

@@ -74,12 +74,15 @@ class HSTUConfig:
         if self.n_items < 1 or self.max_len < 1:
             raise UsageError(f"HSTU needs n_items >= 1 and max_len >= 1 (got {self.n_items}, {self.max_len})")
         if self.d < 1 or self.n_layers < 0 or self.n_heads < 1:
-            raise UsageError(f"HSTU size out of range: d={self.d}, n_layers={self.n_layers}, n_heads={self.n_heads}")
+            raise UsageError(
+                f"HSTU size out of range: d={self.d}, n_layers={self.n_layers}, n_heads={self.n_heads}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.time_bucketing not in TIME_BUCKETINGS:
             raise UsageError(
-                f"unknown time bucketing {self.time_bucketing!r}", hint=f"choose one of {', '.join(TIME_BUCKETINGS)}"
+                f"unknown time bucketing {self.time_bucketing!r}",
+                hint=f"choose one of {', '.join(TIME_BUCKETINGS)}",
             )
         if self.n_time_buckets < 1:
             raise UsageError(f"n_time_buckets must be >= 1, got {self.n_time_buckets}")
@@ -114,25 +117,41 @@ def _trunc_normal_(w: torch.Tensor, std: float) -> None:
     nn.init.trunc_normal_(w, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
 
+def head_index(index: torch.Tensor, n_heads: int, n_buckets: int) -> torch.Tensor:
+    """Bucket ids [B, L, L] -> ids into a flattened [n_heads, n_buckets] table: [B, H, L, L]."""
+    offsets = torch.arange(n_heads, device=index.device).view(n_heads, 1, 1) * n_buckets
+    return index.unsqueeze(1) + offsets
+
+
+def gather_bias(table: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """table [H, K] at `head_index` ids [B, H, L, L] -> bias [B, H, L, L].
+
+    Same values as `F.embedding(index, table.T).permute(0, 3, 1, 2)`, but a 1-D gather whose
+    backward is one scatter-add, several times faster than the embedding backward on CPU.
+    """
+    return table.reshape(-1).gather(0, flat_index.reshape(-1)).view(flat_index.shape)
+
+
 class RelativeBias(nn.Module):
     """rab^{p,t}: a learned bias per head on the relative position i - j and the time-gap bucket."""
 
     def __init__(self, config: HSTUConfig) -> None:
         super().__init__()
         h = config.n_heads
-        self.position = nn.Parameter(torch.empty(config.max_len, h)) if config.position_bias else None
-        self.time = nn.Parameter(torch.empty(config.n_time_buckets, h)) if config.time_bias else None
+        self.position = nn.Parameter(torch.empty(h, config.max_len)) if config.position_bias else None
+        self.time = nn.Parameter(torch.empty(h, config.n_time_buckets)) if config.time_bias else None
         for p in (self.position, self.time):
             if p is not None:
                 _trunc_normal_(p, 0.02)
 
-    def forward(self, rel_pos: torch.Tensor, time_bucket: torch.Tensor | None) -> torch.Tensor | None:
-        """rel_pos [L, L], time_bucket [B, L, L] -> bias [B or 1, H, L, L] (None when both are off)."""
+    def forward(self, position_index: torch.Tensor, time_index: torch.Tensor | None) -> torch.Tensor | None:
+        """`head_index` ids of relative positions [1, H, L, L] and time buckets [B, H, L, L]
+        -> bias [B or 1, H, L, L] (None when both biases are off)."""
         bias = None
         if self.position is not None:
-            bias = F.embedding(rel_pos, self.position).permute(2, 0, 1).unsqueeze(0)
-        if self.time is not None and time_bucket is not None:
-            t = F.embedding(time_bucket, self.time).permute(0, 3, 1, 2)
+            bias = gather_bias(self.position, position_index)
+        if self.time is not None and time_index is not None:
+            t = gather_bias(self.time, time_index)
             bias = t if bias is None else bias + t
         return bias
 
@@ -159,12 +178,11 @@ class HSTUBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        keep: torch.Tensor,
-        inv_n: torch.Tensor,
-        rel_pos: torch.Tensor,
-        time_bucket: torch.Tensor | None,
+        scale: torch.Tensor,
+        position_index: torch.Tensor,
+        time_index: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x [B, L, d]; keep [B, 1, L, L] bool (causal & valid key); inv_n [B, 1, L, 1] = 1/n."""
+        """x [B, L, d]; scale [B, 1, L, L] = 1/n where query i may see key j, else 0."""
         b, seq, _ = x.shape
         h, da, dl = self.n_heads, self.attn_dim, self.linear_dim
         uvqk = F.silu(self.uvqk(self.norm(x)))
@@ -173,10 +191,10 @@ class HSTUBlock(nn.Module):
         q = q.view(b, seq, h, da).transpose(1, 2)
         k = k.view(b, seq, h, da).transpose(1, 2)
         scores = q @ k.transpose(-1, -2)  # [B, H, L, L]
-        bias = self.rab(rel_pos, time_bucket)
+        bias = self.rab(position_index, time_index)
         if bias is not None:
             scores = scores + bias.to(scores.dtype)
-        attn = (F.silu(scores) * inv_n.to(scores.dtype)).masked_fill(~keep, 0.0)
+        attn = F.silu(scores) * scale.to(scores.dtype)
         av = (attn @ v).transpose(1, 2).reshape(b, seq, h * dl)
         y = u * F.layer_norm(av, (h * dl,), eps=1e-6)
         return x + self.out(self.dropout(y))
@@ -225,15 +243,16 @@ class HSTU(nn.Module):
         causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # [L, L]: query i sees key j <= i
         keep = (causal.unsqueeze(0) & valid.unsqueeze(1)).unsqueeze(1)  # [B, 1, L, L]
         n = keep.sum(-1, keepdim=True).clamp(min=1)  # [B, 1, L, 1]
-        inv_n = 1.0 / n.to(torch.float32)
+        scale = keep / n  # the causal/padding mask and the 1/n normalisation in one factor
         rel_pos = (pos.unsqueeze(1) - pos.unsqueeze(0)).clamp(min=0)  # [L, L]
-        time_bucket = None
+        position_index = head_index(rel_pos.unsqueeze(0), cfg.n_heads, cfg.max_len)
+        time_index = None
         if cfg.time_bias:
-            time_bucket = bucketize_time(
-                ts.unsqueeze(2) - ts.unsqueeze(1), cfg.time_bucketing, cfg.n_time_buckets
-            )  # [B, L, L]
+            dt = ts.unsqueeze(2) - ts.unsqueeze(1)  # [B, L, L]: query time minus key time
+            bucket = bucketize_time(dt, cfg.time_bucketing, cfg.n_time_buckets)
+            time_index = head_index(bucket, cfg.n_heads, cfg.n_time_buckets)
         for block in self.blocks:
-            x = block(x, keep, inv_n, rel_pos, time_bucket)
+            x = block(x, scale, position_index, time_index)
         return self.final_norm(x)
 
 
@@ -254,8 +273,9 @@ def estimate_memory_bytes(config: HSTUConfig, batch: int, seq_len: int, bytes_pe
     a layer at `bytes_per_value` each. The scorer's logits are not included.
     """
     d, h = config.d, config.n_heads
-    width = 2 * d + 2 * (2 * h * config.linear_dim + 2 * h * config.attn_dim) + 3 * h * config.linear_dim + 2 * d
+    width = (
+        2 * d + 2 * (2 * h * config.linear_dim + 2 * h * config.attn_dim) + 3 * h * config.linear_dim + 2 * d
+    )
     per_layer = batch * seq_len * width + 4 * batch * h * seq_len * seq_len
     activations = (config.n_layers * per_layer + 4 * batch * seq_len * d) * bytes_per_value
     return 16 * estimate_params(config) + activations
-
