@@ -1,0 +1,443 @@
+"""Prior-conditioned heads: layout, adapters, scorer, compatibility sets and fusion.
+
+The method (DESIGN §1, Zhang et al. 2025, arXiv 2511.10492):
+
+- A head decodes the backbone state `h` into a query `q_k = h + SiLU(W_k h + b_k)` (Eq. 2), `W_k`
+  and `b_k` zero-initialised, so at step 0 every head *is* `h`. The released code left the bias
+  at PyTorch's default init (and HSTU re-initialised the head weights); here both start at zero.
+- Head `k` only scores items in `Ω_k` (Eq. 3).
+- Several priors compose (Eq. 4–5): *additive* (independent heads per (prior, group)),
+  *multiplicative* (one independent head per element of the Cartesian product) or *hierarchical*
+  (a tree, one level per prior, in the order the priors are given):
+  `z⁽⁰⁾ = h`, `z⁽ˡ⁾ = z⁽ˡ⁻¹⁾ + SiLU(W_path z⁽ˡ⁻¹⁾ + b_path) + e_(ℓ, g)` with one adapter per tree node
+  (path prefix) and one group embedding per (level, group) shared by every branch through that
+  group; the leaves are the heads. The paper's Eq. 4 has no bias inside the SiLU; we keep the
+  zero-initialised bias of Eq. 2 there too, so every adapter is the same residual SiLU layer.
+- A leaf's `Ω_k` is the intersection of its item-restricting levels (item, graph); event,
+  temporal and user levels allow every item (DESIGN §1 table). Leaves whose intersection is empty
+  are dropped by default and listed in `HeadLayout.dropped`.
+- The optional *global head* is the backbone's own state `h` (no parameters) over the whole
+  catalogue, with every target as a positive; it is always the last head.
+- Inference fuses each item's eligible heads by max (the winner explains) or by average.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mhr.errors import StaleError, UsageError
+from mhr.priors.spec import PriorSpec
+
+COMPOSITIONS = ("flat", "additive", "multiplicative", "hierarchical")
+SCORES = ("cosine", "dot")
+GLOBAL = "global"
+NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Which heads exist. Each leaf is `((prior index, group id), ...)`, one pair per level it
+    constrains (one pair for flat/additive, one per prior for multiplicative/hierarchical).
+    The global head, when present, has no pairs and comes last; `names[k]` names head `k`."""
+
+    priors: tuple[PriorSpec, ...]
+    compose: str
+    global_head: bool
+    leaves: tuple[tuple[tuple[int, int], ...], ...]
+    names: tuple[str, ...]
+    dropped: tuple[str, ...] = ()  # leaves left out because their item sets do not intersect
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.leaves) + int(self.global_head)
+
+    def describe(self, d: int | None = None) -> str:
+        """One line for logs: composition, priors, head count, dropped leaves, parameters."""
+        over = " × ".join(s.name for s in self.priors) or "no priors"
+        text = f"{self.compose} over {over}: {self.n_heads} heads"
+        if self.global_head and self.leaves:
+            text += " (incl. global)"
+        if self.dropped:
+            text += f", {len(self.dropped)} empty leaves dropped"
+        if d is not None:
+            text += f", {parameter_count(self, d):,} head parameters at d={d}"
+        return text
+
+
+def build_layout(
+    priors: tuple[PriorSpec, ...] | list[PriorSpec],
+    compose: str,
+    global_head: bool = False,
+    drop_empty: bool = True,
+) -> HeadLayout:
+    """The heads for `priors` composed by `compose`.
+
+    No priors: one "global" head (the plain backbone), whatever `compose` says. `flat` takes
+    exactly one prior. Multiplicative and hierarchical leaves are the Cartesian product of the
+    priors' groups, first prior outermost (tree order = order given). With `drop_empty`, leaves
+    whose item-restricting sets do not intersect (and item groups with no item) are dropped and
+    their names kept in `dropped`.
+    """
+    priors = tuple(priors)
+    if compose not in COMPOSITIONS:
+        raise UsageError(f"unknown composition {compose!r}", hint=f"use one of {', '.join(COMPOSITIONS)}")
+    if not priors:
+        return HeadLayout((), compose, True, (), (GLOBAL,))
+    if compose == "flat" and len(priors) != 1:
+        raise UsageError(
+            f"--compose flat takes exactly one prior, got {len(priors)}",
+            hint="use additive, multiplicative or hierarchical for several priors",
+        )
+    for spec in priors:
+        if spec.n_groups == 0:
+            raise UsageError(f"prior {spec.name!r} has no groups", hint="rebuild it with `mhr priors build`")
+    if compose in ("flat", "additive"):
+        candidates = [((p, g),) for p, spec in enumerate(priors) for g in range(spec.n_groups)]
+    else:
+        candidates = [
+            tuple(enumerate(groups)) for groups in itertools.product(*(range(s.n_groups) for s in priors))
+        ]
+    names = _leaf_names(priors, candidates)
+    leaves, kept, dropped = [], [], []
+    for leaf, name in zip(candidates, names, strict=True):
+        if drop_empty and not _item_set(priors, leaf).any():
+            dropped.append(name)
+        else:
+            leaves.append(leaf)
+            kept.append(name)
+    if not leaves and not global_head:
+        raise UsageError(
+            f"every {compose} head over {', '.join(s.name for s in priors)} has an empty item set",
+            hint="check the priors' item groups (`mhr priors show`) or add --global-head",
+        )
+    if global_head:
+        kept.append(GLOBAL)
+    return HeadLayout(priors, compose, global_head, tuple(leaves), tuple(kept), tuple(dropped))
+
+
+def _leaf_names(priors: tuple[PriorSpec, ...], leaves: list[tuple[tuple[int, int], ...]]) -> list[str]:
+    """"ST · Comedy"; qualified as "temporal:ST · item:Comedy" if plain names would collide."""
+    plain = [" · ".join(priors[p].group_names[g] for p, g in leaf) for leaf in leaves]
+    if len(set(plain)) == len(plain) and GLOBAL not in plain:
+        return plain
+    return [" · ".join(f"{priors[p].name}:{priors[p].group_names[g]}" for p, g in leaf) for leaf in leaves]
+
+
+def _item_set(priors: tuple[PriorSpec, ...], leaf: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """Bool [n+1] intersection of the leaf's item-restricting groups (all True if none restrict)."""
+    sets = [priors[p].item_groups[g] for p, g in leaf if priors[p].restricts_items]
+    if not sets:
+        return np.ones(1, dtype=bool)
+    n = min(len(s) for s in sets)
+    out = np.ones(n, dtype=bool)
+    for s in sets:
+        out &= s[:n]
+    out[0] = False
+    return out
+
+
+def tree_levels(leaves: tuple[tuple[tuple[int, int], ...], ...]) -> list[tuple[list[int], list[int]]]:
+    """The hierarchical tree: per level, each node's (parent index, group id).
+
+    Nodes of level ℓ are the distinct length-ℓ prefixes of the leaves, in first-seen order, so the
+    last level lists exactly the leaves in layout order. The root (level 0) is node 0.
+    """
+    if not leaves:
+        return []
+    levels = []
+    prev: dict[tuple, int] = {(): 0}
+    for depth in range(1, len(leaves[0]) + 1):
+        index: dict[tuple, int] = {}
+        parents, groups = [], []
+        for leaf in leaves:
+            prefix = leaf[:depth]
+            if prefix not in index:
+                index[prefix] = len(index)
+                parents.append(prev[prefix[:-1]])
+                groups.append(prefix[-1][1])
+        levels.append((parents, groups))
+        prev = index
+    return levels
+
+
+def parameter_count(layout: HeadLayout, d: int) -> int:
+    """Parameters of `PriorHeads(d, layout)`: d² + d per adapter, plus d per group embedding."""
+    if not layout.leaves:
+        return 0
+    if layout.compose != "hierarchical":
+        return len(layout.leaves) * (d * d + d)
+    nodes = sum(len(parents) for parents, _ in tree_levels(layout.leaves))
+    groups = sum(spec.n_groups for spec in layout.priors)
+    return nodes * (d * d + d) + groups * d
+
+
+# ---------------------------------------------------------------------------------------------
+# heads
+
+
+class PriorHeads(nn.Module):
+    """h [..., d] -> head queries q [..., K, d]; every head equals h at initialisation.
+
+    flat / additive / multiplicative: `weight [K', d, d]`, `bias [K', d]` (K' leaves), all heads
+    in one matmul. hierarchical: per level ℓ, adapters `weight_ℓ [n_ℓ, d, d]`, `bias_ℓ [n_ℓ, d]`
+    (one per tree node) and group embeddings `group_ℓ [G_ℓ, d]`; computed level by level, each
+    level one batched matmul over its nodes' parents gathered from the level above.
+    """
+
+    def __init__(self, d: int, layout: HeadLayout) -> None:
+        super().__init__()
+        self.d = d
+        self.layout = layout
+        self.n_leaves = len(layout.leaves)
+        self.hierarchical = layout.compose == "hierarchical" and self.n_leaves > 0
+        if self.hierarchical:
+            self.weights = nn.ParameterList()
+            self.biases = nn.ParameterList()
+            self.groups = nn.ParameterList()
+            for level, (parents, groups) in enumerate(tree_levels(layout.leaves)):
+                n = len(parents)
+                self.weights.append(nn.Parameter(torch.zeros(n, d, d)))
+                self.biases.append(nn.Parameter(torch.zeros(n, d)))
+                self.groups.append(nn.Parameter(torch.zeros(layout.priors[level].n_groups, d)))
+                self.register_buffer(f"parent_{level}", torch.tensor(parents, dtype=torch.long), persistent=False)
+                self.register_buffer(f"group_{level}", torch.tensor(groups, dtype=torch.long), persistent=False)
+            self.depth = len(self.weights)
+        elif self.n_leaves:
+            self.weight = nn.Parameter(torch.zeros(self.n_leaves, d, d))  # [K', d_out, d_in]
+            self.bias = nn.Parameter(torch.zeros(self.n_leaves, d))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        lead, d = h.shape[:-1], h.shape[-1]
+        x = h.reshape(-1, d)
+        parts = []
+        if self.hierarchical:
+            parts.append(self._tree(x))
+        elif self.n_leaves:
+            a = (x @ self.weight.reshape(-1, d).t()).view(-1, self.n_leaves, d) + self.bias
+            parts.append(x.unsqueeze(1) + F.silu(a))
+        if self.layout.global_head:
+            parts.append(x.unsqueeze(1))
+        q = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return q.view(*lead, self.layout.n_heads, d)
+
+    def _tree(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, d] -> leaves [M, K', d] (Eq. 4–5)."""
+        z = x.unsqueeze(1)  # [M, 1, d]: the root
+        for level in range(self.depth):
+            parent = z.index_select(1, getattr(self, f"parent_{level}"))  # [M, n, d]
+            a = torch.einsum("mnd,ned->mne", parent, self.weights[level]) + self.biases[level]
+            z = parent + F.silu(a) + self.groups[level].index_select(0, getattr(self, f"group_{level}"))
+        return z
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, {self.layout.describe()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# scorer
+
+
+class Scorer(nn.Module):
+    """Query-item scores `[..., M]` from queries `[..., d]` and items `[M, d]` (or `[..., M, d]`).
+
+    cosine: `cos(q, e) / T` with ONE temperature shared by every head, learnable by default (stored
+    as log(1/T), clamped to T ∈ [MIN_T, MAX_T]) — a shared scale is what keeps scores of different
+    heads comparable under max fusion. dot: the plain dot product (no parameters).
+    """
+
+    MIN_T, MAX_T = 1e-3, 10.0
+
+    def __init__(self, mode: str = "cosine", init_temperature: float = 0.05, learn_temperature: bool = True) -> None:
+        super().__init__()
+        if mode not in SCORES:
+            raise UsageError(f"unknown score {mode!r}", hint=f"use one of {', '.join(SCORES)}")
+        self.mode = mode
+        if mode == "cosine":
+            if not self.MIN_T <= init_temperature <= self.MAX_T:
+                raise UsageError(
+                    f"temperature {init_temperature} is out of range",
+                    hint=f"use a value in [{self.MIN_T}, {self.MAX_T}] (0.05 is usual)",
+                )
+            log_scale = torch.tensor(math.log(1.0 / init_temperature))
+            if learn_temperature:
+                self.log_scale = nn.Parameter(log_scale)
+            else:
+                self.register_buffer("log_scale", log_scale)
+
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.clamp(math.log(1 / self.MAX_T), math.log(1 / self.MIN_T)).exp()
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / float(self.scale().detach()) if self.mode == "cosine" else 1.0
+
+    def forward(self, q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        if self.mode == "dot":
+            return q @ items.transpose(-1, -2)
+        # the scale goes on the [..., d] queries, not on the [..., M] scores: one pass fewer over M
+        return (F.normalize(q, dim=-1) * self.scale()) @ F.normalize(items, dim=-1).transpose(-1, -2)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}" + (f", temperature={self.temperature:.4g}" if self.mode == "cosine" else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# compatibility
+
+
+class Compatibility:
+    """The sets that say which items a head scores and which targets train it (DESIGN §1 table).
+
+    `omega [K, N+1]`: Ω_k, the intersection of the leaf's item-restricting groups (item, graph);
+    event/temporal/user levels allow every item; the global head allows every item; item 0 never.
+    `event_vocab` decodes the windows' event codes: code 0 is NULL (the prior's `None` key), code
+    i ≥ 1 is `event_vocab[i]`. `horizon`, when given, checks the temporal priors cover it now.
+    """
+
+    def __init__(self, layout: HeadLayout, n_items: int, event_vocab: list[str | None] | tuple = (),
+                 horizon: int | None = None) -> None:
+        self.layout = layout
+        self.n_items = n_items
+        n_heads, n_leaves = layout.n_heads, len(layout.leaves)
+        omega = torch.ones(n_heads, n_items + 1, dtype=torch.bool)
+        # one entry per prior: (kind, leaf group [K] with -1 = unconstrained, lookup table)
+        self.levels: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+        for p, spec in enumerate(layout.priors):
+            leaf_group = torch.full((n_heads,), -1, dtype=torch.long)
+            for k, leaf in enumerate(layout.leaves):
+                for pi, g in leaf:
+                    if pi == p:
+                        leaf_group[k] = g
+            constrained = leaf_group >= 0
+            table: torch.Tensor | None = None
+            if spec.restricts_items:
+                items = self._item_table(spec, n_items)
+                omega[constrained] &= items[leaf_group[constrained]]
+            elif spec.kind == "event":
+                codes = [None] + list(event_vocab)[1:]
+                table = torch.tensor([spec.event_groups.get(e, -1) for e in codes], dtype=torch.long)
+            elif spec.kind == "temporal":
+                table = torch.as_tensor(np.asarray(spec.horizon_groups, dtype=np.int64))
+                if horizon is not None and horizon > len(table):
+                    raise self._horizon_error(spec, horizon)
+            elif spec.kind == "user":
+                table = torch.as_tensor(np.asarray(spec.user_groups, dtype=np.int64))
+            else:
+                raise UsageError(f"prior {spec.name!r} has unknown kind {spec.kind!r}")
+            self.levels.append((spec.kind, leaf_group, table))
+        omega[:, 0] = False
+        self.omega = omega
+        self.n_leaves = n_leaves
+
+    @staticmethod
+    def _item_table(spec: PriorSpec, n_items: int) -> torch.Tensor:
+        mat = np.asarray(spec.item_groups, dtype=bool)
+        if mat.shape[1] < n_items + 1:
+            raise StaleError(
+                f"prior {spec.name!r} covers items 1..{mat.shape[1] - 1} but the catalogue has {n_items}",
+                hint=f"rebuild the prior with `mhr priors build --name {spec.name} --force`",
+            )
+        return torch.from_numpy(mat[:, : n_items + 1].copy())
+
+    @staticmethod
+    def _horizon_error(spec: PriorSpec, tau: int) -> UsageError:
+        return UsageError(
+            f"temporal prior {spec.name!r} covers horizon offsets 1..{len(spec.horizon_groups)}, "
+            f"but the windows predict {tau} items ahead",
+            hint=f"rebuild it with `mhr priors build --kind temporal --horizon {tau}`",
+        )
+
+    def to(self, device: torch.device | str) -> Compatibility:
+        self.omega = self.omega.to(device)
+        self.levels = [
+            (kind, lg.to(device), None if table is None else table.to(device)) for kind, lg, table in self.levels
+        ]
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.omega.device
+
+    def _user_group(self, table: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        users = users.long()
+        inside = (users >= 0) & (users < len(table))
+        return torch.where(inside, table[users.clamp(0, len(table) - 1)], -1)
+
+    def targets(self, targets: torch.Tensor, target_events: torch.Tensor | None, users: torch.Tensor) -> torch.Tensor:
+        """Bool [B, L, τ, K]: target (b, t, j) is a positive of head k.
+
+        It must be a real item (≠ 0) satisfying every level of the leaf: item/graph — the item is
+        in the group; event — its event code maps to the group; temporal — offset j+1 maps to
+        the group; user — the user is in the group. Every target is a positive of the global head.
+        A user without a group (-1 or unknown) is a positive of no user-level leaf.
+        """
+        targets = targets.long()
+        tau = targets.shape[-1]
+        ok = self.omega.t()[targets]  # [B, L, τ, K]: item levels (and item 0 -> False)
+        for (kind, leaf_group, table), spec in zip(self.levels, self.layout.priors, strict=True):
+            if kind == "event":
+                if target_events is None:
+                    raise UsageError(f"event prior {spec.name!r} needs the targets' events")
+                group = table[target_events.long()]  # [B, L, τ]
+            elif kind == "temporal":
+                if tau > len(table):
+                    raise self._horizon_error(spec, tau)
+                group = table[:tau]  # [τ]
+            elif kind == "user":
+                group = self._user_group(table, users).view(-1, 1, 1)  # [B, 1, 1]
+            else:
+                continue
+            ok = ok & ((leaf_group < 0) | (group.unsqueeze(-1) == leaf_group))
+        return ok
+
+    def users(self, users: torch.Tensor) -> torch.Tensor:
+        """Bool [B, K]: heads usable for each user — a leaf with a user level only for users of
+        that group. A user with no group (-1, or unseen) may use every head, so still gets a list."""
+        ok = torch.ones(len(users), self.layout.n_heads, dtype=torch.bool, device=self.device)
+        for kind, leaf_group, table in self.levels:
+            if kind == "user":
+                group = self._user_group(table, users.to(self.device)).unsqueeze(-1)
+                ok &= (leaf_group < 0) | (group == leaf_group) | (group < 0)
+        return ok
+
+    def unreachable_items(self) -> torch.Tensor:
+        """Item ids (≥ 1) that no head may score: they can never be recommended."""
+        return torch.nonzero(~self.omega[:, 1:].any(0)).flatten() + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# fusion (dense reference; `mhr.scoring` holds the grouped fast path)
+
+
+def _allowed(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    eligible = eligible.to(scores.device, torch.bool)
+    return eligible.expand_as(scores) if eligible.dim() == 2 else eligible
+
+
+def fuse_max(scores: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over each item's eligible heads. scores [B, K, N], eligible [B, K, N] or [K, N] ->
+    (fused [B, N], winner [B, N]); no eligible head: -inf and winner -1; ties: lowest head id."""
+    allowed = _allowed(scores, eligible)
+    fused, winner = scores.masked_fill(~allowed, NEG_INF).max(dim=1)
+    none = ~allowed.any(dim=1)
+    return fused.masked_fill(none, NEG_INF), winner.masked_fill(none, -1)
+
+
+def fuse_avg(scores: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over each item's eligible heads; same shapes as `fuse_max`, winner always -1."""
+    allowed = _allowed(scores, eligible)
+    count = allowed.sum(dim=1)
+    fused = torch.where(allowed, scores, 0.0).sum(dim=1) / count.clamp(min=1)
+    fused = fused.masked_fill(count == 0, NEG_INF)
+    return fused, torch.full_like(fused, -1, dtype=torch.long)
