@@ -62,7 +62,8 @@ def recommend(run: LoadedRun, dataset: Dataset, raw_user: str, top: int = 10, fu
         top_items, top_scores, winners = grouped_fused_topk(
             q, vecs, model.scorer, run.compat.omega, run.compat.users(users), exclude, top, fusion
         )
-        ids = [int(i) for i in top_items[0]]
+        keep = torch.isfinite(top_scores[0]) & (top_items[0] > 0)  # fewer eligible items than `top`
+        ids = [int(i) for i in top_items[0][keep]]
         meta = {
             int(r[0]): (r[1], r[2])
             for r in con.execute(

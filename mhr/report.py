@@ -103,7 +103,9 @@ def comparison_table(groups: list[RunGroup]) -> list[dict[str, Any]]:
             vals = [v for v in (_metric(ev, m) for ev in g.evals) if v is not None]
             if vals:
                 mean, half = mean_ci(np.array(vals))
-                row[m] = {"mean": float(mean), "ci95": float(half), "values": vals}
+                # one seed has no interval: report 0 half-width and say so through `seeds`
+                half = float(half) if len(vals) > 1 and np.isfinite(half) else 0.0
+                row[m] = {"mean": float(mean), "ci95": half, "values": vals}
         rows.append(row)
     return rows
 
@@ -117,6 +119,9 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
         for m in metrics:
             if m not in r:
                 cells.append("—")
+            elif r["seeds"] < 2:
+                scale = 1 if m.startswith("H@") else 100
+                cells.append(f"{scale * r[m]['mean']:.{3 if scale == 1 else 2}f}")
             elif m.startswith("H@"):
                 cells.append(f"{r[m]['mean']:.3f} ± {r[m]['ci95']:.3f}")
             else:

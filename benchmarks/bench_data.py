@@ -1,0 +1,106 @@
+"""Data-stage benchmarks (issue 2 §5): long-CSV import throughput and `data synth` at scale.
+
+    python benchmarks/bench_data.py import --rows 10000000     # writes the CSV first, then times
+    python benchmarks/bench_data.py synth --interactions 50000000
+
+`import` generates a long CSV (user, item, ts, event) with DuckDB, then times in this process a
+baseline — DuckDB `read_csv` of the same file with the same explicit column types plus `count(*)`
+(the least any import must do: parse every row) — and the real `mhr data import` run as a child
+process (the CLI, cold start included). It reports interactions/s for both and their ratio.
+`synth` runs `mhr data synth` as a child process and reports interactions/s and the child's peak
+RSS (`getrusage(RUSAGE_CHILDREN).ru_maxrss`, the same number `/usr/bin/time -v` prints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+
+
+def make_csv(path: Path, rows: int, users: int, items: int, seed: int = 0) -> None:
+    con = duckdb.connect()
+    con.execute(f"SELECT setseed({(seed % 1000) / 1000})")
+    con.execute(f"""
+        COPY (SELECT 'u' || (hash(i, 1) % {users}) AS user_id, CAST(hash(i, 2) % {items} AS VARCHAR) AS item_id,
+                     1600000000 + i // 7 AS timestamp,
+                     CASE WHEN hash(i, 3) % 100 < 90 THEN 'view' WHEN hash(i, 3) % 100 < 98 THEN 'cart' ELSE 'buy' END AS event
+              FROM range({rows}) t(i)) TO '{path}' (HEADER, DELIMITER ',')
+    """)
+    con.close()
+
+
+def baseline(path: Path) -> float:
+    """Seconds for DuckDB to parse the file with explicit types and count it."""
+    con = duckdb.connect()
+    t = time.perf_counter()
+    n = con.execute(
+        "SELECT count(*), max(length(user_id)), max(timestamp) FROM read_csv(?, header=true, "
+        "columns={'user_id': 'VARCHAR', 'item_id': 'VARCHAR', 'timestamp': 'BIGINT', 'event': 'VARCHAR'})",
+        [str(path)],
+    ).fetchall()[0][0]
+    seconds = time.perf_counter() - t
+    con.close()
+    assert n > 0
+    return seconds
+
+
+def child(args: list[str]) -> tuple[float, float]:
+    """Run `python -m mhr ARGS`; (wall seconds, peak RSS GiB of children so far)."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mhr", *args], check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+
+
+def bench_import(a: argparse.Namespace) -> None:
+    work = Path(a.dir or tempfile.mkdtemp(prefix="bench-data-"))
+    work.mkdir(parents=True, exist_ok=True)
+    csv = work / f"long-{a.rows}.csv"
+    if not csv.is_file():
+        t = time.perf_counter()
+        make_csv(csv, a.rows, a.users, a.items)
+        print(f"wrote {csv} ({csv.stat().st_size / 2**20:,.0f} MiB) in {time.perf_counter() - t:.1f}s", flush=True)
+    base = baseline(csv)
+    seconds, rss = child(["--workspace", str(work / "ws"), "data", "import", str(csv), "--format", "long",
+                          "--event-col", "event", "--name", "bench", "--force"])
+    print(f"baseline duckdb read_csv+count: {a.rows / base:,.0f} rows/s ({base:.2f}s)")
+    print(f"mhr data import (CLI, cold):    {a.rows / seconds:,.0f} interactions/s ({seconds:.2f}s), "
+          f"peak RSS {rss:.2f} GiB")
+    print(f"ratio import/baseline throughput: {base / seconds:.3f}")
+
+
+def bench_synth(a: argparse.Namespace) -> None:
+    work = Path(a.dir or tempfile.mkdtemp(prefix="bench-data-"))
+    seconds, rss = child(["--workspace", str(work / "ws"), "data", "synth", "--name", "bench", "--force",
+                          "--users", str(a.users), "--items", str(a.items), "--interactions", str(a.interactions)])
+    size = (work / "ws" / "bench" / "store.duckdb").stat().st_size / 2**30
+    print(f"mhr data synth: {a.interactions:,} interactions in {seconds:.1f}s = {a.interactions / seconds:,.0f}/s, "
+          f"peak RSS {rss:.2f} GiB, store {size:.2f} GiB")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    i = sub.add_parser("import")
+    i.add_argument("--rows", type=int, default=10_000_000)
+    i.add_argument("--users", type=int, default=200_000)
+    i.add_argument("--items", type=int, default=50_000)
+    i.add_argument("--dir", default=None)
+    s = sub.add_parser("synth")
+    s.add_argument("--interactions", type=int, default=50_000_000)
+    s.add_argument("--users", type=int, default=500_000)
+    s.add_argument("--items", type=int, default=100_000)
+    s.add_argument("--dir", default=None)
+    a = p.parse_args()
+    bench_import(a) if a.what == "import" else bench_synth(a)
+
+
+if __name__ == "__main__":
+    main()

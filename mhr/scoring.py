@@ -1,0 +1,435 @@
+"""Top-k retrieval over the full catalogue with scores fused over each item's eligible heads.
+
+Paper §3.5: item `i` is scored only by its eligible heads `H(i) = {k : i ∈ Ω_k}` (and, with user
+priors, only by heads the user may use); the scores are fused by **max** (the winning head is the
+explanation) or by **avg** (mean over the eligible heads). An item with no eligible head is never
+recommended; item 0 (padding) never is either.
+
+Two implementations with one signature and the same results:
+
+- `dense_fused_topk` — the obviously-correct reference: all `[B, K, N+1]` scores, ineligible ones
+  set to -inf, fused, history excluded, top-k. Cost grows with the head count K.
+- `grouped_fused_topk` — the fast path (DESIGN §7): items are grouped by their eligible-head
+  *pattern* (the set `H(i)`), cached once per eligibility matrix in a `ScoringPlan`. Each large
+  pattern is one block `(heads P, items I)`, scored with one matmul `[B, |P|, d] × [|I|, d]` and
+  reduced over P, so the cost is `Σ_i |H(i)|` — "heads per item" times one head, not K times. Rare
+  patterns (too few items for a block of their own) are scored head by head and scatter-maxed
+  (scatter-added for avg). Scores live in plan order, where every block is a contiguous slice.
+
+Determinism: in both, among heads that tie for an item's max the lowest head id wins, and among
+items with equal fused scores the lower item id ranks first (also at the k-th place). Slots that no
+recommendable item can fill (k above the number of candidates) hold item 0, score -inf, head -1.
+The winner is -1 under avg fusion.
+
+`score_fn(q[..., d], items[M, d]) -> [..., M]` is the model's scorer (cosine with temperature, or
+dot); it is applied to item slices, so it must score each item independently of the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# history to exclude: a bool mask [B, N+1] (tensor or array), or CSR rows (indptr [B+1], item ids)
+Exclude = torch.Tensor | np.ndarray | tuple[np.ndarray, np.ndarray] | None
+
+FUSIONS = ("max", "avg")
+NEG_INF = float("-inf")
+# elements of one intermediate score tensor (64 MiB of float32) and of the fused [B, N+1] buffer
+_BLOCK_ELEMENTS = 1 << 20
+_BUFFER_ELEMENTS = 1 << 26
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _check(q: torch.Tensor, item_vecs: torch.Tensor, eligible: torch.Tensor, fusion: str, k: int) -> None:
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; use one of {FUSIONS}")
+    if q.dim() != 3 or item_vecs.dim() != 2 or q.shape[-1] != item_vecs.shape[-1]:
+        raise ValueError(
+            f"need q [B, K, d] and item_vecs [N+1, d], got {tuple(q.shape)}, {tuple(item_vecs.shape)}"
+        )
+    if tuple(eligible.shape) != (q.shape[1], item_vecs.shape[0]):
+        raise ValueError(
+            f"eligible must be [K, N+1] = [{q.shape[1]}, {item_vecs.shape[0]}], got {tuple(eligible.shape)}"
+        )
+    if k < 1:
+        raise ValueError("k must be >= 1")
+
+
+def _exclusion_rows(
+    exclude: Exclude, start: int, stop: int, n_cols: int, device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The items to exclude for users [start, stop) as (row in chunk, item id) index pairs."""
+    if exclude is None:
+        return None
+    if isinstance(exclude, tuple):
+        indptr, items = (np.asarray(a) for a in exclude)
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        rows = np.repeat(np.arange(stop - start), np.diff(indptr[start : stop + 1]))
+        return (
+            torch.from_numpy(rows).to(device),
+            torch.as_tensor(items[lo:hi], dtype=torch.long, device=device),
+        )
+    mask = torch.as_tensor(exclude)[start:stop].to(device)
+    if mask.shape[1] != n_cols:
+        raise ValueError(f"exclude mask must be [B, N+1] with N+1 = {n_cols}, got {tuple(mask.shape)}")
+    rows, items = mask.nonzero(as_tuple=True)  # sparse: cheaper than permuting a [B, N+1] mask
+    return rows, items
+
+
+def _select_topk(
+    scores: torch.Tensor, ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of `scores [B, M]` (column j is item `ids[j]`), ordered by (score desc, item id asc).
+
+    Returns (items [B, k], scores [B, k], columns [B, k]); empty slots: item 0, -inf, column -1.
+    `torch.topk` leaves ties unordered, so the order inside the selection is fixed by two sorts,
+    and rows where an unselected item ties with the k-th score (rare with real scores) are redone
+    exactly.
+    """
+    b, m = scores.shape
+    kk = min(k, m)
+    if kk == 0:
+        vals, cols = scores[:, :0], torch.zeros(b, 0, dtype=torch.long, device=scores.device)
+    else:
+        # one extra place shows whether an unselected item ties with the k-th one
+        vals, cols = scores.topk(min(kk + 1, m), dim=1)
+        if vals.shape[1] > kk:
+            kth = vals[:, kk - 1]
+            tied = (vals[:, kk] == kth) & torch.isfinite(kth)
+            vals, cols = vals[:, :kk].clone(), cols[:, :kk].clone()
+            for r in torch.nonzero(tied).flatten().tolist():
+                row = scores[r]
+                above = torch.nonzero(row > kth[r]).flatten()
+                ties = torch.nonzero(row == kth[r]).flatten()
+                ties = ties[torch.argsort(ids[ties])][: kk - len(above)]
+                cols[r] = torch.cat([above, ties])
+                vals[r] = row[cols[r]]
+        by_id = torch.argsort(ids[cols], dim=1)
+        vals, cols = vals.gather(1, by_id), cols.gather(1, by_id)
+        by_score = torch.argsort(vals, dim=1, descending=True, stable=True)
+        vals, cols = vals.gather(1, by_score), cols.gather(1, by_score)
+    items = ids[cols]
+    empty = torch.isneginf(vals) | torch.isnan(vals)
+    items = items.masked_fill(empty, 0)
+    cols = cols.masked_fill(empty, -1)
+    if kk < k:  # fewer candidate columns than k: pad
+        pad = k - kk
+        items = torch.cat([items, items.new_zeros(b, pad)], 1)
+        vals = torch.cat([vals, vals.new_full((b, pad), NEG_INF)], 1)
+        cols = torch.cat([cols, cols.new_full((b, pad), -1)], 1)
+    return items, vals, cols
+
+
+def _user_chunk(n_users: int, n_cols: int, batch_size: int | None) -> int:
+    return batch_size or max(1, min(n_users, _BUFFER_ELEMENTS // max(1, n_cols)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the dense reference
+
+
+@torch.no_grad()
+def dense_fused_topk(
+    q: torch.Tensor,
+    item_vecs: torch.Tensor,
+    score_fn: ScoreFn,
+    eligible: torch.Tensor,
+    user_heads: torch.Tensor | None,
+    exclude: Exclude,
+    k: int,
+    fusion: str = "max",
+    batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference fused top-k: every head scores every item, then the masks apply.
+
+    q [B, K, d] head queries; item_vecs [N+1, d]; eligible [K, N+1] bool (Ω_k); user_heads [B, K]
+    bool (None = all heads); exclude: history mask [B, N+1] or CSR (indptr, item ids); fusion
+    "max" | "avg". Returns top_items [B, k] int64, top_scores [B, k], top_winner_head [B, k] int64.
+    """
+    _check(q, item_vecs, eligible, fusion, k)
+    b, n_heads, _ = q.shape
+    n_cols = item_vecs.shape[0]
+    device = q.device
+    elig = eligible.to(device).clone()
+    elig[:, 0] = False
+    ids = torch.arange(n_cols, device=device)
+    chunk = max(1, min(_user_chunk(b, n_cols, batch_size), _BLOCK_ELEMENTS * 4 // max(1, n_heads * n_cols)))
+    out = []
+    for start in range(0, b, chunk):
+        stop = min(b, start + chunk)
+        s = score_fn(q[start:stop], item_vecs).float()  # [b, K, N+1]
+        allowed = elig.unsqueeze(0).expand(stop - start, -1, -1)
+        if user_heads is not None:
+            allowed = allowed & user_heads[start:stop].to(device).unsqueeze(-1)
+        if fusion == "max":
+            fused, winner = s.masked_fill(~allowed, NEG_INF).max(dim=1)
+        else:
+            count = allowed.sum(1)
+            fused = torch.where(allowed, s, 0.0).sum(1) / count.clamp(min=1)
+            fused = fused.masked_fill(count == 0, NEG_INF)
+            winner = torch.full_like(fused, -1, dtype=torch.long)
+        ex = _exclusion_rows(exclude, start, stop, n_cols, device)
+        if ex is not None:
+            fused[ex[0], ex[1]] = NEG_INF
+        items, vals, cols = _select_topk(fused, ids, k)
+        win = winner.gather(1, cols.clamp(min=0)).masked_fill(cols < 0, -1)
+        out.append((items, vals, win))
+    return tuple(torch.cat(parts) for parts in zip(*out, strict=True))  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: items grouped by eligible-head pattern
+
+
+@dataclass(frozen=True)
+class Block:
+    """Items at plan positions [start, stop), all eligible for exactly the heads `heads`."""
+
+    heads: torch.Tensor  # int64 [|P|], ascending
+    start: int
+    stop: int
+
+
+class ScoringPlan:
+    """The eligibility matrix Ω [K, N+1] arranged for grouped scoring; build once per model.
+
+    Plan order (positions 0..n_eligible-1) lists the items with at least one eligible head:
+    first multi-head blocks, then the rare-pattern region scored head by head, then single-head
+    blocks; inside each part items ascend by id. A pattern shared by at least `min_block_items`
+    items gets its own block (default: max(64, N // 256), so at most a few hundred blocks).
+    """
+
+    def __init__(self, eligible: torch.Tensor, min_block_items: int | None = None) -> None:
+        device = eligible.device
+        elig = eligible.detach().to("cpu", torch.bool).numpy().copy()
+        elig[:, 0] = False
+        n_heads, n_cols = elig.shape
+        self.n_heads, self.n_cols = n_heads, n_cols
+        self.device = device
+        min_items = min_block_items if min_block_items is not None else max(64, (n_cols - 1) // 256)
+        patterns, inverse, counts = np.unique(
+            np.packbits(elig.T, axis=1), axis=0, return_inverse=True, return_counts=True
+        )
+        inverse = inverse.reshape(-1)
+        pattern_heads = np.unpackbits(patterns, axis=1, count=n_heads).astype(bool)  # [P, K]
+        sizes = pattern_heads.sum(1)
+        items_of = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+        by_first_item = sorted(range(len(patterns)), key=lambda p: items_of[p][0])
+        multi = [p for p in by_first_item if sizes[p] > 1 and counts[p] >= min_items]
+        single = [p for p in by_first_item if sizes[p] == 1 and counts[p] >= min_items]
+        rare = [p for p in range(len(patterns)) if sizes[p] >= 1 and counts[p] < min_items]
+
+        order: list[np.ndarray] = []
+        blocks: list[Block] = []
+        pos = 0
+
+        def add_block(p: int) -> None:
+            nonlocal pos
+            items = items_of[p]
+            order.append(items)
+            heads = torch.from_numpy(np.flatnonzero(pattern_heads[p])).to(device)
+            blocks.append(Block(heads, pos, pos + len(items)))
+            pos += len(items)
+
+        for p in multi:
+            add_block(p)
+        rare_items = np.sort(np.concatenate([items_of[p] for p in rare])) if rare else np.zeros(0, np.int64)
+        order.append(rare_items)
+        self.rare_start, self.rare_stop = pos, pos + len(rare_items)
+        pos += len(rare_items)
+        self.n_winner = pos  # positions below this need a per-user winner
+        for p in single:
+            add_block(p)
+        self.blocks = blocks
+        self.n_eligible = pos
+        order_np = np.concatenate(order).astype(np.int64)
+        self.order = torch.from_numpy(order_np).to(device)  # position -> item id
+        position = np.full(n_cols, -1, dtype=np.int64)
+        position[order_np] = np.arange(len(order_np))
+        self.position = torch.from_numpy(position).to(device)  # item id -> position (-1: never)
+        rare_elig = elig[:, rare_items]  # [K, R]
+        self.rare_eligible = torch.from_numpy(rare_elig).to(device)
+        self.rare_heads = [
+            (h, torch.from_numpy(np.flatnonzero(rare_elig[h])).to(device))
+            for h in range(n_heads)
+            if rare_elig[h].any()
+        ]
+        static = np.full(len(order_np), -1, dtype=np.int64)
+        for blk in blocks:
+            if len(blk.heads) == 1:
+                static[blk.start : blk.stop] = int(blk.heads[0])
+        self.static_winner = torch.from_numpy(static).to(device)
+        self.mean_heads_per_item = float(elig[:, 1:].sum() / max(1, n_cols - 1))
+        whole = len(blocks) == 1 and len(blocks[0].heads) == 1 and not len(rare_items)
+        self.single_head = int(blocks[0].heads[0]) if whole else None
+
+    def __repr__(self) -> str:
+        return (
+            f"ScoringPlan(K={self.n_heads}, N={self.n_cols - 1}, blocks={len(self.blocks)}, "
+            f"rare={self.rare_stop - self.rare_start}, heads/item={self.mean_heads_per_item:.2f})"
+        )
+
+
+_PLANS: OrderedDict[tuple, ScoringPlan] = OrderedDict()
+
+
+def plan_for(eligible: torch.Tensor) -> ScoringPlan:
+    """The cached `ScoringPlan` of an eligibility matrix (keyed by its content; a few kept)."""
+    packed = np.packbits(eligible.detach().to("cpu", torch.bool).numpy())
+    key = (tuple(eligible.shape), str(eligible.device), hashlib.sha1(packed.tobytes()).hexdigest())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = ScoringPlan(eligible)
+        while len(_PLANS) > 8:
+            _PLANS.popitem(last=False)
+    _PLANS.move_to_end(key)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# the grouped fast path
+
+
+@torch.no_grad()
+def grouped_fused_topk(
+    q: torch.Tensor,
+    item_vecs: torch.Tensor,
+    score_fn: ScoreFn,
+    eligible: torch.Tensor | ScoringPlan,
+    user_heads: torch.Tensor | None,
+    exclude: Exclude,
+    k: int,
+    fusion: str = "max",
+    batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused top-k whose cost follows the eligible heads; same arguments and results as
+    `dense_fused_topk` (scores equal up to float rounding). `eligible` may be a prepared
+    `ScoringPlan`; a bool [K, N+1] matrix is looked up in a small content-keyed plan cache."""
+    plan = eligible if isinstance(eligible, ScoringPlan) else plan_for(eligible)
+    b, n_heads, _ = q.shape
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; use one of {FUSIONS}")
+    if (plan.n_heads, plan.n_cols) != (n_heads, item_vecs.shape[0]) or k < 1:
+        raise ValueError(
+            f"plan is [{plan.n_heads}, {plan.n_cols}], q/item_vecs give [{n_heads}, {item_vecs.shape[0]}]; k={k}"
+        )
+    device = q.device
+    order = plan.order.to(device)
+    vecs = item_vecs.index_select(0, order)  # plan order: every block is a contiguous slice
+    chunk = _user_chunk(b, plan.n_eligible, batch_size)
+    out = []
+    for start in range(0, b, chunk):
+        stop = min(b, start + chunk)
+        uh = None if user_heads is None else user_heads[start:stop].to(device)
+        if uh is not None and bool(uh.all()):
+            uh = None
+        fused, winner = _fuse_chunk(plan, q[start:stop], vecs, score_fn, uh, fusion)
+        ex = _exclusion_rows(exclude, start, stop, plan.n_cols, device)
+        if ex is not None:
+            pos = plan.position.to(device)[ex[1]]
+            keep = pos >= 0
+            fused[ex[0][keep], pos[keep]] = NEG_INF
+        items, vals, cols = _select_topk(fused, order, k)
+        if fusion == "max":
+            static = plan.static_winner.to(device)[cols.clamp(min=0)]
+            dynamic = (
+                winner.gather(1, cols.clamp(min=0, max=max(0, plan.n_winner - 1))).long()
+                if plan.n_winner
+                else static
+            )
+            win = torch.where(cols < plan.n_winner, dynamic, static).masked_fill(cols < 0, -1)
+        else:
+            win = torch.full_like(items, -1)
+        out.append((items, vals, win))
+    return tuple(torch.cat(parts) for parts in zip(*out, strict=True))  # type: ignore[return-value]
+
+
+def _fuse_chunk(
+    plan: ScoringPlan,
+    q: torch.Tensor,
+    vecs: torch.Tensor,
+    score_fn: ScoreFn,
+    user_heads: torch.Tensor | None,
+    fusion: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused scores [b, n_eligible] in plan order and max-fusion winners [b, n_winner] (int16/32)."""
+    b = q.shape[0]
+    device = q.device
+    if plan.single_head is not None and user_heads is None:
+        # one head scores every eligible item: a plain matmul, its output is the buffer
+        fused = score_fn(q[:, plan.single_head], vecs).float()
+        return fused, fused.new_zeros(b, 0, dtype=torch.int16)
+    fused = torch.empty(b, plan.n_eligible, device=device)
+    wdtype = torch.int16 if plan.n_heads < 2**15 else torch.int32
+    winner = torch.full((b, plan.n_winner if fusion == "max" else 0), -1, dtype=wdtype, device=device)
+    for blk in plan.blocks:
+        heads = blk.heads.to(device)
+        qp = q.index_select(1, heads)  # [b, p, d]
+        p = len(heads)
+        allowed = None if user_heads is None else user_heads.index_select(1, heads)  # [b, p]
+        step = max(1, _BLOCK_ELEMENTS // max(1, b * p))
+        for s0 in range(blk.start, blk.stop, step):
+            s1 = min(blk.stop, s0 + step)
+            s = score_fn(qp, vecs[s0:s1]).float()  # [b, p, m]
+            if fusion == "max":
+                if allowed is not None:
+                    s.masked_fill_(~allowed.unsqueeze(-1), NEG_INF)
+                if p == 1:
+                    fused[:, s0:s1] = s[:, 0]
+                else:
+                    val, arg = s.max(dim=1)  # first (lowest) head on ties, as argmax in the reference
+                    fused[:, s0:s1] = val
+                    winner[:, s0:s1] = heads[arg].to(wdtype)
+            else:
+                if allowed is None:
+                    fused[:, s0:s1] = s.mean(1)
+                else:
+                    count = allowed.sum(1, keepdim=True)  # [b, 1]
+                    total = torch.where(allowed.unsqueeze(-1), s, 0.0).sum(1)
+                    fused[:, s0:s1] = (total / count.clamp(min=1)).masked_fill(count == 0, NEG_INF)
+    if plan.rare_stop > plan.rare_start:
+        _fuse_rare(plan, q, vecs, score_fn, user_heads, fusion, fused, winner)
+    return fused, winner
+
+
+def _fuse_rare(plan, q, vecs, score_fn, user_heads, fusion, fused, winner) -> None:
+    """Rare patterns: head by head over its items, scatter-max (or sum and count) in place."""
+    device = q.device
+    r0, r1 = plan.rare_start, plan.rare_stop
+    rare_vecs = vecs[r0:r1]
+    if fusion == "max":
+        best = torch.full((q.shape[0], r1 - r0), NEG_INF, device=device)
+        won = winner[:, r0:r1]
+        for h, idx in plan.rare_heads:
+            idx = idx.to(device)
+            s = score_fn(q[:, h], rare_vecs.index_select(0, idx)).float()  # [b, m]
+            if user_heads is not None:
+                s.masked_fill_(~user_heads[:, h : h + 1], NEG_INF)
+            cur = best.index_select(1, idx)
+            better = s > cur  # strict: an earlier (lower) head keeps a tie
+            best.index_copy_(1, idx, torch.where(better, s, cur))
+            won.index_copy_(
+                1, idx, torch.where(better, torch.full_like(won[:, :1], h), won.index_select(1, idx))
+            )
+        fused[:, r0:r1] = best
+    else:
+        total = torch.zeros(q.shape[0], r1 - r0, device=device)
+        for h, idx in plan.rare_heads:
+            idx = idx.to(device)
+            s = score_fn(q[:, h], rare_vecs.index_select(0, idx)).float()
+            if user_heads is not None:
+                s = torch.where(user_heads[:, h : h + 1], s, 0.0)
+            total.index_add_(1, idx, s)
+        elig = plan.rare_eligible.to(device).float()
+        count = elig.sum(0).expand_as(total) if user_heads is None else user_heads.float() @ elig
+        fused[:, r0:r1] = (total / count.clamp(min=1)).masked_fill(count == 0, NEG_INF)

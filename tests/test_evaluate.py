@@ -1,0 +1,163 @@
+"""Evaluation, recommendation, report and recipes end to end on a tiny planted dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mhr.errors import NotFoundError, StaleError, UsageError
+from mhr.evaluate import EvalParams, evaluate
+from mhr.recipe import run_recipe
+from mhr.recommend import recommend
+from mhr.report import build_report
+from mhr.store import connect, set_meta
+from mhr.train import TrainParams, load_run, train
+from mhr.windows import build_windows
+from mhr.workspace import Workspace
+from tests.helpers import make_dataset
+
+TINY = dict(backbone="hstu", size="tiny", batch_size=16, eval_every=4, patience=0, lr=3e-3,
+            warmup_steps=2, max_steps=8)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ev") / "ws"
+    ds = make_dataset(root)
+    build_windows(ds, context=12, horizon=4)
+    for seed in (0, 1):
+        train(ds, TrainParams(seed=seed, **TINY), name=f"base-s{seed}", show_progress=False)
+        train(ds, TrainParams(priors=("temporal", "item"), seed=seed, **TINY), name=f"both-s{seed}",
+              show_progress=False)
+    train(ds, TrainParams(priors=("event",), **TINY), name="event", show_progress=False)
+    train(ds, TrainParams(priors=("user",), **TINY), name="user", show_progress=False)
+    return ds
+
+
+def test_eval_metrics_and_cache(trained):
+    path, result, cached = evaluate(trained, "both-s0", EvalParams(baseline="base-s0", ks=(5, 10, 50)))
+    assert not cached and path.is_file()
+    m = result["metrics"]
+    assert m["users"] == 40
+    for h in result["horizons"]:
+        for k in (5, 10, 50):
+            assert 0 <= m[f"ndcg@{k}/h{h}"] <= 1 and 0 <= m[f"recall@{k}/h{h}"] <= 1
+        assert m[f"recall@5/h{h}"] <= m[f"recall@10/h{h}"] <= m[f"recall@50/h{h}"]
+    assert result["horizons"] == [1, 2, 4]
+    assert result["entropy"]["prior"] == "item" and result["entropy"]["H@10"] > 0
+    assert "boost" in result["new_interest"]
+    assert set(result["head_usage@10"]) == set(result["heads"])
+    assert sum(result["head_usage@10"].values()) == pytest.approx(1.0)
+    assert "user" in result["user_groups"]
+    _, again, cached = evaluate(trained, "both-s0", EvalParams(baseline="base-s0", ks=(5, 10, 50)))
+    assert cached and again == json.loads(path.read_text())
+
+
+def test_fusion_avg_and_bad_fusion(trained):
+    _, r, _ = evaluate(trained, "both-s0", EvalParams(fusion="avg", ks=(10,)))
+    assert "head_usage@10" not in r
+    with pytest.raises(UsageError, match="unknown fusion"):
+        evaluate(trained, "both-s0", EvalParams(fusion="median"))
+
+
+def test_oracle_is_labelled_and_only_for_event_runs(trained):
+    _, r, _ = evaluate(trained, "event", EvalParams(oracle_event=True, ks=(10,)))
+    assert r["oracle"] is True
+    with pytest.raises(UsageError, match="event prior"):
+        evaluate(trained, "both-s0", EvalParams(oracle_event=True, ks=(10,)))
+
+
+def test_single_head_run_max_equals_avg(trained):
+    _, a, _ = evaluate(trained, "base-s0", EvalParams(fusion="max", ks=(10,)))
+    _, b, _ = evaluate(trained, "base-s0", EvalParams(fusion="avg", ks=(10,)))
+    assert a["metrics"] == b["metrics"]
+
+
+def test_history_excluded_by_default(trained):
+    run = load_run(trained, "both-s0")
+    from mhr.inference import rank_split
+
+    split = run.windows.read_split("test")
+    ranking = rank_split(run.model, run.compat, split, k=10)
+    ptr, hist = split["history_ptr"], split["history_items"]
+    for u in range(len(split["user"])):
+        assert not set(ranking.items[u]) & set(hist[ptr[u]:ptr[u + 1]].tolist())
+    kept = rank_split(run.model, run.compat, split, k=10, exclude_history=False)
+    assert any(set(kept.items[u]) & set(hist[ptr[u]:ptr[u + 1]].tolist()) for u in range(len(split["user"])))
+
+
+def test_recommend_explains_with_winning_head(trained):
+    run = load_run(trained, "both-s0")
+    recs, info = recommend(run, trained, "u3", top=5)
+    assert len(recs) == 5 and [r.rank for r in recs] == [1, 2, 3, 4, 5]
+    assert all(r.head in run.layout.names for r in recs)
+    assert all(r.title.startswith("Item ") for r in recs)
+    scores = [r.score for r in recs]
+    assert scores == sorted(scores, reverse=True)
+    with pytest.raises(NotFoundError, match="user 'nobody'"):
+        recommend(run, trained, "nobody")
+
+
+def test_recommend_cli_json(trained, cli):
+    out = cli("--dataset", trained.name, "recommend", "run:both-s0", "--user", "u1", "--top", "3", "--json",
+              workspace=trained.root)
+    data = json.loads(out.stdout)
+    assert len(data["items"]) == 3 and data["items"][0]["head"]
+
+
+def test_report_writes_table_and_plots(trained, tmp_path):
+    for name in ("base-s0", "base-s1", "both-s0", "both-s1"):
+        evaluate(trained, name, EvalParams(ks=(10, 50)))
+    index = build_report(trained, ["base-s0", "base-s1", "both-s0", "both-s1"], tmp_path / "rep")
+    rows = json.loads((tmp_path / "rep" / "table.json").read_text())
+    assert [r["variant"] for r in rows] == ["base", "temporal+item"]
+    assert all(r["seeds"] == 2 for r in rows)
+    for f in ("training.png", "ndcg10.png", "projection.png", "table.md"):
+        assert (tmp_path / "rep" / f).stat().st_size > 1000 or f == "table.md"
+    assert "training.png" in index.read_text()
+
+
+def test_eval_refuses_changed_dataset(tmp_path):
+    ds = make_dataset(tmp_path / "ws")
+    build_windows(ds, context=12, horizon=4)
+    train(ds, TrainParams(**TINY), name="r", show_progress=False)
+    con = connect(ds.store_path)
+    set_meta(con, data_key="something-else")
+    con.close()
+    with pytest.raises(StaleError, match="another version"):
+        evaluate(ds, "r", EvalParams())
+
+
+def test_recipe_runs_then_does_nothing(tmp_path):
+    ws = tmp_path / "ws"
+    make_dataset(ws, name="tiny")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("""
+[recipe]
+name = "t"
+dataset = "tiny"
+seeds = [0]
+[windows]
+context = 12
+horizon = 4
+[train]
+size = "tiny"
+max_steps = 4
+batch_size = 16
+[variants.base]
+priors = []
+[variants.item]
+priors = ["item"]
+[eval]
+fusion = ["max", "avg"]
+baseline = "base"
+k = [10]
+""")
+    first = run_recipe(recipe, Workspace(ws))
+    assert first.runs == ["t-base-s0", "t-item-s0"] and first.report.is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (ws / "tiny" / "runs").rglob("*") if p.is_file()}
+    second = run_recipe(recipe, Workspace(ws))
+    assert second.runs == first.runs
+    after = {p: p.stat().st_mtime_ns for p in (ws / "tiny" / "runs").rglob("*") if p.is_file()}
+    assert stamps == after
