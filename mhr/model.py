@@ -17,7 +17,7 @@ from torch import nn
 
 from mhr.errors import UsageError
 from mhr.heads import HeadLayout, PriorHeads, Scorer
-from mhr.models import hstu, sasrec
+from mhr.models import hllm, hstu, sasrec
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {
     "hstu": Backbone(hstu.HSTUConfig, hstu.SIZES, hstu.HSTU, hstu.estimate_memory_bytes),
     "sasrec": Backbone(sasrec.SASRecConfig, sasrec.SIZES, sasrec.SASRec, sasrec.estimate_memory_bytes),
+    "hllm": Backbone(hllm.HLLMConfig, hllm.SIZES, hllm.HLLM, hllm.estimate_memory_bytes),
 }
 
 
@@ -78,9 +79,12 @@ class MultiHeadRecommender(nn.Module):
         return self.heads(last)
 
 
-def build_model(backbone_name: str, config: Any, layout: HeadLayout, score: str, temperature: float) -> MultiHeadRecommender:
+def build_model(
+    backbone_name: str, config: Any, layout: HeadLayout, score: str, temperature: float, **backbone_inputs: Any
+) -> MultiHeadRecommender:
+    """`backbone_inputs` are tensors a backbone is built from (HLLM: the cached item text embeddings)."""
     family = BACKBONES[backbone_name]
-    backbone = family.module_cls(config)
+    backbone = family.module_cls(config, **backbone_inputs)
     return MultiHeadRecommender(
         backbone, PriorHeads(config.d, layout), Scorer(mode=score, init_temperature=temperature)
     )

@@ -42,6 +42,7 @@ from mhr.windows import WindowsRef, horizon_targets, load_windows
 from mhr.workspace import Dataset, check_name
 
 RUN_FORMAT = 1
+HLLM_FIELDS = ("item_llm", "user_llm", "text_cols", "max_text_len", "pooling")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class TrainParams:
     patience: int = 3
     seed: int = 0
     dropout: float | None = None
+    # HLLM only (left out of the key of other backbones)
+    item_llm: str = "minilm"
+    user_llm: str = "tiny"
+    text_cols: tuple[str, ...] = ("title", "tags", "text")
+    max_text_len: int = 256
+    pooling: str = "mean"
 
     def check(self) -> None:
         if self.backbone not in BACKBONES:
@@ -93,6 +100,10 @@ class TrainParams:
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["priors"] = list(self.priors)
+        d["text_cols"] = list(self.text_cols)
+        if self.backbone != "hllm":
+            for k in HLLM_FIELDS:
+                d.pop(k)
         return d
 
 
@@ -298,6 +309,18 @@ def train(
     specs = _load_priors(dataset, params.priors)
     _check_horizon(specs, wref)
     inputs = {"windows": wref.key, **{f"prior:{s.name}": s.key for s in specs}}
+    backbone_inputs, overrides, n_items = {}, {}, int(wref.stats["max_item_id"])
+    if params.backbone == "hllm":
+        from mhr.item_text import embed_items, load_item_embeddings
+
+        emb_key, _ = embed_items(dataset, params.item_llm, params.text_cols, params.max_text_len,
+                                 params.pooling, device=device, show_progress=show_progress)
+        table = load_item_embeddings(dataset, emb_key)
+        inputs["item_embeddings"] = emb_key
+        backbone_inputs["item_embeddings"] = table
+        overrides = dict(user_llm=params.user_llm, item_dim=table.shape[1], item_llm=params.item_llm,
+                         pooling=params.pooling, item_embeddings_key=emb_key)
+        n_items = table.shape[0] - 1  # the whole catalogue: cold items keep their text vectors
     key = stage_key("train", params.as_dict(), inputs)
 
     if not force and is_done(run_dir, key):
@@ -328,13 +351,13 @@ def train(
         raise UsageError(f"--batch-size {params.batch_size} is not divisible by {world} processes")
 
     T, tau = int(wref.params["context"]), int(wref.params["horizon"])
-    n_items = int(wref.stats["max_item_id"])
-    config = backbone_config(params.backbone, params.size, n_items, T, dropout=params.dropout)
+    config = backbone_config(params.backbone, params.size, n_items, T, dropout=params.dropout, **overrides)
     _check_memory(params, config, T, device)
     layout = build_layout(specs, params.compose, params.global_head)
 
     torch.manual_seed(params.seed)
-    model = build_model(params.backbone, config, layout, params.score, params.temperature).to(device)
+    model = build_model(params.backbone, config, layout, params.score, params.temperature,
+                        **backbone_inputs).to(device)
     compat = Compatibility(layout, n_items, wref.event_vocab).to(device)
     gen = torch.Generator(device=device).manual_seed(params.seed + 1)
 
@@ -347,7 +370,14 @@ def train(
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(params.warmup_steps, total))
-    step_module = _LossStep(model, compat, params, gen)
+    train_omega = compat.omega
+    if params.backbone == "hllm":
+        # items never seen in training are left out of the negatives, so cold items keep the
+        # text-derived vectors they are recommended by instead of being pushed down
+        seen = torch.zeros(n_items + 1, dtype=torch.bool)
+        seen[torch.from_numpy(np.unique(train_split["items"]))] = True
+        train_omega = compat.omega & seen.to(device)
+    step_module = _LossStep(model, compat, params, gen, train_omega)
     ddp_model = torch.nn.parallel.DistributedDataParallel(step_module) if world > 1 else step_module
 
     record = {
@@ -472,12 +502,13 @@ class _LossStep(torch.nn.Module):
     touches (the scorer's temperature and the scoring item table included) inside forward."""
 
     def __init__(self, model: MultiHeadRecommender, compat: Compatibility, params: TrainParams,
-                 gen: torch.Generator) -> None:
+                 gen: torch.Generator, omega: torch.Tensor) -> None:
         super().__init__()
         self.model = model
         self.compat = compat
         self.params = params
         self.gen = gen
+        self.omega = omega
 
     def forward(self, items, ts, targets, target_events, users):
         p = self.params
@@ -489,7 +520,7 @@ class _LossStep(torch.nn.Module):
             self.model.scorer,
             targets,
             compat_t,
-            self.compat.omega,
+            self.omega,
             gamma=p.gamma,
             head_weights=p.head_weights,
             negatives=p.negatives,
@@ -529,6 +560,8 @@ def resume_params(dataset: Dataset, name: str) -> tuple[TrainParams, str]:
     record = json.loads(path.read_text())
     p = dict(record["params"])
     p["priors"] = tuple(p["priors"])
+    if "text_cols" in p:
+        p["text_cols"] = tuple(p["text_cols"])
     return TrainParams(**p), record["windows"]["key"]
 
 

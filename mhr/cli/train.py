@@ -38,6 +38,12 @@ def register(app: typer.Typer) -> None:
         patience: int = typer.Option(3, help="Stop after N validations without a better NDCG@10 (0 = never)."),
         dropout: float = typer.Option(None, help="Override the size's dropout."),
         seed: int = typer.Option(0, help="Seed of initialisation, batch order and negative sampling."),
+        item_llm: str = typer.Option("minilm", help="hllm: item encoder (path or hub name; 'minilm' = bundled, offline)."),
+        user_llm: str = typer.Option("tiny", help="hllm: user decoder (path or hub name; 'tiny' = small Llama from scratch)."),
+        text_cols: str = typer.Option("title,tags,text", help="hllm: item text fields (columns or attrs keys)."),
+        max_text_len: int = typer.Option(256, help="hllm: tokens per item text."),
+        item_pooling: str = typer.Option("mean", help="hllm: item embedding by mean pooling or an appended token."),
+        train_item_llm: bool = typer.Option(False, "--train-item-llm", help="hllm: fine-tune the item LLM (GPU)."),
         windows: str = typer.Option(None, help="Windows reference (default: the latest for this dataset)."),
         name: str = typer.Option(None, help="Run name (default: derived from the parameters)."),
         device: str = typer.Option("cpu", help="cpu, cuda or mps (bf16 autocast on cuda)."),
@@ -71,7 +77,14 @@ def register(app: typer.Typer) -> None:
                 head_weights=head_weights, gamma=gamma, epochs=epochs, max_steps=max_steps,
                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                 clip=clip, eval_every=eval_every, patience=patience, seed=seed, dropout=dropout,
+                item_llm=item_llm, user_llm=user_llm, text_cols=tuple(parse_list(text_cols)),
+                max_text_len=max_text_len, pooling=item_pooling,
             )
+            if train_item_llm:
+                raise UsageError(
+                    "--train-item-llm is not implemented: the item LLM is frozen and its embeddings cached",
+                    hint="drop the flag (fine-tuning would re-encode the whole catalogue every step)",
+                )
         result = train(ds, params, windows=windows, name=name, device=device, force=force,
                        resume=bool(resume), checkpoint_every=checkpoint_every)
         if result.cached:
