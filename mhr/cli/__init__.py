@@ -33,10 +33,10 @@ app = typer.Typer(
 def root(
     ctx: typer.Context,
     workspace: str = typer.Option(
-        None, "--workspace", "-w", envvar="MHR_WORKSPACE", help="Artifact root [default: ./workspace]."
+        None, "--workspace", "-w", envvar="MHR_WORKSPACE", help="Artifact root (default: ./workspace)."
     ),
     dataset: str = typer.Option(
-        None, "--dataset", "-d", envvar="MHR_DATASET", help="Dataset name [default: the only one]."
+        None, "--dataset", "-d", envvar="MHR_DATASET", help="Dataset name (default: the only one)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
 ) -> None:

@@ -19,7 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-NAME_HELP = "Dataset name [default: --dataset, else {default}]."
+NAME_HELP = "Dataset name \\[default: --dataset, else {default}]."
 FORCE_HELP = "Rebuild even if the store already has the same data key."
 
 
@@ -71,18 +71,18 @@ def import_cmd(
     path: Path = typer.Argument(..., help="Input file or folder (MovieLens folder/.zip, parquet, CSV, text, JSON)."),
     fmt: str = typer.Option(..., "--format", "-f", help="movielens | paper | long | sequence | amazon-json."),
     name: str = typer.Option(None, "--name", help=NAME_HELP.format(default="the file name without extension")),
-    user_col: str = typer.Option(None, "--user-col", help="long/paper: user column [default: user_id]."),
-    item_col: str = typer.Option(None, "--item-col", help="long/paper: item column [default: item_id]."),
-    time_col: str = typer.Option(None, "--time-col", help="long/paper: time column, epoch seconds or ISO dates [default: timestamp]."),
+    user_col: str = typer.Option(None, "--user-col", help="long/paper: user column \\[default: user_id]."),
+    item_col: str = typer.Option(None, "--item-col", help="long/paper: item column \\[default: item_id]."),
+    time_col: str = typer.Option(None, "--time-col", help="long/paper: time column, epoch seconds or ISO dates \\[default: timestamp]."),
     no_time: bool = typer.Option(False, "--no-time", help="long: no time column; row order is time order, ts = position."),
-    event_col: str = typer.Option(None, "--event-col", help="long: event-type column; paper: list column [default: event_id]."),
-    delimiter: str = typer.Option(None, "--delimiter", help="long CSV: field separator [default: sniffed]."),
+    event_col: str = typer.Option(None, "--event-col", help="long: event-type column; paper: list column \\[default: event_id]."),
+    delimiter: str = typer.Option(None, "--delimiter", help="long CSV: field separator \\[default: sniffed]."),
     items: Path = typer.Option(None, "--items", help="Item table (long/paper: CSV or parquet; sequence: item -> attribute ids JSON; amazon-json: *.item.json)."),
-    item_id_col: str = typer.Option(None, "--item-id-col", help="Item table id column [default: the --item-col name]."),
-    item_title_col: str = typer.Option(None, "--item-title-col", help="Item table title column [default: title if present]."),
+    item_id_col: str = typer.Option(None, "--item-id-col", help="Item table id column \\[default: the --item-col name]."),
+    item_title_col: str = typer.Option(None, "--item-title-col", help="Item table title column \\[default: title if present]."),
     item_text_cols: str = typer.Option(None, "--item-text-cols", help="Comma-separated item columns joined into items.text."),
     tag_col: str = typer.Option(None, "--tag-col", help="Item column holding tags (list, or text split by --tag-sep)."),
-    tag_sep: str = typer.Option(None, "--tag-sep", help="Separator between several tags in --tag-col [default: one tag per value]."),
+    tag_sep: str = typer.Option(None, "--tag-sep", help="Separator between several tags in --tag-col \\[default: one tag per value]."),
     dedupe: str = typer.Option("keep", "--dedupe", help="Duplicate (user, item, ts) rows: keep or drop (first kept); counted either way."),
     min_history: int = typer.Option(1, "--min-history", help="Drop users with fewer interactions (counted)."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),

@@ -34,7 +34,7 @@ def _summary(info: dict) -> Table:
 def build_cmd(
     ctx: typer.Context,
     context_: int = typer.Option(50, "--context", "-T", help="Context length T (input positions per window)."),
-    horizon: int = typer.Option(None, "--horizon", help="Forecast horizon τ [default: 8; 1 with --protocol loo]."),
+    horizon: int = typer.Option(None, "--horizon", help="Forecast horizon τ \\[default: 8; 1 with --protocol loo]."),
     protocol: str = typer.Option("paper", help="paper (last τ test, τ before valid) or loo (leave-one-out, τ = 1)."),
     force: bool = typer.Option(False, help="Rebuild even if windows with the same key exist."),
 ) -> None:
@@ -61,7 +61,7 @@ def build_cmd(
 @app.command("show")
 def show_cmd(
     ctx: typer.Context,
-    ref: str = typer.Argument(None, help="Windows reference or key prefix [default: the latest]."),
+    ref: str = typer.Argument(None, help="Windows reference or key prefix \\[default: the latest]."),
     as_json: bool = typer.Option(False, "--json", help="Print the description as JSON on stdout."),
 ) -> None:
     """Describe built windows: parameters, users per split, windows, users too short."""
