@@ -324,19 +324,21 @@ def profile_step(s: Setup, b: dict, rows: int = 15) -> None:
         s.step(b)
         sync(s.device)
     by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if not e.key.startswith("autograd::")]
-    total = sum(e.self_cpu_time_total for e in by_shape)
+    gpu = s.device.startswith("cuda")
+    cost = (lambda e: e.self_device_time_total) if gpu else (lambda e: e.self_cpu_time_total)  # noqa: E731
+    total = sum(cost(e) for e in by_shape)
     ops: dict[str, list] = {}
     for e in by_shape:
         ops.setdefault(e.key, []).append(e)
-    ranked = sorted(ops.items(), key=lambda kv: -sum(e.self_cpu_time_total for e in kv[1]))
-    print(f"\ntorch.profiler, one step of HSTU size {s.size} {s.layout_name}: operators by self CPU time "
+    ranked = sorted(ops.items(), key=lambda kv: -sum(cost(e) for e in kv[1]))
+    print(f"\ntorch.profiler, one step of HSTU size {s.size} {s.layout_name}: operators by self {'GPU' if gpu else 'CPU'} time "
           f"(total {total / 1e6:.1f} s; costliest input shapes of each)")
     print("| operator | calls | self ms | share | costliest shapes (calls, ms) |\n|---|---|---|---|---|")
     for name, group in ranked[:rows]:
-        t = sum(e.self_cpu_time_total for e in group)
-        group.sort(key=lambda e: -e.self_cpu_time_total)
+        t = sum(cost(e) for e in group)
+        group.sort(key=lambda e: -cost(e))
         top = "; ".join(
-            f"{', '.join(str(x) for x in e.input_shapes if x)[:60] or '—'} ({e.count}, {e.self_cpu_time_total / 1000:.0f})"
+            f"{', '.join(str(x) for x in e.input_shapes if x)[:60] or '—'} ({e.count}, {cost(e) / 1000:.0f})"
             for e in group[:2])
         print(f"| {name} | {sum(e.count for e in group)} | {t / 1000:.0f} | {100 * t / total:.1f}% | {top} |")
 

