@@ -3,29 +3,50 @@
 The stage is a pure function of (run, evaluation parameters) → `runs/<name>/eval/<key12>.json`;
 its key covers the run's key (and the baseline's), so a retrained run is re-evaluated and an
 unchanged one is read back.
+
+Fusion: `max` and `avg` are the paper's; `learned` and `invvar` (`mhr.fusion`) have per-head
+parameters fitted on the VALIDATION split, never the test split, whatever split is evaluated. A fit
+is a deterministic function of the run and the fit settings (`mhr.fusion.fit_settings`), cached in
+`runs/<name>/eval/fusion/<kind>-<key12>.json` and copied into the eval JSON under "fusion"; the
+eval key covers the fit key.
+
+Metric means leave out users without a target (`has_targets`); an empty subset is reported with
+`users = 0` and no metric keys. Subsets: `new_interest` (targets hold a category absent from the
+history) and `cold` (targets restricted to items that never occur in the training windows).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
+from mhr import fusion as fusion_mod
 from mhr.cache import canonical_json, stage_key
 from mhr.errors import UsageError
-from mhr.inference import Ranking, rank_split
-from mhr.metrics import coverage, entropy_at_k, ndcg_at_k, new_interest_mask, recall_at_k
+from mhr.fusion import FITTED, FusionFit
+from mhr.inference import Ranking, history_mask, iter_queries, rank_split
+from mhr.metrics import (
+    coverage,
+    entropy_at_k,
+    has_targets,
+    masked_mean,
+    ndcg_at_k,
+    new_interest_mask,
+    recall_at_k,
+)
 from mhr.priors.spec import PriorSpec
 from mhr.train import LoadedRun, load_run
 from mhr.workspace import Dataset
 
-FUSIONS = ("max", "avg")
-EVAL_FORMAT = 1
+FUSIONS = fusion_mod.FUSIONS  # max, avg, learned, invvar
+EVAL_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,9 @@ class EvalParams:
     def check(self) -> None:
         if self.fusion not in FUSIONS:
             raise UsageError(f"unknown fusion {self.fusion!r}", hint=f"use one of {', '.join(FUSIONS)}")
+        if self.fusion in FITTED and self.oracle_event:
+            raise UsageError(f"--fusion {self.fusion} cannot be combined with --oracle-event",
+                             hint="evaluate the oracle with max or avg fusion")
         if self.split not in ("valid", "test"):
             raise UsageError(f"unknown split {self.split!r}", hint="use valid or test")
         if not self.ks or min(self.ks) < 1:
@@ -97,31 +121,76 @@ def _oracle_event_mask(run: LoadedRun, split: dict[str, np.ndarray]) -> torch.Te
 
 def _metrics(ranking: Ranking, targets: np.ndarray, ks: list[int], horizons: list[int],
              rows: np.ndarray | None = None) -> dict[str, float]:
+    """Recall/NDCG@K at each horizon, averaged over the users (of `rows`) with a target within that
+    horizon; `users` counts users with any target. No such user: only `users = 0`."""
     items = ranking.items if rows is None else ranking.items[rows]
     tg = targets if rows is None else targets[rows]
-    out: dict[str, float] = {"users": int(len(tg))}
-    if len(tg) == 0:
+    has = has_targets(tg) if len(tg) else np.zeros(0, dtype=bool)
+    out: dict[str, float] = {"users": int(np.sum(has))}
+    if not np.any(has):
         return out
     for h in horizons:
+        mask = has_targets(tg[:, :h])
         for k in ks:
-            out[f"recall@{k}/h{h}"] = float(np.mean(recall_at_k(items, tg[:, :h], k)))
-            out[f"ndcg@{k}/h{h}"] = float(np.mean(ndcg_at_k(items, tg[:, :h], k)))
+            out[f"recall@{k}/h{h}"] = masked_mean(recall_at_k(items, tg[:, :h], k), mask)
+            out[f"ndcg@{k}/h{h}"] = masked_mean(ndcg_at_k(items, tg[:, :h], k), mask)
     return out
 
 
+def train_items(run: LoadedRun) -> np.ndarray:
+    """Sorted ids of the items that occur anywhere in the training windows (inputs or targets)."""
+    col = run.windows.table("train").column("items")
+    ids = np.unique(pc.list_flatten(col).to_numpy().astype(np.int64))
+    return ids[ids > 0]
+
+
+def cold_targets(targets: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Targets with every item seen in training replaced by 0 (padding): only cold targets remain."""
+    targets = np.asarray(targets, dtype=np.int64)
+    return np.where(np.isin(targets, seen), 0, targets)
+
+
+def _cold(run: LoadedRun, ranking: Ranking, targets: np.ndarray, ks: list[int], hs: list[int],
+          n_items: int) -> dict[str, Any]:
+    seen = train_items(run)
+    cold = cold_targets(targets, seen)
+    users = has_targets(cold) if len(cold) else np.zeros(0, dtype=bool)
+    rows = np.flatnonzero(users)
+    return {
+        "items": int(n_items - len(seen)),  # catalogue items never seen in training
+        "targets": int((cold != 0).sum()),
+        "users": int(len(rows)),
+        "users_at": {f"h{h}": int(has_targets(cold[:, :h]).sum()) if len(cold) else 0 for h in hs},
+        "metrics": _metrics(ranking, cold, ks, hs, rows),
+    }
+
+
+def _fusion_args(fusion: str, fit: FusionFit | None) -> dict[str, Any]:
+    """rank_split keyword arguments of a fusion (a fitted one: avg with its per-head parameters)."""
+    if fit is None:
+        return {"fusion": fusion}
+    return {"fusion": fit.fusion, **fit.scoring_kwargs()}
+
+
 def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
-                 baseline: LoadedRun | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Every metric for one run on one split (pure: no files written)."""
+                 baseline: LoadedRun | None = None, device: str = "cpu",
+                 fit: FusionFit | None = None, baseline_fit: FusionFit | None = None) -> dict[str, Any]:
+    """Every metric for one run on one split (pure: no files written).
+
+    A fitted fusion (learned, invvar) uses `fit` / `baseline_fit` when given (cached by `evaluate`),
+    else fits on the validation split here."""
     params.check()
     tau = int(run.windows.params["horizon"])
     hs = _horizons(params, tau)
     ks = sorted(set(params.ks))
     kmax = max(ks)
+    if params.fusion in FITTED and fit is None:
+        fit = fit_fusion(run, params.fusion, device=device)
     split = run.windows.read_split(params.split)
     targets = split["targets"]
     user_mask = _oracle_event_mask(run, split) if params.oracle_event else None
-    ranking = rank_split(run.model, run.compat, split, k=kmax, fusion=params.fusion,
-                         exclude_history=not params.keep_history, device=device, user_heads=user_mask)
+    ranking = rank_split(run.model, run.compat, split, k=kmax, exclude_history=not params.keep_history,
+                         device=device, user_heads=user_mask, **_fusion_args(params.fusion, fit))
     n_items = int(run.compat.omega.shape[1] - 1)
     result: dict[str, Any] = {
         "format": EVAL_FORMAT,
@@ -136,6 +205,9 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
         "coverage": {f"@{k}": float(coverage(ranking.items, n_items, k)) for k in ks},
         "heads": list(run.layout.names),
     }
+    if fit is not None:
+        result["fusion"] = {**fit.as_json(), "fitted_on": "valid", "in_sample": params.split == "valid"}
+    result["cold"] = _cold(run, ranking, targets, ks, hs, n_items)
     cat = _category_prior(run, dataset, params.entropy_prior)
     if cat is not None:
         groups = cat.item_groups
@@ -145,11 +217,14 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
         }
         new = new_interest_mask(split["history_ptr"], split["history_items"], targets, groups)
         rows = np.flatnonzero(new)
-        result["new_interest"] = {"prior": cat.name, "share": float(new.mean()),
+        result["new_interest"] = {"prior": cat.name, "share": float(new.mean()) if len(new) else 0.0,
                                   "metrics": _metrics(ranking, targets, ks, hs, rows)}
         if baseline is not None:
-            base_rank = rank_split(baseline.model, baseline.compat, split, k=kmax, fusion=params.fusion,
-                                   exclude_history=not params.keep_history, device=device)
+            if params.fusion in FITTED and baseline_fit is None:
+                baseline_fit = fit_fusion(baseline, params.fusion, device=device)
+            base_rank = rank_split(baseline.model, baseline.compat, split, k=kmax,
+                                   exclude_history=not params.keep_history, device=device,
+                                   **_fusion_args(params.fusion, baseline_fit))
             base = _metrics(base_rank, targets, ks, hs, rows)
             mine = result["new_interest"]["metrics"]
             result["new_interest"]["baseline"] = {"run": baseline.name, "metrics": base}
@@ -157,6 +232,8 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
                 m: (mine[m] - base[m]) / base[m] if base.get(m) else None
                 for m in mine if m != "users"
             }
+            if baseline_fit is not None:
+                result["new_interest"]["baseline"]["fusion"] = baseline_fit.as_json()
     # per user group: every user-kind prior of the run, else every user prior in the store
     result["user_groups"] = _per_user_group(run, dataset, ranking, targets, split["user"], hs[-1])
     if params.fusion == "max":
@@ -200,7 +277,97 @@ def eval_key(run: LoadedRun, params: EvalParams, baseline: LoadedRun | None) -> 
     inputs = {"run": run.config["key"]}
     if baseline is not None:
         inputs["baseline"] = baseline.config["key"]
+    if params.fusion in FITTED:  # the fitted weights: a function of the run and the fit settings
+        inputs["fusion"] = fusion_key(run, params.fusion)
+        if baseline is not None:
+            inputs["baseline_fusion"] = fusion_key(baseline, params.fusion)
     return stage_key("eval", _jsonable(params), inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# fitted fusions (learned, invvar): fitted on the validation split, cached per run
+
+
+def fusion_key(run: LoadedRun, kind: str) -> str:
+    return stage_key("fusion", fusion_mod.fit_settings(kind), {"run": run.config["key"]})
+
+
+def _subsample(n: int, cap: int) -> np.ndarray:
+    """All of 0..n-1, or a sorted seeded subsample of `cap` of them (deterministic)."""
+    if n <= cap:
+        return np.arange(n)
+    rng = np.random.default_rng(fusion_mod.FIT_SEED)
+    return np.sort(rng.choice(n, size=cap, replace=False))
+
+
+def fit_fusion(run: LoadedRun, kind: str, device: str = "cpu") -> FusionFit:
+    """Fit a fusion's per-head parameters on the run's VALIDATION split (pure: no files)."""
+    key = fusion_key(run, kind)
+    names = run.layout.names
+    if run.layout.n_heads == 1:
+        fit = fusion_mod.identity_fit(kind, names, note="one head: plain scoring, nothing to fit")
+        return replace(fit, key=key)
+    split = run.windows.read_split("valid")
+    n_users = len(split["user"])
+    model, omega = run.model, run.compat.omega.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            item_vecs = model.item_vectors().float()
+        if kind == "invvar":
+            rows = _subsample(n_users, fusion_mod.VAR_MAX_USERS)
+            batches = ((q, heads) for _, q, heads in iter_queries(model, run.compat, split, rows, device=device))
+            var, counted = fusion_mod.head_variances(batches, item_vecs, model.scorer, omega)
+            w = fusion_mod.inverse_variance_weights(var)
+            info = {"users": int(len(rows)),
+                    "variance": {n: (float(v) if np.isfinite(v) else None) for n, v in zip(names, var, strict=True)}}
+            return FusionFit(kind, names, weights=tuple(float(x) for x in w), info=info, key=key)
+        # kept per fit user: scores of every eligible (head, item) pair, and [N+1] count/mask rows
+        per_user = int(omega[:, 1:].sum()) + 2 * int(omega.shape[1])
+        cap = max(fusion_mod.FIT_MIN_USERS, fusion_mod.FIT_MAX_ELEMENTS // max(1, per_user))
+        rows = _subsample(n_users, cap)
+        parts = list(iter_queries(model, run.compat, split, rows, device=device))
+        if parts:
+            q = torch.cat([p[1] for p in parts])
+            heads = torch.cat([p[2] for p in parts])
+        else:
+            q = torch.zeros(0, run.layout.n_heads, item_vecs.shape[1])
+            heads = torch.zeros(0, run.layout.n_heads, dtype=torch.bool)
+        n_items = int(item_vecs.shape[0] - 1)
+        exclude = history_mask(split, rows, n_items)
+        scale, offset, info = fusion_mod.fit_calibration(
+            q, item_vecs, model.scorer, omega, split["targets"][rows], exclude, heads
+        )
+        info = {**info, "sampled_users": int(len(rows)), "valid_users": int(n_users)}
+        return FusionFit(kind, names, scale=tuple(float(x) for x in scale),
+                         offset=tuple(float(x) for x in offset), info=info, key=key)
+    finally:
+        model.train(was_training)
+
+
+def fusion_path(run: LoadedRun, kind: str) -> Path:
+    return run.path / "eval" / "fusion" / f"{kind}-{fusion_key(run, kind)[:12]}.json"
+
+
+def load_or_fit_fusion(run: LoadedRun, kind: str, force: bool = False, device: str = "cpu") -> FusionFit:
+    """The run's fitted fusion, read back from its cache file when the key matches, else fitted
+    and written (atomically)."""
+    key = fusion_key(run, kind)
+    path = fusion_path(run, kind)
+    if not force:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                return FusionFit.from_json(data)
+        except (OSError, ValueError, KeyError):
+            pass
+    fit = fit_fusion(run, kind, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(fit.as_json(), indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return fit
 
 
 def read_eval(path: Path, key: str) -> dict[str, Any] | None:
@@ -226,7 +393,12 @@ def evaluate(dataset: Dataset, run_name: str, params: EvalParams, force: bool = 
     path = run.path / "eval" / f"{key[:12]}.json"
     if not force and (cached := read_eval(path, key)) is not None:
         return path, cached, True
-    result = evaluate_run(run, dataset, params, baseline, device=device)
+    fit = baseline_fit = None
+    if params.fusion in FITTED:
+        fit = load_or_fit_fusion(run, params.fusion, force=force, device=device)
+        if baseline is not None:
+            baseline_fit = load_or_fit_fusion(baseline, params.fusion, force=force, device=device)
+    result = evaluate_run(run, dataset, params, baseline, device=device, fit=fit, baseline_fit=baseline_fit)
     result["key"] = key
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

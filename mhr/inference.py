@@ -6,6 +6,7 @@ the same way.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,33 @@ def history_mask(split: dict[str, np.ndarray], rows: np.ndarray, n_items: int) -
 
 
 @torch.no_grad()
+def iter_queries(
+    model: MultiHeadRecommender,
+    compat: Compatibility,
+    split: dict[str, np.ndarray],
+    rows: np.ndarray | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """(row indices, head queries q [b, K, d] float32, usable heads [b, K] bool) per batch of the
+    split's users (`rows`: a subset, default all), the model in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    try:
+        rows = np.arange(len(split["user"])) if rows is None else np.asarray(rows, dtype=np.int64)
+        for start in range(0, len(rows), batch_size):
+            r = rows[start : start + batch_size]
+            items = torch.from_numpy(split["items"][r]).to(device)
+            ts = torch.from_numpy(split["ts"][r]).to(device)
+            length = torch.from_numpy(split["length"][r]).to(device)
+            users = torch.from_numpy(split["user"][r]).to(device)
+            q = model.last_queries(items, ts, length).float()
+            yield r, q, compat.users(users)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def rank_split(
     model: MultiHeadRecommender,
     compat: Compatibility,
@@ -46,37 +74,38 @@ def rank_split(
     device: str | torch.device = "cpu",
     eligible: torch.Tensor | None = None,
     user_heads: torch.Tensor | None = None,
+    *,
+    weights: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
 ) -> Ranking:
     """Rank the full catalogue for every user of a valid/test split (history excluded by default).
 
     `eligible` overrides the heads' candidate sets (default Ω_k); `user_heads` [U, K] further
-    restricts which heads each user may use (the labelled event oracle).
+    restricts which heads each user may use (the labelled event oracle). `weights` / `scale` /
+    `offset` [K]: per-head fusion parameters (`mhr.fusion`; a fitted fusion's `scoring_kwargs()`).
     """
     was_training = model.training
     model.eval()
-    item_vecs = model.item_vectors()
+    item_vecs = model.item_vectors().float()
     n_items = item_vecs.shape[0] - 1
     omega = (compat.omega if eligible is None else eligible).to(device)
-    n_users = len(split["user"])
     out_items, out_scores, out_winners = [], [], []
-    for start in range(0, n_users, batch_size):
-        rows = np.arange(start, min(start + batch_size, n_users))
-        items = torch.from_numpy(split["items"][rows]).to(device)
-        ts = torch.from_numpy(split["ts"][rows]).to(device)
-        length = torch.from_numpy(split["length"][rows]).to(device)
-        users = torch.from_numpy(split["user"][rows]).to(device)
-        q = model.last_queries(items, ts, length).float()
-        heads = compat.users(users)
+    for rows, q, heads in iter_queries(model, compat, split, batch_size=batch_size, device=device):
         if user_heads is not None:
             heads = heads & user_heads[rows].to(device)
         exclude = history_mask(split, rows, n_items).to(device) if exclude_history else None
         top_items, top_scores, top_winners = grouped_fused_topk(
-            q, item_vecs.float(), model.scorer, omega, heads, exclude, k, fusion
+            q, item_vecs, model.scorer, omega, heads, exclude, k, fusion,
+            weights=weights, scale=scale, offset=offset,
         )
         out_items.append(top_items.cpu().numpy())
         out_scores.append(top_scores.cpu().numpy())
         out_winners.append(top_winners.cpu().numpy())
     model.train(was_training)
+    if not out_items:
+        empty = np.zeros((0, k))
+        return Ranking(empty.astype(np.int64), empty.astype(np.float32), empty.astype(np.int64))
     return Ranking(
         np.concatenate(out_items).astype(np.int64),
         np.concatenate(out_scores).astype(np.float32),

@@ -21,6 +21,11 @@ items with equal fused scores the lower item id ranks first (also at the k-th pl
 recommendable item can fill (k above the number of candidates) hold item 0, score -inf, head -1.
 The winner is -1 under avg fusion.
 
+Calibrated and weighted fusion (`mhr.fusion`): both functions take optional per-head parameters
+`scale` a, `offset` b (max and avg) and `weights` w (avg only), each [K] or per user [B, K]; heads
+are fused as max_k (a_k s_k + b_k) or Σ w_k (a_k s_k + b_k) / Σ w_k over the eligible heads. Left
+out, they are 1, 0, 1: the paper's max and avg. `mhr.fusion.fuse_dense` is the formula.
+
 `score_fn(q[..., d], items[M, d]) -> [..., M]` is the model's scorer (cosine with temperature, or
 dot); it is applied to item slices, so it must score each item independently of the others.
 """
@@ -34,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from mhr.fusion import fuse_dense, per_head
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # history to exclude: a bool mask [B, N+1] (tensor or array), or CSR rows (indptr [B+1], item ids)
@@ -130,6 +137,26 @@ def _select_topk(
     return items, vals, cols
 
 
+HeadParam = torch.Tensor | np.ndarray | None
+
+
+def _head_params(n_heads: int, device, fusion: str, weights, scale, offset):
+    if fusion == "max" and weights is not None:
+        raise ValueError("weights apply to avg fusion; use scale/offset to calibrate max")
+    return (
+        per_head(weights, n_heads, device, "weights", positive=True),
+        per_head(scale, n_heads, device, "scale", positive=True),
+        per_head(offset, n_heads, device, "offset"),
+    )
+
+
+def _rows(param: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    """A [1, K] parameter as is, a [B, K] one restricted to users [start, stop)."""
+    if param is None or param.shape[0] == 1:
+        return param
+    return param[start:stop]
+
+
 def _user_chunk(n_users: int, n_cols: int, batch_size: int | None) -> int:
     return batch_size or max(1, min(n_users, _BUFFER_ELEMENTS // max(1, n_cols)))
 
@@ -149,17 +176,23 @@ def dense_fused_topk(
     k: int,
     fusion: str = "max",
     batch_size: int | None = None,
+    *,
+    weights: HeadParam = None,
+    scale: HeadParam = None,
+    offset: HeadParam = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference fused top-k: every head scores every item, then the masks apply.
 
     q [B, K, d] head queries; item_vecs [N+1, d]; eligible [K, N+1] bool (Ω_k); user_heads [B, K]
     bool (None = all heads); exclude: history mask [B, N+1] or CSR (indptr, item ids); fusion
-    "max" | "avg". Returns top_items [B, k] int64, top_scores [B, k], top_winner_head [B, k] int64.
+    "max" | "avg"; weights / scale / offset: per-head [K] or [B, K] (module doc). Returns
+    top_items [B, k] int64, top_scores [B, k], top_winner_head [B, k] int64.
     """
     _check(q, item_vecs, eligible, fusion, k)
     b, n_heads, _ = q.shape
     n_cols = item_vecs.shape[0]
     device = q.device
+    weights, scale, offset = _head_params(n_heads, device, fusion, weights, scale, offset)
     elig = eligible.to(device).clone()
     elig[:, 0] = False
     ids = torch.arange(n_cols, device=device)
@@ -171,13 +204,8 @@ def dense_fused_topk(
         allowed = elig.unsqueeze(0).expand(stop - start, -1, -1)
         if user_heads is not None:
             allowed = allowed & user_heads[start:stop].to(device).unsqueeze(-1)
-        if fusion == "max":
-            fused, winner = s.masked_fill(~allowed, NEG_INF).max(dim=1)
-        else:
-            count = allowed.sum(1)
-            fused = torch.where(allowed, s, 0.0).sum(1) / count.clamp(min=1)
-            fused = fused.masked_fill(count == 0, NEG_INF)
-            winner = torch.full_like(fused, -1, dtype=torch.long)
+        fused, winner = fuse_dense(s, allowed, fusion, _rows(weights, start, stop), _rows(scale, start, stop),
+                                   _rows(offset, start, stop))
         ex = _exclusion_rows(exclude, start, stop, n_cols, device)
         if ex is not None:
             fused[ex[0], ex[1]] = NEG_INF
@@ -311,6 +339,10 @@ def grouped_fused_topk(
     k: int,
     fusion: str = "max",
     batch_size: int | None = None,
+    *,
+    weights: HeadParam = None,
+    scale: HeadParam = None,
+    offset: HeadParam = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused top-k whose cost follows the eligible heads; same arguments and results as
     `dense_fused_topk` (scores equal up to float rounding). `eligible` may be a prepared
@@ -324,6 +356,7 @@ def grouped_fused_topk(
             f"plan is [{plan.n_heads}, {plan.n_cols}], q/item_vecs give [{n_heads}, {item_vecs.shape[0]}]; k={k}"
         )
     device = q.device
+    weights, scale, offset = _head_params(n_heads, device, fusion, weights, scale, offset)
     order = plan.order.to(device)
     vecs = item_vecs.index_select(0, order)  # plan order: every block is a contiguous slice
     chunk = _user_chunk(b, plan.n_eligible, batch_size)
@@ -333,7 +366,8 @@ def grouped_fused_topk(
         uh = None if user_heads is None else user_heads[start:stop].to(device)
         if uh is not None and bool(uh.all()):
             uh = None
-        fused, winner = _fuse_chunk(plan, q[start:stop], vecs, score_fn, uh, fusion)
+        params = tuple(_rows(p, start, stop) for p in (weights, scale, offset))
+        fused, winner = _fuse_chunk(plan, q[start:stop], vecs, score_fn, uh, fusion, *params)
         ex = _exclusion_rows(exclude, start, stop, plan.n_cols, device)
         if ex is not None:
             pos = plan.position.to(device)[ex[1]]
@@ -361,13 +395,23 @@ def _fuse_chunk(
     score_fn: ScoreFn,
     user_heads: torch.Tensor | None,
     fusion: str,
+    weights: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused scores [b, n_eligible] in plan order and max-fusion winners [b, n_winner] (int16/32)."""
+    """Fused scores [b, n_eligible] in plan order and max-fusion winners [b, n_winner] (int16/32).
+
+    weights / scale / offset: None or [1|b, K] float (checked by the caller)."""
     b = q.shape[0]
     device = q.device
     if plan.single_head is not None and user_heads is None:
         # one head scores every eligible item: a plain matmul, its output is the buffer
-        fused = score_fn(q[:, plan.single_head], vecs).float()
+        h = plan.single_head
+        fused = score_fn(q[:, h], vecs).float()
+        if scale is not None:
+            fused = fused * scale[:, h : h + 1]
+        if offset is not None:
+            fused = fused + offset[:, h : h + 1]
         return fused, fused.new_zeros(b, 0, dtype=torch.int16)
     fused = torch.empty(b, plan.n_eligible, device=device)
     wdtype = torch.int16 if plan.n_heads < 2**15 else torch.int32
@@ -377,10 +421,22 @@ def _fuse_chunk(
         qp = q.index_select(1, heads)  # [b, p, d]
         p = len(heads)
         allowed = None if user_heads is None else user_heads.index_select(1, heads)  # [b, p]
+        sc = None if scale is None else scale.index_select(1, heads).unsqueeze(-1)  # [1|b, p, 1]
+        of = None if offset is None else offset.index_select(1, heads).unsqueeze(-1)
+        ww = None
+        if weights is not None:  # [1|b, p] -> [b, p], zero for heads the user may not use
+            ww = weights.index_select(1, heads).expand(b, -1)
+            if allowed is not None:
+                ww = torch.where(allowed, ww, 0.0)
+            wsum = ww.sum(1, keepdim=True)
         step = max(1, _BLOCK_ELEMENTS // max(1, b * p))
         for s0 in range(blk.start, blk.stop, step):
             s1 = min(blk.stop, s0 + step)
             s = score_fn(qp, vecs[s0:s1]).float()  # [b, p, m]
+            if sc is not None:
+                s = s * sc
+            if of is not None:
+                s = s + of
             if fusion == "max":
                 if allowed is not None:
                     s.masked_fill_(~allowed.unsqueeze(-1), NEG_INF)
@@ -390,6 +446,9 @@ def _fuse_chunk(
                     val, arg = s.max(dim=1)  # first (lowest) head on ties, as argmax in the reference
                     fused[:, s0:s1] = val
                     winner[:, s0:s1] = heads[arg].to(wdtype)
+            elif ww is not None:
+                total = torch.bmm(ww.unsqueeze(1), s).squeeze(1)  # Σ_k w_k t_k: [b, m]
+                fused[:, s0:s1] = (total / torch.where(wsum > 0, wsum, 1.0)).masked_fill(wsum == 0, NEG_INF)
             else:
                 if allowed is None:
                     fused[:, s0:s1] = s.mean(1)
@@ -398,21 +457,31 @@ def _fuse_chunk(
                     total = torch.where(allowed.unsqueeze(-1), s, 0.0).sum(1)
                     fused[:, s0:s1] = (total / count.clamp(min=1)).masked_fill(count == 0, NEG_INF)
     if plan.rare_stop > plan.rare_start:
-        _fuse_rare(plan, q, vecs, score_fn, user_heads, fusion, fused, winner)
+        _fuse_rare(plan, q, vecs, score_fn, user_heads, fusion, fused, winner, weights, scale, offset)
     return fused, winner
 
 
-def _fuse_rare(plan, q, vecs, score_fn, user_heads, fusion, fused, winner) -> None:
-    """Rare patterns: head by head over its items, scatter-max (or sum and count) in place."""
+def _fuse_rare(plan, q, vecs, score_fn, user_heads, fusion, fused, winner,
+               weights=None, scale=None, offset=None) -> None:
+    """Rare patterns: head by head over its items, scatter-max (or weighted sum and weight) in place."""
     device = q.device
     r0, r1 = plan.rare_start, plan.rare_stop
     rare_vecs = vecs[r0:r1]
+
+    def head_scores(h: int, idx: torch.Tensor) -> torch.Tensor:
+        s = score_fn(q[:, h], rare_vecs.index_select(0, idx)).float()  # [b, m]
+        if scale is not None:
+            s = s * scale[:, h : h + 1]
+        if offset is not None:
+            s = s + offset[:, h : h + 1]
+        return s
+
     if fusion == "max":
         best = torch.full((q.shape[0], r1 - r0), NEG_INF, device=device)
         won = winner[:, r0:r1]
         for h, idx in plan.rare_heads:
             idx = idx.to(device)
-            s = score_fn(q[:, h], rare_vecs.index_select(0, idx)).float()  # [b, m]
+            s = head_scores(h, idx)
             if user_heads is not None:
                 s.masked_fill_(~user_heads[:, h : h + 1], NEG_INF)
             cur = best.index_select(1, idx)
@@ -426,10 +495,19 @@ def _fuse_rare(plan, q, vecs, score_fn, user_heads, fusion, fused, winner) -> No
         total = torch.zeros(q.shape[0], r1 - r0, device=device)
         for h, idx in plan.rare_heads:
             idx = idx.to(device)
-            s = score_fn(q[:, h], rare_vecs.index_select(0, idx)).float()
+            s = head_scores(h, idx)
+            if weights is not None:
+                s = s * weights[:, h : h + 1]
             if user_heads is not None:
                 s = torch.where(user_heads[:, h : h + 1], s, 0.0)
             total.index_add_(1, idx, s)
         elig = plan.rare_eligible.to(device).float()
-        count = elig.sum(0).expand_as(total) if user_heads is None else user_heads.float() @ elig
-        fused[:, r0:r1] = (total / count.clamp(min=1)).masked_fill(count == 0, NEG_INF)
+        if weights is None:
+            count = elig.sum(0).expand_as(total) if user_heads is None else user_heads.float() @ elig
+            fused[:, r0:r1] = (total / count.clamp(min=1)).masked_fill(count == 0, NEG_INF)
+        else:
+            w = weights.expand(q.shape[0], -1)
+            if user_heads is not None:
+                w = torch.where(user_heads, w, 0.0)
+            wsum = w @ elig  # [b, R]
+            fused[:, r0:r1] = (total / torch.where(wsum > 0, wsum, 1.0)).masked_fill(wsum == 0, NEG_INF)

@@ -161,3 +161,131 @@ k = [10]
     assert second.runs == first.runs
     after = {p: p.stat().st_mtime_ns for p in (ws / "tiny" / "runs").rglob("*") if p.is_file()}
     assert stamps == after
+
+
+# ---------------------------------------------------------------------------------------------
+# fitted fusions, cold targets, subsets and masked means
+
+
+def test_learned_and_invvar_fusion_fit_on_valid_and_cached(trained):
+    from mhr.evaluate import eval_key, fusion_path
+
+    run = load_run(trained, "both-s0")
+    for kind in ("learned", "invvar"):
+        path, r, cached = evaluate(trained, "both-s0", EvalParams(fusion=kind, ks=(10,)))
+        assert not cached and r["params"]["fusion"] == kind
+        fit = r["fusion"]
+        assert fit["kind"] == kind and fit["fitted_on"] == "valid" and fit["in_sample"] is False
+        assert set(fit["scale" if kind == "learned" else "weights"]) == set(run.layout.names)
+        assert 0 <= r["metrics"]["ndcg@10/h4"] <= 1 and "head_usage@10" not in r
+        cache = fusion_path(run, kind)
+        assert cache.is_file() and json.loads(cache.read_text())["key"] == fit["key"]
+        stamp = cache.stat().st_mtime_ns
+        # another evaluation of the same run reuses the fitted parameters
+        _, r2, _ = evaluate(trained, "both-s0", EvalParams(fusion=kind, ks=(5,), split="valid"))
+        assert r2["fusion"]["in_sample"] is True and cache.stat().st_mtime_ns == stamp
+        assert {k: v for k, v in r2["fusion"].items() if k != "in_sample"} == \
+               {k: v for k, v in fit.items() if k != "in_sample"}
+        _, again, cached = evaluate(trained, "both-s0", EvalParams(fusion=kind, ks=(10,)))
+        assert cached and again == json.loads(path.read_text())
+    learned = fusion_path(run, "learned")
+    info = json.loads(learned.read_text())["info"]
+    assert info["ce_learned"] <= info["ce_avg"]
+    keys = {eval_key(run, EvalParams(fusion=f, ks=(10,)), None) for f in ("max", "avg", "learned", "invvar")}
+    assert len(keys) == 4
+
+
+def test_fitted_fusions_on_one_head_equal_plain_scoring(trained):
+    _, plain, _ = evaluate(trained, "base-s0", EvalParams(fusion="max", ks=(10,)))
+    for kind in ("learned", "invvar"):
+        _, r, _ = evaluate(trained, "base-s0", EvalParams(fusion=kind, ks=(10,)))
+        assert r["metrics"] == plain["metrics"]
+        assert list((r["fusion"].get("scale") or r["fusion"]["weights"]).values()) == [1.0]
+
+
+def test_learned_with_baseline_fits_both(trained):
+    _, r, _ = evaluate(trained, "both-s1", EvalParams(fusion="learned", baseline="base-s1", ks=(10,)))
+    assert r["new_interest"]["baseline"]["fusion"]["kind"] == "learned"
+    with pytest.raises(UsageError, match="oracle"):
+        evaluate(trained, "event", EvalParams(fusion="learned", oracle_event=True))
+
+
+def test_eval_cli_learned_end_to_end(trained, cli):
+    out = cli("--dataset", trained.name, "eval", "run:both-s1", "--fusion", "learned", "--k", "10", "--json",
+              workspace=trained.root)
+    data = json.loads(out.stdout)
+    assert data["params"]["fusion"] == "learned" and data["fusion"]["kind"] == "learned"
+    assert "learned fusion fitted on valid" in out.stderr and "cold targets" in out.stderr
+
+
+def test_metric_means_leave_out_users_without_targets():
+    import numpy as np
+
+    from mhr.evaluate import _metrics
+    from mhr.inference import Ranking
+
+    items = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    ranking = Ranking(items, np.zeros(items.shape, np.float32), -np.ones_like(items))
+    targets = np.array([[1, 0], [0, 0], [0, 5]])
+    m = _metrics(ranking, targets, [3], [1, 2])
+    assert m["users"] == 2
+    assert m["recall@3/h1"] == 1.0  # users 1 and 2 have no target within h1: left out, not zeros
+    assert m["recall@3/h2"] == pytest.approx(0.5)  # user 2's target (a miss) counts within h2
+    assert _metrics(ranking, targets, [3], [1], np.array([1])) == {"users": 0}
+    assert _metrics(ranking, targets, [3], [1], np.array([], dtype=np.int64)) == {"users": 0}
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory):
+    """Item 30 occurs only as a test target (the last interaction of users 1..5); a prior `all` puts
+    every item in one category, so no user can have a new interest."""
+    from tests.helpers import _prior_row
+
+    ds = make_dataset(tmp_path_factory.mktemp("cold") / "ws", n_users=20)
+    con = connect(ds.store_path)
+    con.execute("UPDATE interactions SET item_id = 27 WHERE item_id = 30")
+    con.execute("""UPDATE interactions SET item_id = 30 WHERE user_id <= 5 AND pos =
+                   (SELECT max(pos) FROM interactions x WHERE x.user_id = interactions.user_id)""")
+    _prior_row(con, "all", "item", {"all": True})
+    con.execute("INSERT INTO prior_groups VALUES ('all', 0, 'everything')")
+    con.execute("INSERT INTO item_groups SELECT 'all', item_id, 0 FROM items")
+    con.close()
+    build_windows(ds, context=12, horizon=4)
+    train(ds, TrainParams(**{**TINY, "max_steps": 2, "eval_every": 2}), name="r", show_progress=False)
+    return ds
+
+
+def test_cold_targets_metrics(cold):
+    import numpy as np
+
+    from mhr.inference import rank_split
+    from mhr.metrics import ndcg_at_k, recall_at_k
+
+    _, r, _ = evaluate(cold, "r", EvalParams(ks=(10, 50)))
+    c = r["cold"]
+    assert c["items"] == 1 and c["targets"] == 5 and c["users"] == 5
+    assert c["users_at"]["h4"] == 5 and c["metrics"]["users"] == 5
+    run = load_run(cold, "r")
+    split = run.windows.read_split("test")
+    ranking = rank_split(run.model, run.compat, split, k=50)
+    rows = np.flatnonzero((split["targets"] == 30).any(1))
+    assert len(rows) == 5
+    only = np.where(split["targets"][rows] == 30, 30, 0)
+    for k in (10, 50):
+        assert c["metrics"][f"recall@{k}/h4"] == pytest.approx(recall_at_k(ranking.items[rows], only, k).mean())
+        assert c["metrics"][f"ndcg@{k}/h4"] == pytest.approx(ndcg_at_k(ranking.items[rows], only, k).mean())
+    assert c["metrics"]["recall@50/h4"] == 1.0  # the catalogue has 30 items: every one is in the top 50
+    # the validation targets hold no cold item: an empty subset, reported without NaN
+    _, v, _ = evaluate(cold, "r", EvalParams(ks=(10,), split="valid"))
+    assert v["cold"]["users"] == 0 and v["cold"]["metrics"] == {"users": 0}
+
+
+def test_empty_new_interest_subset_does_not_crash(cold, capsys):
+    from mhr.cli.evaluate import print_eval
+
+    _, r, _ = evaluate(cold, "r", EvalParams(ks=(10,), entropy_prior="all", baseline="r"))
+    ni = r["new_interest"]
+    assert ni["share"] == 0.0 and ni["metrics"] == {"users": 0} and ni["boost"] == {}
+    assert r["entropy"]["H@10"] == 0.0
+    print_eval(r)
+    assert "new-interest users 0" in capsys.readouterr().err

@@ -190,3 +190,62 @@ def test_works_with_the_model_scorer() -> None:
             dense_fused_topk(q, vecs, scorer, elig, None, None, 10, fusion),
             grouped_fused_topk(q, vecs, scorer, elig, None, None, 10, fusion),
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrated / weighted fusion (mhr.fusion): per-head weights, scales and offsets
+
+
+@pytest.mark.parametrize("fusion", ["max", "avg"])
+@pytest.mark.parametrize("per_user", [False, True])
+def test_grouped_equals_dense_with_head_parameters(fusion: str, per_user: bool) -> None:
+    for seed in range(12):
+        rng = np.random.default_rng(seed * 7 + per_user)
+        n_heads = int(rng.choice([1, 3, 9]))
+        b, d, n_cols = int(rng.integers(1, 7)), 6, int(rng.integers(5, 300))
+        q = torch.from_numpy(rng.normal(size=(b, n_heads, d)).astype(np.float32))
+        vecs = torch.from_numpy(rng.normal(size=(n_cols, d)).astype(np.float32))
+        elig = random_eligibility(rng, n_heads, n_cols)
+        user_heads = torch.from_numpy(rng.random((b, n_heads)) < 0.7) if seed % 2 else None
+        exclude = history(rng, b, n_cols, as_csr=seed % 3 == 0) if seed % 3 != 1 else None
+        shape = (b, n_heads) if per_user else (n_heads,)
+        kw = {
+            "scale": torch.from_numpy(rng.uniform(0.2, 3.0, size=shape).astype(np.float32)),
+            "offset": torch.from_numpy(rng.normal(0, 2, size=shape).astype(np.float32)),
+        }
+        if fusion == "avg":
+            kw["weights"] = torch.from_numpy(rng.uniform(0.05, 4.0, size=shape).astype(np.float32))
+        for drop in (None, "scale", "offset", "weights"):
+            args = {n: v for n, v in kw.items() if n != drop}
+            k = int(rng.choice([1, 10, n_cols + 5]))
+            plan = ScoringPlan(elig, min_block_items=int(rng.choice([1, 4, 10_000])))
+            dense = dense_fused_topk(q, vecs, dot, elig, user_heads, exclude, k, fusion, **args)
+            grouped = grouped_fused_topk(q, vecs, dot, plan, user_heads, exclude, k, fusion, batch_size=2, **args)
+            assert_same(dense, grouped)
+
+
+def test_head_parameters_match_the_formula() -> None:
+    q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # head 0 scores x, head 1 scores y
+    vecs = torch.tensor([[0.0, 0.0], [4.0, 0.0], [1.0, 2.0], [0.0, 3.0]])
+    elig = torch.tensor([[False, True, True, False], [False, False, True, True]])
+    w, a, b = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 0.5]), torch.tensor([0.0, 1.0])
+    # calibrated: item 1 -> 8 (head 0); item 2 -> head0 2, head1 2; item 3 -> head1 2.5
+    for fn in (dense_fused_topk, grouped_fused_topk):
+        items, scores, _ = fn(q, vecs, dot, elig, None, None, 3, "avg", weights=w, scale=a, offset=b)
+        assert items.tolist() == [[1, 3, 2]] and scores.tolist() == [[8.0, 2.5, 2.0]]
+        items, scores, _ = fn(q, vecs, dot, elig, None, None, 3, "avg", weights=w)
+        assert items.tolist() == [[1, 3, 2]] and scores.tolist() == [[4.0, 3.0, 1.75]]  # (1·1 + 3·2) / 4
+        items, scores, winners = fn(q, vecs, dot, elig, None, None, 3, "max", scale=a, offset=b)
+        assert items.tolist() == [[1, 3, 2]] and scores.tolist() == [[8.0, 2.5, 2.0]]
+        assert winners.tolist() == [[0, 1, 0]]  # tie at item 2: the lower head
+
+
+def test_head_parameters_are_checked() -> None:
+    q, vecs, elig = torch.zeros(1, 2, 2), torch.zeros(3, 2), torch.ones(2, 3, dtype=torch.bool)
+    for fn in (dense_fused_topk, grouped_fused_topk):
+        with pytest.raises(ValueError, match="weights"):
+            fn(q, vecs, dot, elig, None, None, 1, "max", weights=torch.ones(2))
+        with pytest.raises(ValueError, match="> 0"):
+            fn(q, vecs, dot, elig, None, None, 1, "avg", weights=torch.tensor([1.0, 0.0]))
+        with pytest.raises(ValueError, match="K = 2"):
+            fn(q, vecs, dot, elig, None, None, 1, "avg", offset=torch.ones(3))

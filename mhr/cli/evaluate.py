@@ -56,6 +56,24 @@ def print_eval(result: dict) -> None:
         if ni.get("boost") and ni["boost"].get(f"ndcg@10/h{hs[-1]}") is not None:
             line += f" (boost vs {ni['baseline']['run']}: {100 * ni['boost'][f'ndcg@10/h{hs[-1]}']:+.1f}%)"
         extra.append(line)
+    if "cold" in result:
+        cold = result["cold"]
+        line = f"cold targets {cold['targets']} ({cold['users']} users, {cold['items']} items never in training)"
+        n10 = cold["metrics"].get(f"ndcg@10/h{hs[-1]}")
+        r10 = cold["metrics"].get(f"recall@10/h{hs[-1]}")
+        if n10 is not None:
+            line += f", R@10 {100 * r10:.2f}, N@10 {100 * n10:.2f}"
+        extra.append(line)
+    if "fusion" in result:
+        fit = result["fusion"]
+        what = fit.get("weights") or fit.get("scale") or {}
+        desc = ", ".join(f"{n} {v:.2f}" for n, v in list(what.items())[:6])
+        name = "weights" if "weights" in fit else "scale"
+        line = f"{fit['kind']} fusion fitted on valid{' (IN-SAMPLE)' if fit.get('in_sample') else ''}: {name} {desc}"
+        info = fit.get("info", {})
+        if "ce_learned" in info:
+            line += f"; valid CE {info['ce_avg']:.3f} (avg) → {info['ce_learned']:.3f}"
+        extra.append(line)
     if "head_usage@10" in result and len(result["head_usage@10"]) > 1:
         top = sorted(result["head_usage@10"].items(), key=lambda kv: -kv[1])[:6]
         extra.append("heads winning top-10: " + ", ".join(f"{n} {100 * v:.0f}%" for n, v in top))
@@ -68,7 +86,9 @@ def register(app: typer.Typer) -> None:
     def eval_cmd(
         ctx: typer.Context,
         run: str = typer.Argument(None, help="Run name or run:<name> (default: the latest finished run)."),
-        fusion: str = typer.Option("max", help="How eligible heads' scores fuse: max (explainable) or avg."),
+        fusion: str = typer.Option(
+            "max", help="How eligible heads' scores fuse: max (explainable), avg, learned (per-head "
+            "calibration fitted on the valid split) or invvar (inverse-variance weights from the valid split)."),
         k: str = typer.Option("5,10,50,200", "--k", help="Cut-offs K."),
         horizons: str = typer.Option("", help="Horizons to score, e.g. 1,4,8 (default 1, τ/2, τ)."),
         split: str = typer.Option("test", help="valid or test."),
@@ -121,6 +141,9 @@ def register(app: typer.Typer) -> None:
 
         if fusion not in FUSIONS:
             raise UsageError(f"unknown fusion {fusion!r}", hint=f"use one of {', '.join(FUSIONS)}")
+        if fusion not in ("max", "avg"):
+            raise UsageError(f"`mhr recommend` does not take --fusion {fusion} yet",
+                             hint="use max or avg; learned and invvar are available in `mhr eval`")
         c = context(ctx)
         ds = c.dataset()
         loaded = load_run(ds, _strip(run))
