@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from mhr.cache import stage_key
 from mhr.store import new_store, set_meta
@@ -94,3 +95,8 @@ def add_user_prior(con, name: str = "user") -> None:
     for g in range(2):
         con.execute("INSERT INTO prior_groups VALUES (?, ?, ?)", [name, g, f"segment{g}"])
     con.execute("INSERT INTO user_groups SELECT ?, user_id, user_id % 2 FROM users", [name])
+
+
+def dot(q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Plain dot-product scores, the simplest scorer."""
+    return q @ items.T

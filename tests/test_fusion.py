@@ -11,18 +11,9 @@ from mhr import fusion
 from mhr.heads import fuse_avg, fuse_max
 from mhr.metrics import ndcg_at_k
 from mhr.scoring import dense_fused_topk, grouped_fused_topk
+from tests.helpers import dot
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def dot(q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    return q @ items.T
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ndcg(q, vecs, elig, targets, exclude=None, **kw) -> float:

@@ -7,19 +7,9 @@ import pytest
 import torch
 
 from mhr.scoring import ScoringPlan, dense_fused_topk, grouped_fused_topk, plan_for
+from tests.helpers import dot
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP waits dominate."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def dot(q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    return q @ items.T
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cosine(q: torch.Tensor, items: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
