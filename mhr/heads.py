@@ -195,6 +195,8 @@ class PriorHeads(nn.Module):
     level one batched matmul over its nodes' parents gathered from the level above.
     """
 
+    sequence_level = False  # decodes each state on its own (`mhr.model` decoder contract)
+
     def __init__(self, d: int, layout: HeadLayout) -> None:
         super().__init__()
         self.d = d
@@ -230,6 +232,14 @@ class PriorHeads(nn.Module):
             parts.append(x.unsqueeze(1))
         q = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return q.view(*lead, self.layout.n_heads, d)
+
+    def decode(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """(queries, no auxiliary loss): the decoder contract of `mhr.model`."""
+        return self(h), {}
+
+    def assign(self, q, item_vecs, scorer, targets: torch.Tensor, compat: torch.Tensor) -> torch.Tensor:
+        """Which head each target trains: exactly the prior's compatibility (DESIGN §1)."""
+        return compat
 
     def _tree(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, d] -> leaves [M, K', d] (Eq. 4–5)."""

@@ -134,6 +134,7 @@ def multihead_loss(
     negatives_from: str = "group",
     global_ratio: float = 0.0,
     generator: torch.Generator | None = None,
+    hard_negative_beta: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of the module docstring.
 
@@ -151,6 +152,8 @@ def multihead_loss(
         raise ValueError(f"global_ratio must be in [0, 1], got {global_ratio}")
     if negatives is not None and negatives < 1:
         raise ValueError(f"negatives must be a positive count or None, got {negatives}")
+    if hard_negative_beta and negatives is None:
+        raise ValueError("hard_negative_beta reweights sampled negatives: it needs negatives=N")
     if q.dim() != 4 or compat.shape[:3] != targets.shape or compat.shape[3] != q.shape[2]:
         raise ValueError(
             f"shapes disagree: q {tuple(q.shape)}, targets {tuple(targets.shape)}, compat {tuple(compat.shape)}"
@@ -162,7 +165,8 @@ def multihead_loss(
         cand = candidate_sets(omega, negatives_from, global_ratio, generator)
         return loss_from_candidates(q, item_vecs, scorer, pos, cand, gamma=gamma, head_weights=head_weights)
     negs = sample_negatives(omega, negatives, negatives_from, global_ratio, generator)
-    return loss_from_negatives(q, item_vecs, scorer, pos, negs, gamma=gamma, head_weights=head_weights)
+    return loss_from_negatives(q, item_vecs, scorer, pos, negs, gamma=gamma, head_weights=head_weights,
+                               beta=hard_negative_beta)
 
 
 def loss_from_candidates(q: torch.Tensor, item_vecs: torch.Tensor, scorer: ScoreFn, pos: Positives,
@@ -185,14 +189,24 @@ def loss_from_candidates(q: torch.Tensor, item_vecs: torch.Tensor, scorer: Score
 
 
 def loss_from_negatives(q: torch.Tensor, item_vecs: torch.Tensor, scorer: ScoreFn, pos: Positives,
-                        negs: torch.Tensor, *, gamma: float = 1.0, head_weights: str = "frequency"):
+                        negs: torch.Tensor, *, gamma: float = 1.0, head_weights: str = "frequency",
+                        beta: float = 0.0):
     """Sampled-softmax loss given each head's negatives negs [K, n] (what `multihead_loss` draws).
-    Per positive the softmax holds the target and the head's negatives other than it (and 0)."""
+    Per positive the softmax holds the target and the head's negatives other than it (and 0).
+
+    `beta` > 0: REMI's interest-aware hard negatives — negative i enters the softmax with weight
+    w_i = exp(β s_i) / mean_j exp(β s_j) over the positive's kept negatives (s detached), i.e.
+    logit s_i + log w_i. β = 0 is the plain sampled softmax."""
     negs = negs.long()
 
     def head_lse(k: int, queries: torch.Tensor, local: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = scorer(queries, item_vecs[negs[k]]).float()[local]  # [P_k, n]
         drop = (negs[k] == target.unsqueeze(1)) | (negs[k] == 0)
+        if beta:
+            tilt = (beta * logits.detach()).masked_fill(drop, float("-inf"))
+            kept = (~drop).sum(dim=-1, keepdim=True).clamp(min=1)
+            log_w = tilt - (tilt.logsumexp(dim=-1, keepdim=True) - kept.float().log())
+            logits = logits + log_w.masked_fill(drop, 0.0)
         return logits.masked_fill(drop, float("-inf")).logsumexp(dim=-1)
 
     beside = torch.zeros(len(pos), dtype=torch.bool, device=q.device)  # the target joins every softmax

@@ -1,8 +1,20 @@
 """The recommender: a backbone whose states are decoded by prior-conditioned heads.
 
 `MultiHeadRecommender` only wires parts that are built elsewhere and injected: the backbone
-(`mhr.models.*`), the heads (`mhr.heads.PriorHeads`) and the scorer (`mhr.heads.Scorer`). The
-choice of backbone by name goes through the one explicit `BACKBONES` dict.
+(`mhr.models.*`), the decoder (the prior heads `mhr.heads.PriorHeads`, or a baseline's interest
+extractor) and the scorer (`mhr.heads.Scorer`). Choices by name go through the explicit
+`BACKBONES` and `DECODERS` dicts.
+
+The decoder contract (what `PriorHeads`, `ComiRecSA`, `REMI` and `DualVAE` implement):
+
+- `sequence_level: bool` — False: decodes each state on its own (only the last state is decoded at
+  inference); True: needs the whole sequence (interests pool over positions ≤ t).
+- `decode(h [B, L, d], valid [B, L]) -> (q [B, L, K, d], aux)`: the K queries per position and a
+  dict of auxiliary loss terms (already weighted; empty when there are none or in eval mode).
+- `forward(h) -> q`: the queries alone (inference).
+- `assign(q, item_vecs, scorer, targets [B, L, τ], compat [B, L, τ, K]) -> bool [B, L, τ, K]`:
+  which heads each target trains — the prior's compatibility for prior heads, the best-scoring
+  interest for ComiRec's hard readout.
 """
 
 from __future__ import annotations
@@ -16,8 +28,9 @@ import torch
 from torch import nn
 
 from mhr.errors import UsageError
-from mhr.heads import HeadLayout, PriorHeads, Scorer
-from mhr.models import hllm, hstu, sasrec
+from mhr.heads import HeadLayout, PriorHeads, Scorer, build_layout
+from mhr.models import comirec, hllm, hstu, remi, sasrec
+from mhr.priors.synthetic import synthetic_prior
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,31 @@ BACKBONES: dict[str, Backbone] = {
     "sasrec": Backbone(sasrec.SASRecConfig, sasrec.SIZES, sasrec.SASRec, sasrec.estimate_memory_bytes),
     "hllm": Backbone(hllm.HLLMConfig, hllm.SIZES, hllm.HLLM, hllm.estimate_memory_bytes),
 }
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """How the backbone's states are decoded: `heads` (the method) or a baseline's interests."""
+
+    name: str = "heads"
+    interests: int = 4
+    routing_reg: float | None = None  # REMI's λ (None: the decoder's default)
+    kl_weight: float = 0.2  # DualVAE
+    kl_anneal_steps: int = 1000  # DualVAE
+    contrast_weight: float = 0.1  # DualVAE
+
+
+DECODERS: dict[str, Callable[[int, HeadLayout, DecoderOptions], nn.Module]] = {
+    "heads": lambda d, layout, o: PriorHeads(d, layout),
+    "comirec": lambda d, layout, o: comirec.ComiRecSA(d, o.interests, o.routing_reg or 0.0),
+    "remi": lambda d, layout, o: remi.REMI(d, o.interests, o.routing_reg),
+}
+
+
+def interest_layout(n_interests: int, n_items: int) -> HeadLayout:
+    """K heads named "interest 1".."interest K", each over the whole catalogue (an `all:K` layout)."""
+    spec = synthetic_prior(f"all:{n_interests}", n_items, group_label="interest")
+    return build_layout((spec,), "flat")
 
 
 def backbone_config(name: str, size: str, n_items: int, max_len: int, **overrides: Any) -> Any:
@@ -55,16 +93,20 @@ def backbone_config(name: str, size: str, n_items: int, max_len: int, **override
 
 
 class MultiHeadRecommender(nn.Module):
-    """backbone → heads → scorer. Shapes: items/ts [B, L] → q [B, L, K, d]."""
+    """backbone → decoder (`heads`) → scorer. Shapes: items/ts [B, L] → q [B, L, K, d]."""
 
-    def __init__(self, backbone: nn.Module, heads: PriorHeads, scorer: Scorer) -> None:
+    def __init__(self, backbone: nn.Module, heads: nn.Module, scorer: Scorer) -> None:
         super().__init__()
         self.backbone = backbone
         self.heads = heads
         self.scorer = scorer
 
     def forward(self, items: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-        return self.heads(self.backbone(items, ts))
+        return self.decode(items, ts)[0]
+
+    def decode(self, items: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(queries [B, L, K, d], the decoder's auxiliary losses) for training."""
+        return self.heads.decode(self.backbone(items, ts), items != 0)
 
     def item_vectors(self) -> torch.Tensor:
         return self.backbone.item_vectors()
@@ -72,19 +114,24 @@ class MultiHeadRecommender(nn.Module):
     def last_queries(self, items: torch.Tensor, ts: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """Head queries at each sequence's last real position: [B, K, d].
 
-        Only the last position is decoded by the heads, since inference needs nothing else.
+        Only the last position is decoded by per-state heads, since inference needs nothing else;
+        a sequence-level decoder decodes the whole sequence and its last position is taken.
         """
         h = self.backbone(items, ts)
-        last = h[torch.arange(h.shape[0], device=h.device), (length - 1).clamp(min=0)]
-        return self.heads(last)
+        rows, last = torch.arange(h.shape[0], device=h.device), (length - 1).clamp(min=0)
+        if self.heads.sequence_level:
+            return self.heads(h)[rows, last]
+        return self.heads(h[rows, last])
 
 
 def build_model(
-    backbone_name: str, config: Any, layout: HeadLayout, score: str, temperature: float, **backbone_inputs: Any
+    backbone_name: str, config: Any, layout: HeadLayout, score: str, temperature: float,
+    decoder: DecoderOptions = DecoderOptions(), **backbone_inputs: Any,
 ) -> MultiHeadRecommender:
     """`backbone_inputs` are tensors a backbone is built from (HLLM: the cached item text embeddings)."""
+    if decoder.name not in DECODERS:
+        raise UsageError(f"unknown decoder {decoder.name!r}", hint=f"choose one of {', '.join(DECODERS)}")
     family = BACKBONES[backbone_name]
     backbone = family.module_cls(config, **backbone_inputs)
-    return MultiHeadRecommender(
-        backbone, PriorHeads(config.d, layout), Scorer(mode=score, init_temperature=temperature)
-    )
+    heads = DECODERS[decoder.name](config.d, layout, decoder)
+    return MultiHeadRecommender(backbone, heads, Scorer(mode=score, init_temperature=temperature))

@@ -31,18 +31,29 @@ from safetensors.torch import load_file, save_file
 from mhr.cache import is_done, stage_key, write_manifest
 from mhr.console import err, progress
 from mhr.errors import NotFoundError, StaleError, TrainingError, UsageError
-from mhr.heads import COMPOSITIONS, Compatibility, HeadLayout, build_layout, parameter_count
+from mhr.heads import COMPOSITIONS, Compatibility, HeadLayout, build_layout
 from mhr.inference import rank_split
 from mhr.loss import multihead_loss
 from mhr.metrics import ndcg_at_k
-from mhr.model import BACKBONES, MultiHeadRecommender, backbone_config, build_model
+from mhr.model import (BACKBONES, DECODERS, DecoderOptions, MultiHeadRecommender, backbone_config, build_model,
+                       interest_layout)
 from mhr.priors.spec import PriorSpec, load_prior
+from mhr.priors.synthetic import is_synthetic, synthetic_prior
 from mhr.store import connect, data_key
 from mhr.windows import WindowsRef, horizon_targets, load_windows
 from mhr.workspace import Dataset, check_name
 
 RUN_FORMAT = 1
 HLLM_FIELDS = ("item_llm", "user_llm", "text_cols", "max_text_len", "pooling")
+# decoder settings, each kept in the run key only for the decoders that read it
+DECODER_FIELDS = {
+    "interests": ("comirec", "remi", "dualvae"),
+    "routing_reg": ("comirec", "remi"),
+    "beta": ("comirec", "remi", "dualvae"),
+    "kl_weight": ("dualvae",),
+    "kl_anneal_steps": ("dualvae",),
+    "contrast_weight": ("dualvae",),
+}
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,14 @@ class TrainParams:
     patience: int = 3
     seed: int = 0
     dropout: float | None = None
+    # baselines (`decoder` other than "heads"; left out of the key of the prior heads)
+    decoder: str = "heads"
+    interests: int = 4
+    routing_reg: float | None = None
+    beta: float = 0.0
+    kl_weight: float = 0.2
+    kl_anneal_steps: int = 1000
+    contrast_weight: float = 0.1
     # HLLM only (left out of the key of other backbones)
     item_llm: str = "minilm"
     user_llm: str = "tiny"
@@ -96,6 +115,21 @@ class TrainParams:
             raise UsageError("--global-negatives-ratio must be in [0, 1]")
         if self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
             raise UsageError("--batch-size, --epochs and --lr must be positive")
+        if self.decoder not in DECODERS:
+            raise UsageError(f"unknown --decoder {self.decoder!r}", hint=f"use one of {', '.join(DECODERS)}")
+        if self.decoder != "heads":
+            if self.priors:
+                raise UsageError(f"--decoder {self.decoder} learns its own interests and takes no --priors",
+                                 hint="drop --priors (or use --decoder heads)")
+            if self.global_head:
+                raise UsageError(f"--decoder {self.decoder} has no global head", hint="drop --global-head")
+            if self.interests < 1:
+                raise UsageError("--interests must be at least 1")
+        if self.beta < 0:
+            raise UsageError("--beta must be >= 0")
+        if self.beta and self.negatives is None:
+            raise UsageError("--beta reweights sampled negatives (REMI's hard negatives)",
+                             hint="add --negatives N, e.g. --negatives 256")
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -104,7 +138,16 @@ class TrainParams:
         if self.backbone != "hllm":
             for k in HLLM_FIELDS:
                 d.pop(k)
+        if self.decoder == "heads":
+            d.pop("decoder")
+        for k, users in DECODER_FIELDS.items():
+            if self.decoder not in users and not (k == "beta" and self.beta):
+                d.pop(k)
         return d
+
+    def decoder_options(self) -> DecoderOptions:
+        return DecoderOptions(self.decoder, self.interests, self.routing_reg, self.kl_weight,
+                              self.kl_anneal_steps, self.contrast_weight)
 
 
 @dataclass
@@ -135,18 +178,29 @@ class LoadedRun:
 
 
 def default_run_name(p: TrainParams) -> str:
-    priors = "+".join(p.priors) if p.priors else "base"
+    priors = "+".join(n.replace(":", "") for n in p.priors) if p.priors else "base"
+    if p.decoder != "heads":
+        priors = f"{p.decoder}{p.interests}"
     comp = f"-{p.compose[:4]}" if len(p.priors) > 1 else ""
     glob = "-g" if p.global_head else ""
     return f"{p.backbone}{p.size}-{priors}{comp}{glob}-s{p.seed}"
 
 
-def _load_priors(dataset: Dataset, names: tuple[str, ...]) -> tuple[PriorSpec, ...]:
+def _load_priors(dataset: Dataset, names: tuple[str, ...], n_items: int, seed: int) -> tuple[PriorSpec, ...]:
+    """The named priors: built ones from the store; `random:K` / `all:K` made here (their
+    assignment drawn from the run's seed)."""
     con = connect(dataset.store_path, read_only=True)
     try:
-        return tuple(load_prior(con, n) for n in names)
+        return tuple(synthetic_prior(n, n_items, seed) if is_synthetic(n) else load_prior(con, n) for n in names)
     finally:
         con.close()
+
+
+def make_layout(p: TrainParams, specs: tuple[PriorSpec, ...], n_items: int) -> HeadLayout:
+    """The heads of a run: the priors' layout, or K interests for a baseline decoder."""
+    if p.decoder != "heads":
+        return interest_layout(p.interests, n_items)
+    return build_layout(specs, p.compose, p.global_head)
 
 
 def _check_horizon(specs: tuple[PriorSpec, ...], windows: WindowsRef) -> None:
@@ -306,10 +360,8 @@ def train(
     name = check_name(name or default_run_name(params), "run")
     run_dir = dataset.runs_dir / name
     wref = load_windows(dataset, windows)
-    specs = _load_priors(dataset, params.priors)
-    _check_horizon(specs, wref)
-    inputs = {"windows": wref.key, **{f"prior:{s.name}": s.key for s in specs}}
     backbone_inputs, overrides, n_items = {}, {}, int(wref.stats["max_item_id"])
+    inputs: dict[str, str] = {"windows": wref.key}
     if params.backbone == "hllm":
         from mhr.item_text import embed_items, load_item_embeddings
 
@@ -321,6 +373,9 @@ def train(
         overrides = dict(user_llm=params.user_llm, item_dim=table.shape[1], item_llm=params.item_llm,
                          pooling=params.pooling, item_embeddings_key=emb_key)
         n_items = table.shape[0] - 1  # the whole catalogue: cold items keep their text vectors
+    specs = _load_priors(dataset, params.priors, n_items, params.seed)
+    _check_horizon(specs, wref)
+    inputs.update({f"prior:{s.name}": s.key for s in specs})
     key = stage_key("train", params.as_dict(), inputs)
 
     if not force and is_done(run_dir, key):
@@ -353,11 +408,11 @@ def train(
     T, tau = int(wref.params["context"]), int(wref.params["horizon"])
     config = backbone_config(params.backbone, params.size, n_items, T, dropout=params.dropout, **overrides)
     _check_memory(params, config, T, device)
-    layout = build_layout(specs, params.compose, params.global_head)
+    layout = make_layout(params, specs, n_items)
 
     torch.manual_seed(params.seed)
     model = build_model(params.backbone, config, layout, params.score, params.temperature,
-                        **backbone_inputs).to(device)
+                        params.decoder_options(), **backbone_inputs).to(device)
     compat = Compatibility(layout, n_items, wref.event_vocab).to(device)
     gen = torch.Generator(device=device).manual_seed(params.seed + 1)
 
@@ -406,7 +461,7 @@ def train(
         _trim_log(run_dir / "log.jsonl", state["step"])
 
     n_params = sum(p.numel() for p in model.parameters())
-    head_params = parameter_count(layout, config.d)
+    head_params = sum(p.numel() for p in model.heads.parameters())
     if show_progress and rank == 0:
         err.print(
             f"[bold]{name}[/]: {params.backbone} size {params.size} ({n_params:,} parameters; "
@@ -512,11 +567,14 @@ class _LossStep(torch.nn.Module):
 
     def forward(self, items, ts, targets, target_events, users):
         p = self.params
-        q = self.model(items, ts)
+        q, aux = self.model.decode(items, ts)
+        q = q.float()
+        item_vecs = self.model.item_vectors().float()
         compat_t = self.compat.targets(targets, target_events, users)
-        return multihead_loss(
-            q.float(),
-            self.model.item_vectors().float(),
+        compat_t = self.model.heads.assign(q, item_vecs, self.model.scorer, targets, compat_t)
+        loss, stats = multihead_loss(
+            q,
+            item_vecs,
             self.model.scorer,
             targets,
             compat_t,
@@ -527,7 +585,12 @@ class _LossStep(torch.nn.Module):
             negatives_from=p.negatives_from,
             global_ratio=p.global_ratio,
             generator=self.gen,
+            hard_negative_beta=p.beta,
         )
+        for term, value in aux.items():  # the decoder's regularisers (REMI's routing, DualVAE's KL)
+            loss = loss + value.float()
+            stats[term] = value.detach()
+        return loss, stats
 
 
 class _nullcontext:
@@ -558,11 +621,15 @@ def resume_params(dataset: Dataset, name: str) -> tuple[TrainParams, str]:
     if not path.is_file():
         raise NotFoundError(f"no run {name!r} in {dataset.runs_dir}", hint="see `mhr status` for runs")
     record = json.loads(path.read_text())
+    return _params_from_record(record), record["windows"]["key"]
+
+
+def _params_from_record(record: dict[str, Any]) -> TrainParams:
     p = dict(record["params"])
     p["priors"] = tuple(p["priors"])
     if "text_cols" in p:
         p["text_cols"] = tuple(p["text_cols"])
-    return TrainParams(**p), record["windows"]["key"]
+    return TrainParams(**p)
 
 
 def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
@@ -583,8 +650,10 @@ def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
                 f"(data key {record['data_key'][:12]} ≠ {current[:12]})",
                 hint="retrain the run on the current data",
             )
-        params = record["params"]
-        specs = tuple(load_prior(con, n) for n in params["priors"])
+        params = _params_from_record(record)
+        n_items = int(record["backbone_config"]["n_items"])
+        specs = tuple(synthetic_prior(n, n_items, params.seed) if is_synthetic(n) else load_prior(con, n)
+                      for n in params.priors)
     finally:
         con.close()
     for spec in specs:
@@ -594,10 +663,10 @@ def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
                 hint="retrain the run, or rebuild the prior with its old parameters",
             )
     wref = load_windows(dataset, record["windows"]["key"])
-    layout = build_layout(specs, params["compose"], params["global_head"])
-    family = BACKBONES[params["backbone"]]
+    layout = make_layout(params, specs, n_items)
+    family = BACKBONES[params.backbone]
     config = family.config_cls(**record["backbone_config"])
-    model = build_model(params["backbone"], config, layout, params["score"], params["temperature"])
+    model = build_model(params.backbone, config, layout, params.score, params.temperature, params.decoder_options())
     model.load_state_dict(load_file(run_dir / "model.safetensors"))
     model.to(device).eval()
     compat = Compatibility(layout, config.n_items, wref.event_vocab).to(device)

@@ -38,6 +38,15 @@ def register(app: typer.Typer) -> None:
         patience: int = typer.Option(3, help="Stop after N validations without a better NDCG@10 (0 = never)."),
         dropout: float = typer.Option(None, help="Override the size's dropout."),
         seed: int = typer.Option(0, help="Seed of initialisation, batch order and negative sampling."),
+        decoder: str = typer.Option(
+            "heads", help="heads (prior-conditioned, the method) or a baseline: comirec (ComiRec-SA), "
+            "remi (ComiRec-SA + routing regularisation + hard negatives), dualvae."),
+        interests: int = typer.Option(4, help="Baselines: number of interests / aspects K."),
+        routing_reg: float = typer.Option(None, help="comirec/remi: routing regularisation λ (remi default 100)."),
+        beta: float = typer.Option(0.0, help="Hard-negative weighting β of sampled negatives (REMI; needs --negatives N)."),
+        kl_weight: float = typer.Option(0.2, help="dualvae: weight of the KL term (reached after --kl-anneal-steps)."),
+        kl_anneal_steps: int = typer.Option(1000, help="dualvae: linear KL annealing steps."),
+        contrast_weight: float = typer.Option(0.1, help="dualvae: weight of the contrastive neighbour term."),
         item_llm: str = typer.Option("minilm", help="hllm: item encoder (path or hub name; 'minilm' = bundled, offline)."),
         user_llm: str = typer.Option("tiny", help="hllm: user decoder (path or hub name; 'tiny' = small Llama from scratch)."),
         text_cols: str = typer.Option("title,tags,text", help="hllm: item text fields (columns or attrs keys)."),
@@ -54,6 +63,10 @@ def register(app: typer.Typer) -> None:
         """Train a backbone with prior-conditioned heads; prints `run:<name>`.
 
         Example: mhr train --backbone hstu --size 1 --priors item,temporal --compose hierarchical
+
+        Ablations and baselines on the same backbone and loss: --priors random:8 (items in 8 random
+        groups), --priors all:8 (8 heads over every item), --decoder comirec --interests 8,
+        --decoder remi --interests 8 --negatives 256 --beta 1.
         """
         from mhr.errors import UsageError
         from mhr.train import TrainParams, resume_params, train
@@ -78,7 +91,9 @@ def register(app: typer.Typer) -> None:
                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                 clip=clip, eval_every=eval_every, patience=patience, seed=seed, dropout=dropout,
                 item_llm=item_llm, user_llm=user_llm, text_cols=tuple(parse_list(text_cols)),
-                max_text_len=max_text_len, pooling=item_pooling,
+                max_text_len=max_text_len, pooling=item_pooling, decoder=decoder, interests=interests,
+                routing_reg=routing_reg, beta=beta, kl_weight=kl_weight, kl_anneal_steps=kl_anneal_steps,
+                contrast_weight=contrast_weight,
             )
             if train_item_llm:
                 raise UsageError(
