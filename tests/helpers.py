@@ -99,4 +99,4 @@ def add_user_prior(con, name: str = "user") -> None:
 
 def dot(q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Plain dot-product scores, the simplest scorer."""
-    return q @ items.T
+    return q @ items.transpose(-1, -2)
