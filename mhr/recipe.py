@@ -8,6 +8,10 @@ A recipe is a TOML file:
     [windows]  context = 50, horizon = 8, protocol = "paper"
     [train]    defaults for every variant (any `TrainParams` field)
     [variants.NAME]  overrides per variant (TrainParams fields; `context`/`horizon` pick other windows)
+    [variants.NAME.grid]  optional: lists of values, e.g. interests = [1, 2, 4, 8]; every combination
+                     is trained with the first seed and the one with the best *validation* NDCG@10
+                     is kept and trained with every seed (never selected on the test split). A
+                     setting "@OTHER" takes the value selected for an earlier variant OTHER.
     [eval]     fusion = ["max"], split = "test", baseline = "VARIANT", horizons = [...], k = [...]
 
 Data, priors and windows run through the same command-line interface a user types (so a recipe is
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
+import json
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -79,6 +85,41 @@ def _cli(workspace: Workspace, dataset: str, args: list[str]) -> str:
     return buf.getvalue().strip()
 
 
+def _resolve_refs(path: Path, variant: str, merged: dict[str, Any], chosen: dict[str, dict[str, Any]]) -> dict:
+    """Replace "@OTHER" settings by the value selected for the earlier variant OTHER."""
+    out = dict(merged)
+    for key, value in merged.items():
+        if isinstance(value, str) and value.startswith("@"):
+            other = value[1:]
+            if other not in chosen or key not in chosen[other]:
+                raise InputError(f"{path}: variant {variant!r} setting {key} = {value!r} names no earlier "
+                                 f"variant with that setting", hint="list the referenced variant first")
+            out[key] = chosen[other][key]
+    return out
+
+
+def _grid_tag(point: dict[str, Any]) -> str:
+    return "_".join(f"{k}{v}" for k, v in point.items()).replace("-", "m")
+
+
+def _select_on_validation(path: Path, variant: str, merged: dict[str, Any], grid: dict[str, Any], run):
+    """Train every grid point (first seed) and keep the best validation NDCG@10.
+    Returns (settings with the chosen point, its tag, the record of every point)."""
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise InputError(f"{path}: [variants.{variant}.grid] {key} must be a non-empty list")
+    points = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
+    scored = []
+    for point in points:
+        result = run({**merged, **point}, _grid_tag(point))
+        scored.append({"settings": point, "valid_ndcg@10": result.best.get("valid_ndcg@10", float("nan"))})
+    best = max(scored, key=lambda r: r["valid_ndcg@10"])
+    err.print(f"selected on validation for {variant}: {best['settings']} "
+              f"(valid NDCG@10 {best['valid_ndcg@10']:.4f} among {len(points)} settings)")
+    record = {"grid": grid, "points": scored, "selected": best["settings"], "criterion": "valid_ndcg@10"}
+    return {**merged, **best["settings"]}, _grid_tag(best["settings"]), record
+
+
 def run_recipe(path: Path, workspace: Workspace, force: bool = False, only: list[str] | None = None,
                seeds: list[int] | None = None, device: str = "cpu") -> RecipeResult:
     from mhr.evaluate import EvalParams, evaluate
@@ -134,23 +175,40 @@ def run_recipe(path: Path, workspace: Workspace, force: bool = False, only: list
     splits = [splits] if isinstance(splits, str) else list(splits)
 
     run_names: dict[tuple[str, int], str] = {}
+    chosen: dict[str, dict[str, Any]] = {}  # variant -> its settings after grid selection
+    selections: dict[str, Any] = {}
+
+    def run_one(variant: str, merged: dict[str, Any], seed: int, run_name: str):
+        values = {k: v for k, v in merged.items() if k in train_fields}
+        values["priors"] = tuple(values.get("priors", ()))
+        values["seed"] = seed
+        result = train(dataset, TrainParams(**values), windows=windows_for(merged), name=run_name,
+                       device=device, force=force)
+        err.print(f"{'cached' if result.cached else 'trained'}: {run_name} "
+                  f"(valid NDCG@10 {result.best.get('valid_ndcg@10', float('nan')):.4f})")
+        return result
+
     for variant, overrides in variants.items():
-        merged = {**defaults, **overrides}
-        windows = windows_for(merged)
-        unknown = set(merged) - train_fields - set(WINDOW_KEYS)
+        overrides = dict(overrides)
+        grid = overrides.pop("grid", {})
+        merged = _resolve_refs(path, variant, {**defaults, **overrides}, chosen)
+        unknown = (set(merged) | set(grid)) - train_fields - set(WINDOW_KEYS)
         if unknown:
             raise InputError(f"{path}: variant {variant!r} has unknown settings {sorted(unknown)}",
                              hint=f"train settings are: {', '.join(sorted(train_fields))}")
+        tag = ""
+        if grid:
+            merged, tag, selections[variant] = _select_on_validation(
+                path, variant, merged, grid, lambda m, t: run_one(variant, m, seeds[0], f"{name}-{variant}-{t}-s{seeds[0]}"))
+        chosen[variant] = merged
         for seed in seeds:
-            values = {k: v for k, v in merged.items() if k in train_fields}
-            values["priors"] = tuple(values.get("priors", ()))
-            values["seed"] = seed
-            run_name = f"{name}-{variant}-s{seed}"
-            result = train(dataset, TrainParams(**values), windows=windows, name=run_name,
-                           device=device, force=force)
-            err.print(f"{'cached' if result.cached else 'trained'}: {run_name} "
-                      f"(valid NDCG@10 {result.best.get('valid_ndcg@10', float('nan')):.4f})")
+            run_name = f"{name}-{variant}-{tag}-s{seed}" if tag else f"{name}-{variant}-s{seed}"
+            run_one(variant, merged, seed, run_name)
             run_names[(variant, seed)] = run_name
+    if selections:
+        out_dir = dataset.reports_dir / name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "selection.json").write_text(json.dumps(selections, indent=2))
 
     evals = []
     for (variant, seed), run_name in run_names.items():

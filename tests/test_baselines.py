@@ -239,3 +239,52 @@ def test_baseline_options_are_checked(tiny):
         train(tiny, TrainParams(decoder="mind", **TINY), show_progress=False)
     # the prior heads' run key does not change with baseline-only settings
     assert TrainParams(interests=9).as_dict() == TrainParams().as_dict()
+
+
+def test_recipe_grid_selects_on_validation_and_references(tmp_path, one_thread):
+    import json
+
+    from mhr.recipe import run_recipe
+    from mhr.workspace import Workspace
+
+    ws = tmp_path / "ws"
+    make_dataset(ws, name="tiny")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("""
+[recipe]
+name = "g"
+dataset = "tiny"
+seeds = [0, 1]
+[windows]
+context = 12
+horizon = 4
+[train]
+size = "tiny"
+max_steps = 3
+batch_size = 16
+negatives = 8
+[variants.comirec]
+decoder = "comirec"
+[variants.comirec.grid]
+interests = [1, 2]
+[variants.remi]
+decoder = "remi"
+interests = "@comirec"
+[variants.remi.grid]
+beta = [0.5]
+[eval]
+split = "valid"
+k = [10]
+""")
+    first = run_recipe(recipe, Workspace(ws))
+    sel = json.loads((ws / "tiny" / "reports" / "g" / "selection.json").read_text())
+    points = sel["comirec"]["points"]
+    best = max(points, key=lambda p: p["valid_ndcg@10"])["settings"]["interests"]
+    assert sel["comirec"]["selected"] == {"interests": best}
+    assert first.runs == [f"g-comirec-interests{best}-s0", f"g-comirec-interests{best}-s1",
+                          "g-remi-beta0.5-s0", "g-remi-beta0.5-s1"]
+    remi = json.loads((ws / "tiny" / "runs" / "g-remi-beta0.5-s1" / "config.json").read_text())
+    assert remi["params"]["interests"] == best and remi["params"]["beta"] == 0.5
+    stamps = {p: p.stat().st_mtime_ns for p in (ws / "tiny" / "runs").rglob("*") if p.is_file()}
+    assert run_recipe(recipe, Workspace(ws)).runs == first.runs
+    assert stamps == {p: p.stat().st_mtime_ns for p in (ws / "tiny" / "runs").rglob("*") if p.is_file()}
