@@ -10,6 +10,10 @@ is a deterministic function of the run and the fit settings (`mhr.fusion.fit_set
 `runs/<name>/eval/fusion/<kind>-<key12>.json` and copied into the eval JSON under "fusion"; the
 eval key covers the fit key.
 
+Horizons: metrics at horizon h score the first h targets of each user. The windows hold H targets
+per user (H = τ, or `mhr windows build --holdout H`), so h runs over 1..H; a model trained at τ can
+be scored beyond it when H > τ (paper Table 7).
+
 Metric means leave out users without a target (`has_targets`); an empty subset is reported with
 `users = 0` and no metric keys. Subsets: `new_interest` (targets hold a category absent from the
 history) and `cold` (targets restricted to items that never occur in the training windows).
@@ -72,11 +76,17 @@ class EvalParams:
             raise UsageError("--k needs positive cut-offs, e.g. 5,10,50,200")
 
 
-def _horizons(params: EvalParams, tau: int) -> list[int]:
-    hs = list(params.horizons) or sorted({1, max(1, tau // 2), tau})
-    bad = [h for h in hs if h < 1 or h > tau]
+def _horizons(params: EvalParams, tau: int, holdout: int | None = None) -> list[int]:
+    """The horizons h to score: the first h of the H held-out targets (H = τ unless the windows were
+    built with `--holdout`). Default 1, τ/2, τ (and H when H > τ); h outside 1..H is refused."""
+    holdout = tau if holdout is None else holdout
+    hs = list(params.horizons) or sorted({1, max(1, tau // 2), tau, holdout})
+    bad = [h for h in hs if h < 1 or h > holdout]
     if bad:
-        raise UsageError(f"--horizons {bad} outside 1..{tau} (the windows' τ)")
+        held = "the windows' τ" if holdout == tau else f"the windows' held-out targets, H = {holdout}; τ = {tau}"
+        hint = (f"score h ≤ {holdout}, or train on windows built with `mhr windows build --horizon {tau} "
+                f"--holdout {max(bad)}`" if max(bad) > holdout else "horizons count targets from 1")
+        raise UsageError(f"--horizons {bad} outside 1..{holdout} ({held})", hint=hint)
     return hs
 
 
@@ -167,9 +177,7 @@ def _cold(run: LoadedRun, ranking: Ranking, targets: np.ndarray, ks: list[int], 
 
 def _fusion_args(fusion: str, fit: FusionFit | None) -> dict[str, Any]:
     """rank_split keyword arguments of a fusion (a fitted one: avg with its per-head parameters)."""
-    if fit is None:
-        return {"fusion": fusion}
-    return {"fusion": fit.fusion, **fit.scoring_kwargs()}
+    return fusion_mod.scoring_args(fusion, fit)
 
 
 def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
@@ -181,7 +189,7 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
     else fits on the validation split here."""
     params.check()
     tau = int(run.windows.params["horizon"])
-    hs = _horizons(params, tau)
+    hs = _horizons(params, tau, run.windows.holdout)
     ks = sorted(set(params.ks))
     kmax = max(ks)
     if params.fusion in FITTED and fit is None:

@@ -143,6 +143,36 @@ def fuse_dense(
     return fused.masked_fill(none, NEG_INF), torch.full_like(fused, -1, dtype=torch.long)
 
 
+def head_contributions(
+    scores: torch.Tensor,
+    allowed: torch.Tensor,
+    weights=None,
+    scale=None,
+    offset=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's term of the avg formula, the explanation of a fused score when no head wins.
+
+    scores [B, K, M], allowed [B, K, M] or [K, M] -> (contrib [B, K, M], top [B, M]): contrib is
+    `w_k t_k / Σ_{j ∈ E(i)} w_j` for k ∈ E(i) and 0 elsewhere, so `contrib.sum(1)` is `fuse_dense(…,
+    "avg", …)`'s fused score; top is the head with the largest term (lowest head on ties), -1 where
+    E(i) is empty. The largest term is the head that lifts the item most: with equal weights
+    (avg, learned) it is the head with the highest calibrated score t_k, which a common shift or
+    positive factor of the calibration (the fit's gauge freedom) does not change.
+    """
+    _, n_heads, _ = scores.shape
+    device = scores.device
+    allowed = allowed.to(device, torch.bool)
+    allowed = allowed.expand_as(scores) if allowed.dim() == 2 else allowed
+    t = calibrate(scores.float(), per_head(scale, n_heads, device, "scale", positive=True),
+                  per_head(offset, n_heads, device, "offset"))
+    w = per_head(weights, n_heads, device, "weights", positive=True)
+    ww = torch.where(allowed, 1.0 if w is None else w.unsqueeze(-1).expand_as(t), 0.0)
+    total = ww.sum(dim=1, keepdim=True)
+    contrib = torch.where(allowed, t * ww / torch.where(total > 0, total, 1.0), 0.0)
+    top = contrib.masked_fill(~allowed, NEG_INF).argmax(dim=1)
+    return contrib, top.masked_fill(~allowed.any(dim=1), -1)
+
+
 # ---------------------------------------------------------------------------------------------
 # fitted parameters
 
@@ -185,6 +215,16 @@ class FusionFit:
 
         return cls(d["kind"], heads, get("scale"), get("offset"), get("weights"), dict(d.get("info", {})),
                    d.get("key", ""))
+
+
+def scoring_args(fusion: str, fit: FusionFit | None) -> dict[str, Any]:
+    """Keyword arguments for `grouped_fused_topk` / `rank_split` / `fuse_dense`: {"fusion": max|avg}
+    for the paper's fusions, and for a fitted one avg plus its per-head parameters (`scoring_kwargs`)."""
+    if fit is None:
+        if fusion in FITTED:
+            raise ValueError(f"fusion {fusion!r} needs its fitted parameters")
+        return {"fusion": fusion}
+    return {"fusion": fit.fusion, **fit.scoring_kwargs()}
 
 
 def identity_fit(kind: str, heads: Iterable[str], **info: Any) -> FusionFit:

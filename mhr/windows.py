@@ -1,9 +1,12 @@
 """Training windows and the valid/test split (DESIGN §5), as a cached stage `windows/<key12>/`.
 
-Per user, in `pos` order, with `n` interactions and horizon τ: the last τ are the test targets, the
-τ before them the validation targets, and the first `m = n - 2τ` (the training period) are cut into
-training windows. Users with fewer than `2τ + 2` interactions (fewer than two training items) are
-left out and counted.
+Per user, in `pos` order, with `n` interactions, horizon τ and holdout H (default H = τ): the last
+H are the test targets, the H before them the validation targets, and the first `m = n - 2H` (the
+training period) are cut into training windows of horizon τ. Users with fewer than `2H + 2`
+interactions (fewer than two training items) are left out and counted. H > τ (`--holdout`) trains
+at one horizon and evaluates at longer ones (paper Table 7: train τ = 4, evaluate at 1, 4, 8 with
+H = 8); the stage parameters carry "holdout" only when H ≠ τ, so windows built without it keep
+their keys.
 
 Training windows are contiguous slices of length ≤ T + τ, anchored at the end of the training
 period and stepping back by T: window k covers positions `[m - kT - T - τ, m - kT)` (clipped at 0),
@@ -14,7 +17,7 @@ uses inputs `0 .. min(T, len-1) - 1` like any other, so up to τ - 1 of its last
 inputs of the next window with a shorter horizon. The consumer builds targets with
 `horizon_targets`: input position t predicts `items[t+1 : t+1+τ]`.
 
-Valid/test rows hold the last ≤ T interactions before their targets, the τ targets, and the whole
+Valid/test rows hold the last ≤ T interactions before their targets, the H targets, and the whole
 history before the targets (test history includes the validation targets).
 
 The slicing runs in DuckDB (window index computed per interaction, then a grouped ordered list
@@ -76,8 +79,11 @@ EVAL_SCHEMA = pa.schema(
 # parameters
 
 
-def window_params(context: int = DEFAULT_CONTEXT, horizon: int | None = None, protocol: str = "paper") -> dict:
-    """The stage's parameters, checked: `loo` means τ = 1 (horizon None → 8 for paper, 1 for loo)."""
+def window_params(context: int = DEFAULT_CONTEXT, horizon: int | None = None, protocol: str = "paper",
+                  holdout: int | None = None) -> dict:
+    """The stage's parameters, checked: `loo` means τ = H = 1 (horizon None → 8 for paper, 1 for
+    loo); holdout None → H = τ. H ≥ τ is required; "holdout" is a parameter only when H ≠ τ, so the
+    keys of windows built before `--holdout` existed do not change."""
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown protocol {protocol!r}", hint=f"use one of: {', '.join(PROTOCOLS)}")
     if protocol == "loo":
@@ -86,13 +92,32 @@ def window_params(context: int = DEFAULT_CONTEXT, horizon: int | None = None, pr
                 f"--protocol loo is leave-one-out (τ = 1), got --horizon {horizon}",
                 hint="drop --horizon, or use --protocol paper for a longer horizon",
             )
+        if holdout not in (None, 1):
+            raise UsageError(
+                f"--protocol loo holds out one interaction per split, got --holdout {holdout}",
+                hint="drop --holdout, or use --protocol paper to hold out more",
+            )
         horizon = 1
     horizon = DEFAULT_HORIZON if horizon is None else int(horizon)
     if int(context) < 1:
         raise UsageError(f"--context must be ≥ 1, got {context}")
     if horizon < 1:
         raise UsageError(f"--horizon must be ≥ 1, got {horizon}")
-    return {"context": int(context), "horizon": horizon, "protocol": protocol, "format": WINDOWS_FORMAT}
+    holdout = horizon if holdout is None else int(holdout)
+    if holdout < horizon:
+        raise UsageError(
+            f"--holdout {holdout} is shorter than the training horizon τ = {horizon}",
+            hint=f"pass --holdout ≥ {horizon} (or leave it out: H = τ)",
+        )
+    params = {"context": int(context), "horizon": horizon, "protocol": protocol, "format": WINDOWS_FORMAT}
+    if holdout != horizon:
+        params["holdout"] = holdout
+    return params
+
+
+def holdout_of(params: dict[str, Any]) -> int:
+    """H, the held-out targets per user and split, of a windows artifact's parameters (τ unless set)."""
+    return int(params.get("holdout", params["horizon"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,10 +130,14 @@ def build_windows(
     horizon: int | None = None,
     protocol: str = "paper",
     force: bool = False,
+    holdout: int | None = None,
 ) -> tuple[str, Path, bool]:
-    """Build (or find cached) windows for the dataset's current store; returns (key, path, cached)."""
+    """Build (or find cached) windows for the dataset's current store; returns (key, path, cached).
+
+    `holdout` H (default τ): valid/test targets are the H interactions before the last H and the last
+    H; training windows (horizon τ) come from everything before them."""
     dataset.require()
-    params = window_params(context, horizon, protocol)
+    params = window_params(context, horizon, protocol, holdout)
     con = connect(dataset.store_path, read_only=True)
     try:
         inputs = {"data": data_key(con)}
@@ -138,8 +167,8 @@ def build_windows(
 
 
 def _build(dataset: Dataset, params: dict, out: Path) -> dict[str, Any]:
-    T, tau = params["context"], params["horizon"]
-    need = 2 * tau + 2
+    T, tau, H = params["context"], params["horizon"], holdout_of(params)
+    need = 2 * H + 2
     spill = dataset.windows_dir / f".spill-{out.name}"
     con = connect(dataset.store_path, read_only=True)
     try:
@@ -164,10 +193,11 @@ def _build(dataset: Dataset, params: dict, out: Path) -> dict[str, Any]:
         ).fetchall()[0]
         n_users, n_items, n_inter, max_item, n_ok, n_short = (int(x) for x in counts)
         if n_ok == 0:
+            with_h = f"τ = {tau} (2τ targets" if H == tau else f"--holdout {H} (2H targets"
             raise InputError(
                 f"no user of dataset {dataset.name!r} has the {need} interactions the {params['protocol']} "
-                f"protocol needs with τ = {tau} (2τ targets + 2 training items)",
-                hint="lower --horizon (or use --protocol loo)",
+                f"protocol needs with {with_h} + 2 training items)",
+                hint="lower --horizon (or use --protocol loo)" if H == tau else "lower --holdout",
             )
 
         lengths = np.zeros(T + tau + 1, dtype=np.int64)
@@ -176,9 +206,9 @@ def _build(dataset: Dataset, params: dict, out: Path) -> dict[str, Any]:
             n = pc.list_value_length(batch.column("items")).to_numpy(zero_copy_only=False)
             lengths[:] += np.bincount(n, minlength=T + tau + 1)[: T + tau + 1]
 
-        n_train = _write(con, _train_sql(T, tau, need), TRAIN_SCHEMA, out / "train.parquet", count_lengths)
-        n_valid = _write(con, _eval_sql(T, tau, need, shift=0), EVAL_SCHEMA, out / "valid.parquet")
-        n_test = _write(con, _eval_sql(T, tau, need, shift=tau), EVAL_SCHEMA, out / "test.parquet")
+        n_train = _write(con, _train_sql(T, tau, H, need), TRAIN_SCHEMA, out / "train.parquet", count_lengths)
+        n_valid = _write(con, _eval_sql(T, H, need, shift=0), EVAL_SCHEMA, out / "valid.parquet")
+        n_test = _write(con, _eval_sql(T, H, need, shift=H), EVAL_SCHEMA, out / "test.parquet")
     finally:
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
@@ -192,6 +222,7 @@ def _build(dataset: Dataset, params: dict, out: Path) -> dict[str, Any]:
     stats = {
         "context": T,
         "tau": tau,
+        "holdout": H,
         "protocol": params["protocol"],
         "min_interactions": need,
         "n_users_train": n_ok,
@@ -243,15 +274,16 @@ def _event_vocab(con: duckdb.DuckDBPyConnection) -> list[str | None]:
 
 
 _CODED = """
-    lens AS (SELECT user_id, count(*) - {two_tau} AS m FROM interactions GROUP BY user_id
+    lens AS (SELECT user_id, count(*) - {two_h} AS m FROM interactions GROUP BY user_id
              HAVING count(*) >= {need}),
     x AS (SELECT i.user_id, i.pos, i.item_id, i.ts, coalesce(c.code, 0)::SMALLINT AS ev, l.m
           FROM interactions i JOIN lens l USING (user_id) LEFT JOIN event_codes c ON i.event = c.event)
 """
 
 
-def _train_sql(T: int, tau: int, need: int) -> str:
-    """Training windows: each training-period interaction joins the windows k that hold it.
+def _train_sql(T: int, tau: int, H: int, need: int) -> str:
+    """Training windows: each training-period interaction (pos < m = n - 2H) joins the windows k
+    that hold it.
 
     With d = m - 1 - pos (distance from the end of the training period), window k holds pos iff
     kT ≤ d < kT + T + τ, so k runs down from d // T over at most ⌈(T+τ)/T⌉ values (a cross join
@@ -261,7 +293,7 @@ def _train_sql(T: int, tau: int, need: int) -> str:
     L = T + tau
     n_offsets = -(-L // T) + 1
     return f"""
-    WITH {_CODED.format(two_tau=2 * tau, need=need)},
+    WITH {_CODED.format(two_h=2 * H, need=need)},
     z AS (SELECT user_id, pos, item_id, ts, ev, m, m - 1 - pos AS d, (m - 1 - pos) // {T} - o.j AS k
           FROM x CROSS JOIN range(0, {n_offsets}) o(j)
           WHERE pos < m)
@@ -276,8 +308,8 @@ def _train_sql(T: int, tau: int, need: int) -> str:
     """
 
 
-def _eval_sql(T: int, tau: int, need: int, shift: int) -> str:
-    """Valid (shift 0) or test (shift τ) rows: targets start at c = m + shift."""
+def _eval_sql(T: int, H: int, need: int, shift: int) -> str:
+    """Valid (shift 0) or test (shift H) rows: the H targets start at c = m + shift."""
     inp = f"pos >= c - {T} AND pos < c"
     tgt = "pos >= c"
     hist = "pos < c"
@@ -286,8 +318,8 @@ def _eval_sql(T: int, tau: int, need: int, shift: int) -> str:
         return f"list({col} ORDER BY pos) FILTER (WHERE {cond})"
 
     return f"""
-    WITH {_CODED.format(two_tau=2 * tau, need=need)},
-    y AS (SELECT user_id, pos, item_id, ts, ev, m + {shift} AS c FROM x WHERE pos < m + {shift + tau})
+    WITH {_CODED.format(two_h=2 * H, need=need)},
+    y AS (SELECT user_id, pos, item_id, ts, ev, m + {shift} AS c FROM x WHERE pos < m + {shift + H})
     SELECT user_id,
            {agg("item_id", inp)} AS items, {agg("ts", inp)} AS ts, {agg("ev", inp)} AS events,
            {agg("item_id", tgt)} AS targets, {agg("ts", tgt)} AS target_ts, {agg("ev", tgt)} AS target_events,
@@ -343,8 +375,9 @@ def _write(con: duckdb.DuckDBPyConnection, sql: str, schema: pa.Schema, path: Pa
 class WindowsRef:
     """A built windows artifact: where it is, what it was built with, and how to read its splits.
 
-    `params`: {"context": T, "horizon": τ, "protocol", "format"}; `event_vocab`: code i → raw event
-    (`event_vocab[0]` is None, the NULL event); `stats`: the counts in the manifest.
+    `params`: {"context": T, "horizon": τ, "protocol", "format"} and "holdout": H when H ≠ τ (use
+    `.holdout`); `event_vocab`: code i → raw event (`event_vocab[0]` is None, the NULL event);
+    `stats`: the counts in the manifest.
     """
 
     path: Path
@@ -359,6 +392,11 @@ class WindowsRef:
     def reference(self) -> str:
         return f"windows:{self.key[:12]}"
 
+    @property
+    def holdout(self) -> int:
+        """H: validation/test targets per user (= τ unless built with `--holdout`)."""
+        return holdout_of(self.params)
+
     def table(self, split: str) -> pa.Table:
         if split not in SPLITS:
             raise UsageError(f"unknown split {split!r}", hint=f"use one of: {', '.join(SPLITS)}")
@@ -370,21 +408,21 @@ class WindowsRef:
         train: items [W, T+τ] int64, ts [W, T+τ] int64, events [W, T+τ] int16, user [W] int64,
                length [W] int64.
         valid/test: items [U, T], ts [U, T], events [U, T] (the last ≤ T interactions before the
-               targets), length [U], user [U], targets [U, τ] int64, target_ts [U, τ] int64,
-               target_events [U, τ] int16, history_ptr [U+1] int64 and history_items [nnz] int64
+               targets), length [U], user [U], targets [U, H] int64, target_ts [U, H] int64,
+               target_events [U, H] int16 (H = `.holdout`, τ unless set), history_ptr [U+1] int64 and history_items [nnz] int64
                (CSR: user r's history is history_items[history_ptr[r]:history_ptr[r+1]]).
         """
         table = self.table(split)
-        T, tau = int(self.params["context"]), int(self.params["horizon"])
+        T, tau, H = int(self.params["context"]), int(self.params["horizon"]), self.holdout
         width = T + tau if split == "train" else T
         out: dict[str, np.ndarray] = {"user": table.column("user_id").to_numpy().astype(np.int64)}
         out["items"], out["length"] = pad_lists(table.column("items"), width, np.int64)
         out["ts"], _ = pad_lists(table.column("ts"), width, np.int64)
         out["events"], _ = pad_lists(table.column("events"), width, np.int16)
         if split != "train":
-            out["targets"], _ = pad_lists(table.column("targets"), tau, np.int64)
-            out["target_ts"], _ = pad_lists(table.column("target_ts"), tau, np.int64)
-            out["target_events"], _ = pad_lists(table.column("target_events"), tau, np.int16)
+            out["targets"], _ = pad_lists(table.column("targets"), H, np.int64)
+            out["target_ts"], _ = pad_lists(table.column("target_ts"), H, np.int64)
+            out["target_events"], _ = pad_lists(table.column("target_events"), H, np.int16)
             history = table.column("history").combine_chunks()
             n = pc.list_value_length(history).to_numpy(zero_copy_only=False).astype(np.int64)
             out["history_ptr"] = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
@@ -473,11 +511,13 @@ def load_windows(dataset: Dataset, ref: str | None = None) -> WindowsRef:
     current = _current_data_key(dataset)
     built_for = manifest["inputs"].get("data", "")
     if built_for != current:
+        p = manifest["params"]
+        holdout = f" --holdout {p['holdout']}" if "holdout" in p else ""
         raise StaleError(
             f"windows {manifest['key'][:12]} were built from another version of dataset {dataset.name} "
             f"(data key {built_for[:12]} ≠ {current[:12]})",
-            hint=f"rebuild them with `mhr windows build --context {manifest['params']['context']} "
-            f"--horizon {manifest['params']['horizon']} --protocol {manifest['params']['protocol']}`",
+            hint=f"rebuild them with `mhr windows build --context {p['context']} "
+            f"--horizon {p['horizon']}{holdout} --protocol {p['protocol']}`",
         )
     if read_manifest(path, verify=True) is None:
         raise InputError(

@@ -289,3 +289,76 @@ def test_empty_new_interest_subset_does_not_crash(cold, capsys):
     assert r["entropy"]["H@10"] == 0.0
     print_eval(r)
     assert "new-interest users 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# recommend with fitted fusions
+
+
+def test_recommend_learned_and_invvar_use_evals_cached_fit(trained):
+    import torch
+
+    from mhr.evaluate import fusion_path, load_or_fit_fusion
+    from mhr.fusion import head_contributions, scoring_args
+    from mhr.scoring import grouped_fused_topk
+
+    run = load_run(trained, "both-s0")
+    for kind in ("learned", "invvar"):
+        recs, info = recommend(run, trained, "u3", top=5, fusion=kind)
+        assert info["fusion"] == kind and info["fitted_on"] == "valid"
+        cache = fusion_path(run, kind)
+        assert cache.is_file()  # fitted once, written where `mhr eval` reads it back
+        stamp = cache.stat().st_mtime_ns
+        again, _ = recommend(run, trained, "u3", top=5, fusion=kind)
+        assert again == recs and cache.stat().st_mtime_ns == stamp
+        scores = [r.score for r in recs]
+        assert len(recs) == 5 and scores == sorted(scores, reverse=True)
+        # the explanation: an eligible head of the item, the largest term of the fused score
+        for r in recs:
+            k = run.layout.names.index(r.head)
+            assert bool(run.compat.omega[k, r.item_id]) and r.heads_fused >= 2  # ST and LT heads both score
+        # the ranking is eval's: grouped_fused_topk with the fit's per-head parameters, and the
+        # named head holds the largest term of each item's fused score
+        fit = load_or_fit_fusion(run, kind)
+        con = connect(trained.store_path, read_only=True)
+        seq = con.execute("SELECT item_id, ts FROM interactions WHERE user_id = 4 ORDER BY pos").fetchnumpy()
+        con.close()
+        T = run.windows.params["context"]
+        with torch.no_grad():
+            items = torch.from_numpy(seq["item_id"].astype("int64"))
+            q = run.model.last_queries(items[-T:][None], torch.from_numpy(seq["ts"].astype("int64"))[-T:][None],
+                                       torch.tensor([min(T, len(items))])).float()
+            vecs = run.model.item_vectors().float()
+            exclude = torch.zeros(1, vecs.shape[0], dtype=torch.bool)
+            exclude[0, items] = True
+            heads = run.compat.users(torch.tensor([4]))
+            want, want_scores, _ = grouped_fused_topk(q, vecs, run.model.scorer, run.compat.omega, heads, exclude,
+                                                      5, **scoring_args(kind, fit))
+            ids = torch.tensor([r.item_id for r in recs])
+            assert ids.tolist() == want[0].tolist()
+            assert [r.score for r in recs] == pytest.approx(want_scores[0].tolist(), abs=1e-6)
+            allowed = run.compat.omega[:, ids][None] & heads[..., None]
+            params = {k: v for k, v in scoring_args(kind, fit).items() if k != "fusion"}
+            contrib, _ = head_contributions(run.model.scorer(q, vecs[ids]), allowed, **params)
+            best = contrib.masked_fill(~allowed, float("-inf")).amax(dim=1)[0]
+            named = contrib[0, [run.layout.names.index(r.head) for r in recs], torch.arange(5)]
+            assert torch.equal(named, best)
+            assert contrib.sum(dim=1)[0].tolist() == pytest.approx([r.score for r in recs], abs=1e-4)
+    max_recs, info = recommend(run, trained, "u3", top=5)
+    assert "fitted_on" not in info and all(r.heads_fused >= 1 for r in max_recs)
+    avg_recs, _ = recommend(run, trained, "u3", top=5, fusion="avg")
+    assert all(r.head in run.layout.names for r in avg_recs)
+    with pytest.raises(UsageError, match="unknown fusion"):
+        recommend(run, trained, "u3", fusion="median")
+
+
+def test_recommend_cli_learned_explain(trained, cli):
+    out = cli("--dataset", trained.name, "recommend", "run:both-s0", "--user", "u1", "--top", "3",
+              "--fusion", "learned", "--explain", workspace=trained.root)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    run = load_run(trained, "both-s0")
+    assert len(lines) == 3 and all(x["head"] in run.layout.names and x["heads_fused"] >= 1 for x in lines)
+    assert "largest contribution" in out.stderr and "fitted on valid" in out.stderr
+    bad = cli("--dataset", trained.name, "recommend", "run:both-s0", "--user", "u1", "--fusion", "median",
+              workspace=trained.root, check=False)
+    assert bad.returncode == 2 and "unknown fusion 'median'" in bad.stderr and not bad.stdout

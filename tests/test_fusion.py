@@ -92,6 +92,41 @@ def test_one_head_every_fusion_is_plain_scoring() -> None:
                 assert torch.allclose(scores, want_scores, atol=1e-5)
 
 
+def test_head_contributions_sum_to_the_fused_score_and_name_the_largest_term() -> None:
+    rng = np.random.default_rng(3)
+    s = torch.from_numpy(rng.normal(size=(3, 4, 30)).astype(np.float32))
+    allowed = torch.from_numpy(rng.random((3, 4, 30)) < 0.5)
+    allowed[0, :, 0] = False  # an item no head may score
+    kw = {"weights": torch.tensor([1.0, 0.5, 2.0, 0.25]), "scale": torch.tensor([1.0, 2.0, 0.5, 1.5]),
+          "offset": torch.tensor([0.0, -0.3, 0.2, 0.1])}
+    for params in ({}, {"weights": kw["weights"]}, {"scale": kw["scale"], "offset": kw["offset"]}, kw):
+        contrib, top = fusion.head_contributions(s, allowed, **params)
+        fused, _ = fusion.fuse_dense(s, allowed, "avg", **params)
+        some = allowed.any(dim=1)
+        assert torch.allclose(contrib.sum(dim=1)[some], fused[some], atol=1e-5)
+        assert not contrib[~allowed].any() and (top[~some] == -1).all() and top[0, 0] == -1
+        b, i = torch.nonzero(some, as_tuple=True)
+        best = contrib.masked_fill(~allowed, float("-inf")).amax(dim=1)
+        assert bool(allowed[b, top[b, i], i].all())
+        assert torch.equal(contrib[b, top[b, i], i], best[b, i])
+    # with equal weights the largest term is the calibrated max-fusion winner, whatever the gauge
+    params = {"scale": kw["scale"], "offset": kw["offset"]}
+    _, top = fusion.head_contributions(s, allowed, **params)
+    _, winner = fusion.fuse_dense(s, allowed, "max", **params)
+    shifted = {"scale": 3 * kw["scale"], "offset": 3 * kw["offset"] + 7}
+    assert torch.equal(top, winner) and torch.equal(fusion.head_contributions(s, allowed, **shifted)[1], top)
+
+
+def test_scoring_args_is_the_scorer_call_of_each_fusion() -> None:
+    assert fusion.scoring_args("max", None) == {"fusion": "max"}
+    assert fusion.scoring_args("avg", None) == {"fusion": "avg"}
+    fit = fusion.identity_fit("invvar", ["a", "b"])
+    args = fusion.scoring_args("invvar", fit)
+    assert args["fusion"] == "avg" and args["weights"].tolist() == [1.0, 1.0] and args["scale"] is None
+    with pytest.raises(ValueError, match="fitted parameters"):
+        fusion.scoring_args("learned", None)
+
+
 # ---------------------------------------------------------------------------------------------
 # learned
 

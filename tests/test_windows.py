@@ -55,13 +55,14 @@ def sequences(ds):
     return out
 
 
-def reference_split(seqs, T, tau):
+def reference_split(seqs, T, tau, H=None):
     """Loop reference: windows stepping back by T from the end of the training period until one
-    reaches its start; valid/test rows of the last ≤ T interactions before the targets."""
+    reaches its start; valid/test rows of the last ≤ T interactions before the H (default τ) targets."""
+    H = tau if H is None else H
     train, valid, test, short = [], [], [], 0
     for u in sorted(seqs):
         seq = seqs[u]
-        m = len(seq) - 2 * tau
+        m = len(seq) - 2 * H
         if m < 2:
             short += 1
             continue
@@ -73,8 +74,8 @@ def reference_split(seqs, T, tau):
                 break
             e -= T
         train += windows[::-1]
-        for c, rows in ((m, valid), (m + tau, test)):
-            rows.append((u, seq[max(0, c - T):c], seq[c:c + tau], seq[:c]))
+        for c, rows in ((m, valid), (m + H, test)):
+            rows.append((u, seq[max(0, c - T):c], seq[c:c + H], seq[:c]))
     return train, valid, test, short
 
 
@@ -82,7 +83,7 @@ def check_against_reference(ds, wref):
     T, tau = wref.params["context"], wref.params["horizon"]
     vocab = wref.event_vocab
     code = {e: i for i, e in enumerate(vocab)}
-    train, valid, test, short = reference_split(sequences(ds), T, tau)
+    train, valid, test, short = reference_split(sequences(ds), T, tau, wref.holdout)
     assert wref.stats["n_users_too_short"] == short
     tr = wref.read_split("train")
     assert len(tr["user"]) == len(train) == wref.stats["n_train_windows"]
@@ -171,12 +172,67 @@ def test_loo_protocol(workspace):
         build_windows(ds, protocol="kfold")
 
 
-@pytest.mark.parametrize(("T", "tau"), [(1, 1), (4, 2), (5, 3), (2, 5)])
-def test_random_store_matches_loop_reference(workspace, T, tau):
+@pytest.mark.parametrize(("T", "tau", "H"), [(1, 1, None), (4, 2, None), (5, 3, None), (2, 5, None),
+                                             (4, 2, 5), (3, 1, 2)])
+def test_random_store_matches_loop_reference(workspace, T, tau, H):
     ds = make_store(workspace, lengths=[int(n) for n in np.random.default_rng(T * 10 + tau).integers(0, 30, 25)],
                     seed=T + tau)
-    build_windows(ds, context=T, horizon=tau)
-    check_against_reference(ds, load_windows(ds))
+    build_windows(ds, context=T, horizon=tau, holdout=H)
+    w = load_windows(ds)
+    assert w.holdout == (H or tau) and w.stats["holdout"] == (H or tau)
+    check_against_reference(ds, w)
+
+
+def test_holdout_targets_and_training_windows(workspace):
+    """--holdout H: valid/test targets are the H before the last H and the last H; the training
+    windows keep horizon τ and never reach the last 2H interactions of any user."""
+    ds = make_store(workspace, lengths=(12, 7, 8, 0, 20, 31), n_items=1000)  # items unique per user
+    key, _, _ = build_windows(ds, context=3, horizon=2, holdout=3)
+    w = load_windows(ds)
+    assert w.params == {"context": 3, "horizon": 2, "holdout": 3, "protocol": "paper", "format": 1}
+    assert w.stats["min_interactions"] == 8 and w.stats["n_users_too_short"] == 1  # user 2 (7 < 2H + 2)
+    va, te = w.read_split("valid"), w.read_split("test")
+    assert va["user"].tolist() == te["user"].tolist() == [1, 3, 5, 6]
+    assert va["targets"].shape == te["targets"].shape == (4, 3)
+    # user 1: item at pos p is 8 + p, n = 12 → m = 6: valid targets pos 6..8, test pos 9..11
+    assert va["targets"][0].tolist() == [14, 15, 16] and te["targets"][0].tolist() == [17, 18, 19]
+    assert va["items"][0].tolist() == [11, 12, 13] and te["items"][0].tolist() == [14, 15, 16]
+    assert te["history_items"][te["history_ptr"][0]:te["history_ptr"][1]].tolist() == list(range(8, 17))
+    tr = w.read_split("train")
+    assert tr["items"].shape[1] == 3 + 2  # windows of T + τ, not T + H
+    assert tr["items"][tr["user"] == 1].tolist() == [[8, 9, 10, 0, 0], [9, 10, 11, 12, 13]]
+    seqs = sequences(ds)
+    for u in np.unique(tr["user"]):
+        held = {x[0] for x in seqs[u][-6:]}  # the last 2H
+        seen = set(tr["items"][tr["user"] == u].ravel().tolist()) - {0}
+        assert seen and not seen & held
+        assert seen == {x[0] for x in seqs[u][:-6]}  # and the whole training period is used
+    check_against_reference(ds, w)
+    # H = τ is the plain split: same parameters, same key as without --holdout
+    assert mw.window_params(3, 2, holdout=2) == mw.window_params(3, 2) == \
+        {"context": 3, "horizon": 2, "protocol": "paper", "format": 1}
+    k_plain, _, _ = build_windows(ds, context=3, horizon=2)
+    assert build_windows(ds, context=3, horizon=2, holdout=2)[:1] == (k_plain,) and k_plain != key
+    assert load_windows(ds, k_plain).holdout == 2
+
+
+def test_holdout_errors(workspace, cli):
+    ds = make_store(workspace)
+    with pytest.raises(UsageError, match="shorter than the training horizon"):
+        build_windows(ds, context=3, horizon=4, holdout=2)
+    with pytest.raises(UsageError, match="loo holds out one"):
+        build_windows(ds, context=3, protocol="loo", holdout=4)
+    assert mw.window_params(3, protocol="loo", holdout=1)["horizon"] == 1
+    with pytest.raises(Exception, match="--holdout 12 .2H targets"):
+        build_windows(ds, context=3, horizon=2, holdout=12)
+    bad = cli("--dataset", "t", "windows", "build", "--horizon", "4", "--holdout", "2", workspace=workspace,
+              check=False)
+    assert bad.returncode == 2 and not bad.stdout
+    assert "--holdout 2 is shorter than the training horizon τ = 4" in bad.stderr
+    assert len([line for line in bad.stderr.splitlines() if line.startswith("error")]) == 1
+    out = cli("--dataset", "t", "windows", "build", "--context", "3", "--horizon", "1", "--holdout", "2",
+              workspace=workspace)
+    assert out.stdout.startswith("windows:") and "τ = 1, H = 2" in " ".join(out.stderr.split())
 
 
 def test_windows_overlap_and_every_training_position_is_an_input(workspace):

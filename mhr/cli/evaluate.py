@@ -90,7 +90,9 @@ def register(app: typer.Typer) -> None:
             "max", help="How eligible heads' scores fuse: max (explainable), avg, learned (per-head "
             "calibration fitted on the valid split) or invvar (inverse-variance weights from the valid split)."),
         k: str = typer.Option("5,10,50,200", "--k", help="Cut-offs K."),
-        horizons: str = typer.Option("", help="Horizons to score, e.g. 1,4,8 (default 1, τ/2, τ)."),
+        horizons: str = typer.Option(
+            "", help="Horizons to score, e.g. 1,4,8: the first h held-out targets, h ≤ H (default 1, τ/2, τ; "
+            "and H for windows built with --holdout H)."),
         split: str = typer.Option("test", help="valid or test."),
         keep_history: bool = typer.Option(False, "--keep-history", help="Do not exclude already-seen items."),
         oracle_event: bool = typer.Option(False, "--oracle-event",
@@ -127,23 +129,24 @@ def register(app: typer.Typer) -> None:
         run: str = typer.Argument(..., help="Run name or run:<name>."),
         user: str = typer.Option(..., "--user", help="The user's raw id in the source data."),
         top: int = typer.Option(10, help="How many items."),
-        fusion: str = typer.Option("max", help="max (explained by the winning head) or avg."),
-        explain: bool = typer.Option(False, "--explain", help="Show which head recommended each item."),
+        fusion: str = typer.Option(
+            "max", help="As in `mhr eval`: max (explained by the winning head), avg, learned or invvar (per-head "
+            "parameters fitted on the valid split once, cached with the run's evaluations)."),
+        explain: bool = typer.Option(
+            False, "--explain", help="Show which head recommended each item: under max the winning head; under "
+            "avg/learned/invvar no head wins, so the head with the largest term of the fused score and how many "
+            "heads were fused (1 = it alone scored the item)."),
         keep_history: bool = typer.Option(False, "--keep-history", help="Allow already-seen items."),
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
     ) -> None:
-        """Top items for one user, with the head that won each under max fusion."""
-        from mhr.errors import UsageError
-        from mhr.evaluate import FUSIONS
+        """Top items for one user, with the head behind each (the winner under max fusion).
+
+        Example: mhr recommend hstu1-genre6-s0 --user 42 --fusion learned --explain
+        """
         from mhr.recommend import as_json as rec_json
         from mhr.recommend import recommend
         from mhr.train import load_run
 
-        if fusion not in FUSIONS:
-            raise UsageError(f"unknown fusion {fusion!r}", hint=f"use one of {', '.join(FUSIONS)}")
-        if fusion not in ("max", "avg"):
-            raise UsageError(f"`mhr recommend` does not take --fusion {fusion} yet",
-                             hint="use max or avg; learned and invvar are available in `mhr eval`")
         c = context(ctx)
         ds = c.dataset()
         loaded = load_run(ds, _strip(run))
@@ -153,18 +156,25 @@ def register(app: typer.Typer) -> None:
             return
         err.print(f"user {user}: {info['history_length']} interactions; recently: "
                   + "; ".join(t or "?" for t in info["recent_titles"][:3]))
-        table = Table()
+        fused = fusion != "max"
+        table = Table(title=f"fusion {fusion}" + (" (fitted on valid)" if info.get("fitted_on") else ""),
+                      title_justify="left")
         table.add_column("#", justify="right")
         table.add_column("item")
         table.add_column("title")
         table.add_column("score", justify="right")
         if explain:
-            table.add_column("recommended by")
+            table.add_column("largest contribution (of heads fused)" if fused else "recommended by")
         for r in recs:
             row = [str(r.rank), r.raw_id, r.title or "", f"{r.score:.3f}"]
             if explain:
-                row.append(r.head or "—")
+                row.append(f"{r.head} ({r.heads_fused})" if fused and r.head else r.head or "—")
             table.add_row(*row)
         err.print(table)
         for r in recs:
-            emit(json.dumps({"item": r.raw_id, "head": r.head}) if explain else r.raw_id)
+            if not explain:
+                emit(r.raw_id)
+            elif fused:
+                emit(json.dumps({"item": r.raw_id, "head": r.head, "heads_fused": r.heads_fused}))
+            else:
+                emit(json.dumps({"item": r.raw_id, "head": r.head}))

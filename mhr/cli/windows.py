@@ -13,7 +13,8 @@ app = typer.Typer(help="Training windows and the valid/test split (DESIGN §5)."
 
 def _summary(info: dict) -> Table:
     s, p = info["stats"], info["params"]
-    table = Table(title=f"{info['reference']}  T = {p['context']}, τ = {p['horizon']}, protocol {p['protocol']}",
+    held = f", H = {p['holdout']}" if "holdout" in p else ""
+    table = Table(title=f"{info['reference']}  T = {p['context']}, τ = {p['horizon']}{held}, protocol {p['protocol']}",
                   title_justify="left")
     table.add_column("")
     table.add_column("users", justify="right")
@@ -36,16 +37,21 @@ def build_cmd(
     context_: int = typer.Option(50, "--context", "-T", help="Context length T (input positions per window)."),
     horizon: int = typer.Option(None, "--horizon", help="Forecast horizon τ \\[default: 8; 1 with --protocol loo]."),
     protocol: str = typer.Option("paper", help="paper (last τ test, τ before valid) or loo (leave-one-out, τ = 1)."),
+    holdout: int = typer.Option(
+        None, "--holdout", help="Held-out targets H ≥ τ per user: the last H are test, the H before them valid; "
+        "training windows (horizon τ) come from the rest, so `mhr eval --horizons` may go up to H \\[default: τ]."),
     force: bool = typer.Option(False, help="Rebuild even if windows with the same key exist."),
 ) -> None:
     """Cut every user's history into training windows and valid/test targets; prints `windows:<key>`.
 
-    Example: mhr windows build --context 50 --horizon 8
+    Examples: mhr windows build --context 50 --horizon 8 ·
+    mhr windows build --context 50 --horizon 4 --holdout 8 (train at τ = 4, evaluate at h ≤ 8)
     """
     from mhr.windows import build_windows, describe_windows
 
     ds = context(ctx).dataset()
-    key, _, cached = build_windows(ds, context=context_, horizon=horizon, protocol=protocol, force=force)
+    key, _, cached = build_windows(ds, context=context_, horizon=horizon, protocol=protocol, force=force,
+                                   holdout=holdout)
     info = describe_windows(ds, key)
     if cached:
         err.print(f"cached: {info['reference']} (key {key[:12]})")
