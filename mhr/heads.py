@@ -292,14 +292,24 @@ class Scorer(nn.Module):
     def temperature(self) -> float:
         return 1.0 / float(self.scale().detach()) if self.mode == "cosine" else 1.0
 
-    def forward(self, q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def prepare(self, q: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q', items') with `self(q, items) == dot_scores(q', items')`: for the loss, which then
+        normalises every query and item once instead of once per head and per positive."""
         if self.mode == "dot":
-            return q @ items.transpose(-1, -2)
+            return q, items
         # the scale goes on the [..., d] queries, not on the [..., M] scores: one pass fewer over M
-        return (F.normalize(q, dim=-1) * self.scale()) @ F.normalize(items, dim=-1).transpose(-1, -2)
+        return F.normalize(q, dim=-1) * self.scale(), F.normalize(items, dim=-1)
+
+    def forward(self, q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return dot_scores(*self.prepare(q, items))
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}" + (f", temperature={self.temperature:.4g}" if self.mode == "cosine" else "")
+
+
+def dot_scores(q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """q [..., d] · items [M, d] (or [..., M, d]) -> [..., M]."""
+    return q @ items.transpose(-1, -2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import nn
 
 from mhr.errors import UsageError
 from mhr.heads import HeadLayout, PriorHeads, Scorer, build_layout
-from mhr.models import comirec, hllm, hstu, remi, sasrec
+from mhr.models import comirec, dualvae, hllm, hstu, remi, sasrec
 from mhr.priors.synthetic import synthetic_prior
 
 
@@ -66,6 +66,8 @@ DECODERS: dict[str, Callable[[int, HeadLayout, DecoderOptions], nn.Module]] = {
     "heads": lambda d, layout, o: PriorHeads(d, layout),
     "comirec": lambda d, layout, o: comirec.ComiRecSA(d, o.interests, o.routing_reg or 0.0),
     "remi": lambda d, layout, o: remi.REMI(d, o.interests, o.routing_reg),
+    "dualvae": lambda d, layout, o: dualvae.DualVAE(d, o.interests, o.kl_weight, o.kl_anneal_steps,
+                                                    o.contrast_weight),
 }
 
 
