@@ -35,6 +35,7 @@ from mhr import fusion as fusion_mod
 from mhr.cache import canonical_json, stage_key
 from mhr.errors import UsageError
 from mhr.fusion import FITTED, FusionFit
+from mhr.diversity import greedy_diverse
 from mhr.inference import Ranking, history_mask, iter_queries, rank_split
 from mhr.metrics import (
     coverage,
@@ -63,6 +64,7 @@ class EvalParams:
     oracle_event: bool = False
     baseline: str | None = None
     entropy_prior: str | None = None  # item-kind prior whose categories H@K counts; default: first item prior
+    diversity: float = 0.0  # λ of ComiRec's greedy category-diversity re-ranking (0 = off)
 
     def check(self) -> None:
         if self.fusion not in FUSIONS:
@@ -74,6 +76,8 @@ class EvalParams:
             raise UsageError(f"unknown split {self.split!r}", hint="use valid or test")
         if not self.ks or min(self.ks) < 1:
             raise UsageError("--k needs positive cut-offs, e.g. 5,10,50,200")
+        if self.diversity < 0:
+            raise UsageError("--diversity must be >= 0", hint="0 is the plain ranking; ComiRec used 0..1")
 
 
 def _horizons(params: EvalParams, tau: int, holdout: int | None = None) -> list[int]:
@@ -197,9 +201,23 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
     split = run.windows.read_split(params.split)
     targets = split["targets"]
     user_mask = _oracle_event_mask(run, split) if params.oracle_event else None
-    ranking = rank_split(run.model, run.compat, split, k=kmax, exclude_history=not params.keep_history,
-                         device=device, user_heads=user_mask, **_fusion_args(params.fusion, fit))
     n_items = int(run.compat.omega.shape[1] - 1)
+    cat = _category_prior(run, dataset, params.entropy_prior)
+    if params.diversity and cat is None:
+        raise UsageError("--diversity needs item categories: no item prior in the run or the store",
+                         hint="build one (`mhr priors build --kind item`) or name it with --entropy-prior")
+
+    def ranked(r: LoadedRun, f: FusionFit | None, heads: torch.Tensor | None = None) -> Ranking:
+        n_cand = min(n_items, 2 * kmax) if params.diversity else kmax
+        out = rank_split(r.model, r.compat, split, k=n_cand, exclude_history=not params.keep_history,
+                         device=device, user_heads=heads, **_fusion_args(params.fusion, f))
+        if not params.diversity:
+            return out
+        pick = greedy_diverse(out.items, out.scores, cat.item_groups, kmax, params.diversity)
+        take = lambda a: np.take_along_axis(a, pick, axis=1)  # noqa: E731
+        return Ranking(take(out.items), take(out.scores), take(out.winners))
+
+    ranking = ranked(run, fit, user_mask)
     result: dict[str, Any] = {
         "format": EVAL_FORMAT,
         "run": run.name,
@@ -216,7 +234,6 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
     if fit is not None:
         result["fusion"] = {**fit.as_json(), "fitted_on": "valid", "in_sample": params.split == "valid"}
     result["cold"] = _cold(run, ranking, targets, ks, hs, n_items)
-    cat = _category_prior(run, dataset, params.entropy_prior)
     if cat is not None:
         groups = cat.item_groups
         result["entropy"] = {
@@ -230,9 +247,7 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
         if baseline is not None:
             if params.fusion in FITTED and baseline_fit is None:
                 baseline_fit = fit_fusion(baseline, params.fusion, device=device)
-            base_rank = rank_split(baseline.model, baseline.compat, split, k=kmax,
-                                   exclude_history=not params.keep_history, device=device,
-                                   **_fusion_args(params.fusion, baseline_fit))
+            base_rank = ranked(baseline, baseline_fit)
             base = _metrics(base_rank, targets, ks, hs, rows)
             mine = result["new_interest"]["metrics"]
             result["new_interest"]["baseline"] = {"run": baseline.name, "metrics": base}
@@ -278,6 +293,8 @@ def _jsonable(params: EvalParams) -> dict[str, Any]:
     d = asdict(params)
     d["ks"] = list(params.ks)
     d["horizons"] = list(params.horizons)
+    if not params.diversity:  # keys of evaluations without re-ranking stay as they were
+        d.pop("diversity")
     return d
 
 

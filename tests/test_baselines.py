@@ -239,6 +239,11 @@ def test_baseline_options_are_checked(tiny):
         train(tiny, TrainParams(decoder="mind", **TINY), show_progress=False)
     # the prior heads' run key does not change with baseline-only settings
     assert TrainParams(interests=9).as_dict() == TrainParams().as_dict()
+    # default names are valid run names, with several priors and synthetic ones too
+    from mhr.workspace import check_name
+
+    for priors in (("temporal", "item"), ("random:8",), ("all:4", "temporal")):
+        check_name(default_run_name(TrainParams(priors=priors)), "run")
 
 
 def test_recipe_grid_selects_on_validation_and_references(tmp_path, one_thread):
@@ -288,3 +293,48 @@ k = [10]
     stamps = {p: p.stat().st_mtime_ns for p in (ws / "tiny" / "runs").rglob("*") if p.is_file()}
     assert run_recipe(recipe, Workspace(ws)).runs == first.runs
     assert stamps == {p: p.stat().st_mtime_ns for p in (ws / "tiny" / "runs").rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------- diversity
+
+
+def _greedy_reference(items, scores, groups, k, lam):
+    chosen: list[int] = []
+    for _ in range(k):
+        best, best_gain = None, -math.inf
+        for m in range(len(items)):
+            if m in chosen:
+                continue
+            gi = set(np.flatnonzero(groups[:, items[m]]))
+            bonus = sum(1 for j in chosen if not gi & set(np.flatnonzero(groups[:, items[j]])))
+            gain = scores[m] + lam * bonus
+            if gain > best_gain:
+                best, best_gain = m, gain
+        chosen.append(best)
+    return chosen
+
+
+def test_greedy_diversity_matches_reference_and_lambda_zero_is_plain():
+    from mhr.diversity import greedy_diverse
+
+    rng = np.random.default_rng(0)
+    groups = rng.random((4, 31)) < 0.35
+    groups[:, 0] = False
+    items = np.stack([rng.permutation(np.arange(1, 31))[:12] for _ in range(5)])
+    scores = -np.sort(-rng.random((5, 12)), axis=1)  # candidates arrive ranked
+    for lam in (0.0, 0.3, 2.0):
+        got = greedy_diverse(items, scores, groups, 6, lam)
+        for u in range(5):
+            assert list(got[u]) == _greedy_reference(items[u], scores[u], groups, 6, lam)
+    assert (greedy_diverse(items, scores, groups, 6, 0.0) == np.arange(6)).all()
+
+
+def test_eval_diversity_raises_category_entropy(tiny, one_thread):
+    p = TrainParams(max_steps=4, **TINY, priors=("item",))
+    train(tiny, p, name="div", show_progress=False)
+    _, plain, _ = evaluate(tiny, "div", EvalParams(split="valid", ks=(10,)))
+    _, diverse, _ = evaluate(tiny, "div", EvalParams(split="valid", ks=(10,), diversity=5.0))
+    assert diverse["entropy"]["H@10"] >= plain["entropy"]["H@10"]
+    assert diverse["params"]["diversity"] == 5.0 and "diversity" not in plain["params"]
+    with pytest.raises(UsageError, match="diversity"):
+        EvalParams(diversity=-1).check()

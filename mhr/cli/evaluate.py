@@ -99,6 +99,9 @@ def register(app: typer.Typer) -> None:
                                           help="DIAGNOSTIC ORACLE: mask heads with the true next event type."),
         baseline: str = typer.Option(None, help="Baseline run for the new-interest boost."),
         entropy_prior: str = typer.Option(None, help="Item prior whose categories H@K counts (default: item)."),
+        diversity: float = typer.Option(
+            0.0, help="λ of ComiRec's greedy category-diversity re-ranking over the top 2K fused items "
+            "(categories of --entropy-prior; 0 = plain ranking)."),
         device: str = typer.Option("cpu", help="cpu or cuda."),
         as_json: bool = typer.Option(False, "--json", help="Print the result JSON on stdout."),
         force: bool = typer.Option(False, help="Recompute even if cached."),
@@ -112,7 +115,7 @@ def register(app: typer.Typer) -> None:
         params = EvalParams(
             fusion=fusion, ks=tuple(parse_list(k, int)), horizons=tuple(parse_list(horizons, int)),
             split=split, keep_history=keep_history, oracle_event=oracle_event,
-            baseline=_strip(baseline), entropy_prior=entropy_prior,
+            baseline=_strip(baseline), entropy_prior=entropy_prior, diversity=diversity,
         )
         path, result, cached = evaluate(ds, name, params, force=force, device=device)
         if cached:
