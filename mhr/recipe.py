@@ -16,7 +16,8 @@ A recipe is a TOML file:
 
 Data, priors and windows run through the same command-line interface a user types (so a recipe is
 exactly a script of documented commands); training, evaluation and the report call the library.
-Each stage skips itself when its key is unchanged, so running a recipe twice does nothing new.
+Each stage skips itself when its key is unchanged, so running a recipe twice does nothing new, and a
+run interrupted in an earlier `mhr run` continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -182,8 +183,9 @@ def run_recipe(path: Path, workspace: Workspace, force: bool = False, only: list
         values = {k: v for k, v in merged.items() if k in train_fields}
         values["priors"] = tuple(values.get("priors", ()))
         values["seed"] = seed
+        # resume=True: a run interrupted in an earlier `mhr run` continues from its checkpoint
         result = train(dataset, TrainParams(**values), windows=windows_for(merged), name=run_name,
-                       device=device, force=force)
+                       device=device, force=force, resume=not force)
         err.print(f"{'cached' if result.cached else 'trained'}: {run_name} "
                   f"(valid NDCG@10 {result.best.get('valid_ndcg@10', float('nan')):.4f})")
         return result

@@ -338,3 +338,49 @@ def test_eval_diversity_raises_category_entropy(tiny, one_thread):
     assert diverse["params"]["diversity"] == 5.0 and "diversity" not in plain["params"]
     with pytest.raises(UsageError, match="diversity"):
         EvalParams(diversity=-1).check()
+
+
+def test_interrupted_recipe_continues_where_it_stopped(tmp_path, monkeypatch, one_thread):
+    import json
+
+    import mhr.train as mt
+    from mhr.recipe import run_recipe
+    from mhr.workspace import Workspace
+
+    ws = tmp_path / "ws"
+    make_dataset(ws, name="tiny")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("""
+[recipe]
+name = "c"
+dataset = "tiny"
+seeds = [0]
+[windows]
+context = 12
+horizon = 4
+[train]
+size = "tiny"
+max_steps = 6
+eval_every = 2
+batch_size = 16
+[variants.base]
+priors = []
+[eval]
+split = "valid"
+k = [10]
+""")
+    real_batch, calls = mt._batch, {"n": 0}
+
+    def crashing_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # killed during step 4, after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(mt, "_batch", crashing_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, Workspace(ws))
+    monkeypatch.setattr(mt, "_batch", real_batch)
+    result = run_recipe(recipe, Workspace(ws))
+    log = [json.loads(x)["step"] for x in (ws / "tiny" / "runs" / "c-base-s0" / "log.jsonl").read_text().splitlines()]
+    assert result.runs == ["c-base-s0"] and log == list(range(1, 7))
