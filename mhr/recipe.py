@@ -200,8 +200,10 @@ def run_recipe(path: Path, workspace: Workspace, force: bool = False, only: list
                              hint=f"train settings are: {', '.join(sorted(train_fields))}")
         tag = ""
         if grid:
-            merged, tag, selections[variant] = _select_on_validation(
-                path, variant, merged, grid, lambda m, t: run_one(variant, m, seeds[0], f"{name}-{variant}-{t}-s{seeds[0]}"))
+            def run_point(m: dict[str, Any], t: str, v: str = variant):
+                return run_one(v, m, seeds[0], f"{name}-{v}-{t}-s{seeds[0]}")
+
+            merged, tag, selections[variant] = _select_on_validation(path, variant, merged, grid, run_point)
         chosen[variant] = merged
         for seed in seeds:
             run_name = f"{name}-{variant}-{tag}-s{seed}" if tag else f"{name}-{variant}-s{seed}"

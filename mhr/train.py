@@ -31,12 +31,27 @@ from safetensors.torch import load_file, save_file
 from mhr.cache import is_done, stage_key, write_manifest
 from mhr.console import err, progress
 from mhr.errors import NotFoundError, StaleError, TrainingError, UsageError
-from mhr.heads import COMPOSITIONS, Compatibility, HeadLayout, build_layout
+from mhr.heads import (
+    COMPOSITIONS,
+    Compatibility,
+    HeadLayout,
+    PriorHeads,
+    SelectedQueries,
+    build_layout,
+    dot_scores,
+)
 from mhr.inference import rank_split
-from mhr.loss import multihead_loss
+from mhr.loss import multihead_loss, sample_negatives
 from mhr.metrics import ndcg_at_k
-from mhr.model import (BACKBONES, DECODERS, DecoderOptions, MultiHeadRecommender, backbone_config, build_model,
-                       interest_layout)
+from mhr.model import (
+    BACKBONES,
+    DECODERS,
+    DecoderOptions,
+    MultiHeadRecommender,
+    backbone_config,
+    build_model,
+    interest_layout,
+)
 from mhr.priors.spec import PriorSpec, load_prior
 from mhr.priors.synthetic import is_synthetic, synthetic_prior
 from mhr.store import connect, data_key
@@ -44,7 +59,7 @@ from mhr.windows import WindowsRef, horizon_targets, load_windows
 from mhr.workspace import Dataset, check_name
 
 RUN_FORMAT = 1
-HLLM_FIELDS = ("item_llm", "user_llm", "text_cols", "max_text_len", "pooling")
+HLLM_FIELDS = ("item_llm", "user_llm", "text_cols", "max_text_len", "pooling", "train_item_llm")
 # decoder settings, each kept in the run key only for the decoders that read it
 DECODER_FIELDS = {
     "interests": ("comirec", "remi", "dualvae"),
@@ -97,6 +112,7 @@ class TrainParams:
     text_cols: tuple[str, ...] = ("title", "tags", "text")
     max_text_len: int = 256
     pooling: str = "mean"
+    train_item_llm: bool = False
 
     def check(self) -> None:
         if self.backbone not in BACKBONES:
@@ -127,6 +143,10 @@ class TrainParams:
                 raise UsageError("--interests must be at least 1")
         if self.beta < 0:
             raise UsageError("--beta must be >= 0")
+        if self.kl_weight < 0 or self.contrast_weight < 0 or self.kl_anneal_steps < 0:
+            raise UsageError("--kl-weight, --contrast-weight and --kl-anneal-steps must be >= 0")
+        if self.routing_reg is not None and self.routing_reg < 0:
+            raise UsageError("--routing-reg must be >= 0")
         if self.beta and self.negatives is None:
             raise UsageError("--beta reweights sampled negatives (REMI's hard negatives)",
                              hint="add --negatives N, e.g. --negatives 256")
@@ -138,6 +158,8 @@ class TrainParams:
         if self.backbone != "hllm":
             for k in HLLM_FIELDS:
                 d.pop(k)
+        elif not self.train_item_llm:
+            d.pop("train_item_llm")  # the frozen default keeps the keys runs had before the flag
         if self.decoder == "heads":
             d.pop("decoder")
         for k, users in DECODER_FIELDS.items():
@@ -178,12 +200,13 @@ class LoadedRun:
 
 
 def default_run_name(p: TrainParams) -> str:
-    priors = "+".join(n.replace(":", "") for n in p.priors) if p.priors else "base"
+    priors = "_".join(n.replace(":", "") for n in p.priors) if p.priors else "base"
     if p.decoder != "heads":
         priors = f"{p.decoder}{p.interests}"
     comp = f"-{p.compose[:4]}" if len(p.priors) > 1 else ""
     glob = "-g" if p.global_head else ""
-    return f"{p.backbone}{p.size}-{priors}{comp}{glob}-s{p.seed}"
+    ft = "-ft" if p.train_item_llm else ""
+    return f"{p.backbone}{p.size}{ft}-{priors}{comp}{glob}-s{p.seed}"
 
 
 def _load_priors(dataset: Dataset, names: tuple[str, ...], n_items: int, seed: int) -> tuple[PriorSpec, ...]:
@@ -205,6 +228,7 @@ def make_layout(p: TrainParams, specs: tuple[PriorSpec, ...], n_items: int) -> H
 
 def _check_horizon(specs: tuple[PriorSpec, ...], windows: WindowsRef) -> None:
     tau = windows.params["horizon"]
+    hold = int(windows.params.get("holdout", tau))  # held-out targets per split (H ≥ τ)
     for spec in specs:
         if spec.kind == "temporal" and len(spec.horizon_groups) != tau:
             raise UsageError(
@@ -213,11 +237,11 @@ def _check_horizon(specs: tuple[PriorSpec, ...], windows: WindowsRef) -> None:
                 hint=f"rebuild it with `mhr priors build --kind temporal --horizon {tau} --name {spec.name}`",
             )
         holdout = spec.params.get("holdout")
-        if holdout is not None and int(holdout) < 2 * tau and windows.params.get("protocol") != "loo":
+        if holdout is not None and int(holdout) < 2 * hold and windows.params.get("protocol") != "loo":
             raise UsageError(
                 f"prior {spec.name!r} was built holding out the last {holdout} interactions per user, "
-                f"but validation + test targets are the last {2 * tau}: the prior would leak them",
-                hint=f"rebuild it with --holdout {2 * tau}",
+                f"but validation + test targets are the last {2 * hold}: the prior would leak them",
+                hint=f"rebuild it with --holdout {2 * hold}",
             )
 
 
@@ -362,7 +386,26 @@ def train(
     wref = load_windows(dataset, windows)
     backbone_inputs, overrides, n_items = {}, {}, int(wref.stats["max_item_id"])
     inputs: dict[str, str] = {"windows": wref.key}
-    if params.backbone == "hllm":
+    if params.backbone == "hllm" and params.train_item_llm:
+        from mhr.item_text import item_texts, model_identity
+
+        if params.negatives is None:
+            raise UsageError(
+                "--train-item-llm needs sampled negatives: a full softmax would re-encode every item each step",
+                hint="add --negatives N, e.g. --negatives 256",
+            )
+        con = connect(dataset.store_path, read_only=True)
+        try:
+            texts = item_texts(con, params.text_cols)
+        finally:
+            con.close()
+        identity = model_identity(params.item_llm)
+        inputs["item_llm"] = stage_key("item_llm", identity, {})
+        backbone_inputs["item_texts"] = texts
+        overrides = dict(user_llm=params.user_llm, item_dim=identity["dim"], item_llm=params.item_llm,
+                         pooling=params.pooling, train_item_llm=True, max_text_len=params.max_text_len)
+        n_items = len(texts)  # the whole catalogue: cold items keep their text vectors
+    elif params.backbone == "hllm":
         from mhr.item_text import embed_items, load_item_embeddings
 
         emb_key, _ = embed_items(dataset, params.item_llm, params.text_cols, params.max_text_len,
@@ -371,7 +414,7 @@ def train(
         inputs["item_embeddings"] = emb_key
         backbone_inputs["item_embeddings"] = table
         overrides = dict(user_llm=params.user_llm, item_dim=table.shape[1], item_llm=params.item_llm,
-                         pooling=params.pooling, item_embeddings_key=emb_key)
+                         pooling=params.pooling, item_embeddings_key=emb_key, max_text_len=params.max_text_len)
         n_items = table.shape[0] - 1  # the whole catalogue: cold items keep their text vectors
     specs = _load_priors(dataset, params.priors, n_items, params.seed)
     _check_horizon(specs, wref)
@@ -557,36 +600,60 @@ class _LossStep(torch.nn.Module):
     touches (the scorer's temperature and the scoring item table included) inside forward."""
 
     def __init__(self, model: MultiHeadRecommender, compat: Compatibility, params: TrainParams,
-                 gen: torch.Generator, omega: torch.Tensor) -> None:
+                 gen: torch.Generator, omega: torch.Tensor, selective: bool = True) -> None:
         super().__init__()
         self.model = model
         self.compat = compat
         self.params = params
         self.gen = gen
         self.omega = omega
+        # the prior heads decode state by state, so only the queries the loss reads are computed;
+        # `selective=False` keeps the dense reference (every head at every position)
+        self.selective = selective and isinstance(model.heads, PriorHeads)
 
     def forward(self, items, ts, targets, target_events, users):
         p = self.params
-        q, aux = self.model.decode(items, ts)
-        q = q.float()
-        item_vecs = self.model.item_vectors().float()
-        compat_t = self.compat.targets(targets, target_events, users)
-        compat_t = self.model.heads.assign(q, item_vecs, self.model.scorer, targets, compat_t)
-        loss, stats = multihead_loss(
-            q,
-            item_vecs,
-            self.model.scorer,
-            targets,
-            compat_t,
-            self.omega,
-            gamma=p.gamma,
-            head_weights=p.head_weights,
-            negatives=p.negatives,
-            negatives_from=p.negatives_from,
-            global_ratio=p.global_ratio,
-            generator=self.gen,
-            hard_negative_beta=p.beta,
-        )
+        negs, step = None, _nullcontext()
+        if getattr(self.model.backbone, "trains_item_llm", False):
+            # a fine-tuned item LLM encodes only this step's items, once: the inputs, the targets and
+            # the negatives, drawn first (from the same generator, so runs stay resumable)
+            negs = sample_negatives(self.omega, p.negatives, p.negatives_from, p.global_ratio, self.gen)
+            step = self.model.backbone.encoding(torch.unique(torch.cat([items.flatten(), targets.flatten(),
+                                                                        negs.flatten()])))
+        with step:
+            scorer = self.model.scorer
+            if self.selective:  # prior heads: each query computed only where the loss reads it
+                h = self.model.backbone(items, ts).float()
+                q, aux = SelectedQueries(self.model.heads, h, scorer.prepare_queries), {}
+            else:
+                q, aux = self.model.decode(items, ts)
+                q = q.float()
+            item_vecs = self.model.item_vectors().float()
+            compat_t = self.compat.targets(targets, target_events, users)
+            compat_t = self.model.heads.assign(q, item_vecs, scorer, targets, compat_t)
+            # normalised once, then plain dot products inside the loss
+            if self.selective:
+                item_vecs = scorer.prepare_items(item_vecs)
+            else:
+                q, item_vecs = scorer.prepare(q, item_vecs)
+            loss, stats = multihead_loss(
+                q,
+                item_vecs,
+                dot_scores,
+                targets,
+                compat_t,
+                self.omega,
+                gamma=p.gamma,
+                head_weights=p.head_weights,
+                negatives=p.negatives,
+                negatives_from=p.negatives_from,
+                global_ratio=p.global_ratio,
+                generator=self.gen,
+                hard_negative_beta=p.beta,
+                negative_ids=negs,
+            )
+        if self.selective:  # heads without a positive in this batch still count as used (DDP)
+            loss = loss + q.anchor()
         for term, value in aux.items():  # the decoder's regularisers (REMI's routing, DualVAE's KL)
             loss = loss + value.float()
             stats[term] = value.detach()

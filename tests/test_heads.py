@@ -149,6 +149,51 @@ def test_every_head_equals_h_at_init(compose, names, global_head):
     assert sum(p.numel() for p in heads.parameters()) == parameter_count(layout, D)
 
 
+@pytest.mark.parametrize("compose,names,global_head", layouts())
+def test_selected_queries_equal_dense_heads_and_give_the_same_loss(compose, names, global_head):
+    """The fast training path (only the queries the loss reads, `queries_at`) against the dense
+    reference (every head at every position): same queries, same loss, same gradients."""
+    from mhr.heads import SelectedQueries, dot_scores
+    from mhr.loss import multihead_loss
+
+    layout = make_layout(compose, names, global_head)
+    torch.manual_seed(1)
+    heads = PriorHeads(D, layout)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    h = torch.randn(3, 5, D, requires_grad=True)
+    dense = heads(h)
+    k = layout.n_heads
+    pos = torch.randint(0, 15, (40,))
+    head = torch.randint(0, k, (40,))
+    torch.testing.assert_close(heads.queries_at(h.reshape(-1, D), pos, head), dense.reshape(-1, k, D)[pos, head])
+
+    compat = Compatibility(layout, N_ITEMS, EVENT_VOCAB)
+    targets = torch.randint(0, N_ITEMS + 1, (3, 5, TAU))
+    events = torch.randint(0, len(EVENT_VOCAB), (3, 5, TAU))
+    ct = compat.targets(targets, events, torch.tensor([1, 2, 5]))
+    items = torch.randn(N_ITEMS + 1, D, requires_grad=True)
+    scorer = Scorer("cosine", 0.1)
+    results = []
+    for selected in (False, True):
+        for t in (h, items, *heads.parameters(), *scorer.parameters()):
+            t.grad = None
+        if selected:
+            q = SelectedQueries(heads, h, scorer.prepare_queries)
+        else:
+            q = scorer.prepare_queries(heads(h))
+        loss, _ = multihead_loss(q, scorer.prepare_items(items), dot_scores, targets, ct, compat.omega, gamma=0.9)
+        if selected:
+            loss = loss + q.anchor()
+        loss.backward()
+        grads = [t.grad.clone() if t.grad is not None else torch.zeros_like(t)
+                 for t in (h, items, *heads.parameters(), *scorer.parameters())]
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("compose", ["additive", "multiplicative"])
 def test_independent_heads_match_a_loop(compose):
     layout = make_layout(compose, ["temporal", "item"], True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -63,30 +64,34 @@ def make_store(root: Path, name: str = "text", n_users: int = 30, seq_len: int =
     return ds
 
 
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory) -> Path:
-    """A 1-layer random BERT with a word-level tokenizer over the test vocabulary."""
+def save_tiny_encoder(path: Path, texts: list[str], hidden: int = 16) -> Path:
+    """A 1-layer random BERT with a word-level tokenizer over the words of `texts`, saved at `path`."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-    words = sorted({w.lower() for t in [*sum(THEMES.values(), []), COLD[0], "title tags brand theme text"]
-                    for w in t.replace(".", " ").replace(":", " ").split()} | set(THEMES))
+    split = pre_tokenizers.Whitespace()
+    words = sorted({w.lower() for t in texts for w, _ in split.pre_tokenize_str(t)} - {":", ".", ";"})
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", ":", ".", ";", *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = split
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]")
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=32, max_position_embeddings=64))
-    path = tmp_path_factory.mktemp("tiny-bert")
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64))
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    texts = [*sum(THEMES.values(), []), COLD[0], "title tags brand theme text", *THEMES]
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"), texts)
 
 
 @pytest.fixture(autouse=True)
@@ -169,8 +174,8 @@ def test_missing_model_is_a_clear_error(tmp_path):
         item_text.embed_items(ds, str(tmp_path / "empty"))
     with pytest.raises(NotFoundError, match="no user LLM"):
         HLLMConfig(n_items=5, max_len=4, user_llm=str(tmp_path / "no-such-model"))
-    with pytest.raises(UsageError, match="not implemented"):
-        HLLMConfig(n_items=5, max_len=4, train_item_llm=True)
+    with pytest.raises(NotFoundError, match="no model at"):
+        HLLM(HLLMConfig(n_items=5, max_len=4, item_llm=str(tmp_path / "no-such-model"), train_item_llm=True))
 
 
 def test_bundled_minilm_loads_offline_with_384_dims(minilm):
@@ -297,3 +302,90 @@ def test_cold_item_gets_a_text_vector_and_ranks_for_textually_similar_users(tmp_
     space = users % 3 == 0
     assert (rank[space] < 10).float().mean() >= 0.8, rank[space]  # in the top 10 of 31 for space users
     assert (rank[~space] >= 10).all(), rank[~space]  # and not for the others
+
+
+# ---------------------------------------------------------------------------------------------
+# the item LLM fine-tuned end to end (train_item_llm)
+
+TEXTS = [*sum(THEMES.values(), []), COLD[0]]
+
+
+def fine_tuned(encoder: Path, pooling: str = "mean", seed: int = 0) -> HLLM:
+    """A fine-tunable HLLM over the 31 test items, every dropout off (so train mode is deterministic)."""
+    torch.manual_seed(seed)
+    config = hllm_config("tiny", len(TEXTS), 8, item_dim=16, item_llm=str(encoder), train_item_llm=True,
+                         max_text_len=16, pooling=pooling, dropout=0.0)
+    model = HLLM(config, item_texts=TEXTS)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("pooling", ["mean", "token"])
+def test_a_step_encodes_only_its_items_and_matches_the_full_reference(tiny_encoder, pooling):
+    model = fine_tuned(tiny_encoder, pooling)
+    assert estimate_params(model.config) == sum(p.numel() for p in model.parameters())
+    assert model.item_llm.pooler is None and (pooling == "token") == hasattr(model, "item_token")
+    items = torch.tensor([[1, 2, 3, 0], [5, 6, 2, 0]])
+    needed = torch.tensor([0, 1, 2, 3, 5, 6, 9, 30])
+
+    def loss_and_grads(step: bool):
+        model.zero_grad()
+        calls = []
+        hook = model.item_llm.register_forward_hook(lambda m, a, k, out: calls.append(len(k.get("input_ids",
+                                                    k.get("inputs_embeds")))), with_kwargs=True)
+        with model.encoding(needed) if step else nullcontext():
+            h = model(items, items)
+            vecs = model.item_vectors()
+        hook.remove()
+        loss = (h[:, :3] @ vecs[needed[1:]].T).logsumexp(-1).sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return h.detach(), vecs.detach(), grads, calls
+
+    h, vecs, grads, calls = loss_and_grads(step=True)
+    assert calls == [7]  # the step's 7 items, once, for both the inputs and the item vectors
+    assert torch.all(vecs[[4, 7, 8]] == 0) and vecs[needed[1:]].norm(dim=-1).min() > 0
+    ref_h, ref_vecs, ref_grads, ref_calls = loss_and_grads(step=False)
+    assert ref_calls == [5, 31]  # the reference: the batch's items, then the whole catalogue
+    torch.testing.assert_close(h, ref_h)
+    torch.testing.assert_close(vecs[needed], ref_vecs[needed])
+    assert grads.keys() == ref_grads.keys() and any(n.startswith("item_llm.encoder.") for n in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(RuntimeError, match="not encoded"), model.encoding(torch.tensor([1, 2])):
+        model(items, items)
+
+
+def test_eval_encodes_the_catalogue_once_until_the_weights_change(tiny_encoder):
+    model = fine_tuned(tiny_encoder)
+    calls = []
+    model.item_llm.register_forward_hook(lambda *a: calls.append(1))
+    items = torch.tensor([[1, 2, 3, 0]])
+    model.eval()
+    with torch.no_grad():
+        vecs, h = model.item_vectors(), model(items, items)
+        again = model.item_vectors()
+    assert len(calls) == 1 and torch.equal(vecs, again)  # 31 texts: one batch, reused by forward
+    model.train()
+    with torch.no_grad():
+        model.eval()
+        model.item_vectors()
+    assert len(calls) == 2  # train() dropped the cache
+    other = fine_tuned(tiny_encoder, seed=1).eval()
+    with torch.no_grad():
+        other.item_vectors()
+        other.load_state_dict(model.state_dict())
+        torch.testing.assert_close(other.item_vectors(), vecs)  # rebuilt from the state dict alone
+        torch.testing.assert_close(other(items, items), h)
+
+
+def test_fine_tuned_config_errors(tiny_encoder):
+    with pytest.raises(UsageError, match="item LLM width 16 != item_dim=384"):
+        HLLM(HLLMConfig(n_items=31, max_len=4, item_llm=str(tiny_encoder), train_item_llm=True))
+    with pytest.raises(UsageError, match="30 item texts"):
+        HLLM(HLLMConfig(n_items=31, max_len=4, item_dim=16, item_llm=str(tiny_encoder), train_item_llm=True),
+             item_texts=TEXTS[:30])
+    with pytest.raises(UsageError, match="pooling"):
+        HLLMConfig(n_items=31, max_len=4, pooling="cls")

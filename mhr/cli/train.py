@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         text_cols: str = typer.Option("title,tags,text", help="hllm: item text fields (columns or attrs keys)."),
         max_text_len: int = typer.Option(256, help="hllm: tokens per item text."),
         item_pooling: str = typer.Option("mean", help="hllm: item embedding by mean pooling or an appended token."),
-        train_item_llm: bool = typer.Option(False, "--train-item-llm", help="hllm: fine-tune the item LLM (GPU)."),
+        train_item_llm: bool = typer.Option(False, "--train-item-llm", help="hllm: fine-tune the item LLM end to end (needs --negatives N; slow without a GPU)."),
         windows: str = typer.Option(None, help="Windows reference (default: the latest for this dataset)."),
         name: str = typer.Option(None, help="Run name (default: derived from the parameters)."),
         device: str = typer.Option("cpu", help="cpu, cuda or mps (bf16 autocast on cuda)."),
@@ -93,13 +93,10 @@ def register(app: typer.Typer) -> None:
                 item_llm=item_llm, user_llm=user_llm, text_cols=tuple(parse_list(text_cols)),
                 max_text_len=max_text_len, pooling=item_pooling, decoder=decoder, interests=interests,
                 routing_reg=routing_reg, beta=beta, kl_weight=kl_weight, kl_anneal_steps=kl_anneal_steps,
-                contrast_weight=contrast_weight,
+                contrast_weight=contrast_weight, train_item_llm=train_item_llm,
             )
-            if train_item_llm:
-                raise UsageError(
-                    "--train-item-llm is not implemented: the item LLM is frozen and its embeddings cached",
-                    hint="drop the flag (fine-tuning would re-encode the whole catalogue every step)",
-                )
+            if train_item_llm and backbone != "hllm":
+                raise UsageError("--train-item-llm fine-tunes HLLM's item LLM", hint="add --backbone hllm")
         result = train(ds, params, windows=windows, name=name, device=device, force=force,
                        resume=bool(resume), checkpoint_every=checkpoint_every)
         if result.cached:
