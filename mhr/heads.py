@@ -267,13 +267,16 @@ class PriorHeads(nn.Module):
             parent = torch.zeros(self.n_leaves, dtype=torch.long, device=h.device)
             group = None
         parts = []
+        n_leaf_queries = sum(sizes[: self.n_leaves])
+        if n_leaf_queries:  # one gather of every leaf's input (its backward: one scatter, not K)
+            inputs = torch.split(z[pos[:n_leaf_queries], parent[head[:n_leaf_queries]]], sizes[: self.n_leaves])
         for k, rows in enumerate(torch.split(pos, sizes)):
             if not len(rows):
                 continue
             if k == self.n_leaves:  # the global head: h itself
                 parts.append(h[rows])
                 continue
-            x = z[rows, parent[k]]  # [Q_k, d]
+            x = inputs[k]  # [Q_k, d]
             out = x + F.silu(x @ weight[k].t() + bias[k])
             parts.append(out if group is None else out + group[k])
         q = torch.cat(parts) if parts else h.new_zeros(0, d)

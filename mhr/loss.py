@@ -188,13 +188,16 @@ def loss_from_candidates(q: torch.Tensor, item_vecs: torch.Tensor, scorer: Score
     Head by head, each distinct query is scored against that head's candidates only —
     `[Q_k, |Ω̃_k|]`, so the cost follows Σ_k Q_k |Ω̃_k|, not Q (N+1) (DESIGN §7)."""
     cand = cand.to(torch.bool)
-    size = cand.sum(1)
-    members = torch.split(cand.nonzero(as_tuple=True)[1], size.tolist()) if len(pos) else ()
     n_items = item_vecs.shape[0] - 1
+    if len(pos):
+        present = torch.bincount(pos.k, minlength=cand.shape[0]) > 0
+        cand_used = cand & present.unsqueeze(1)  # heads without a positive gather nothing
+        size = cand_used.sum(1).tolist()
+        # one gather of every head's candidate vectors (its backward: one scatter, not K)
+        members = torch.split(item_vecs[cand_used.nonzero(as_tuple=True)[1]], size)
 
     def head_lse(k: int, queries: torch.Tensor) -> torch.Tensor:
-        ids = members[k]
-        vecs = item_vecs[1:] if len(ids) == n_items else item_vecs[ids]
+        vecs = members[k]
         return _rows_logsumexp(queries, vecs, scorer)
 
     return _per_head(q, item_vecs, scorer, pos, head_lse, cand[pos.k, pos.item], gamma, head_weights)
