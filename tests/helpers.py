@@ -100,3 +100,24 @@ def add_user_prior(con, name: str = "user") -> None:
 def dot(q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Plain dot-product scores, the simplest scorer."""
     return q @ items.transpose(-1, -2)
+
+
+def interrupt_at_batch(monkeypatch, n: int, run) -> None:
+    """Run `run()` with the training loop killed (KeyboardInterrupt) when it cuts its n-th batch,
+    as a user's Ctrl-C would; the real batch function is restored afterwards."""
+    import pytest
+
+    import mhr.train as mt
+
+    real_batch, calls = mt._batch, {"n": 0}
+
+    def crashing_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(mt, "_batch", crashing_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(mt, "_batch", real_batch)

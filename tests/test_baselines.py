@@ -18,7 +18,7 @@ from mhr.models.comirec import ComiRecSA, hard_readout, routing_regulariser
 from mhr.priors.synthetic import synthetic_prior
 from mhr.train import TrainParams, default_run_name, load_run, train
 from mhr.windows import build_windows, load_windows
-from tests.helpers import dot, make_dataset
+from tests.helpers import dot, interrupt_at_batch, make_dataset
 
 TINY = dict(backbone="hstu", size="tiny", batch_size=16, eval_every=3, patience=0, lr=3e-3, warmup_steps=2)
 
@@ -343,7 +343,6 @@ def test_eval_diversity_raises_category_entropy(tiny, one_thread):
 def test_interrupted_recipe_continues_where_it_stopped(tmp_path, monkeypatch, one_thread):
     import json
 
-    import mhr.train as mt
     from mhr.recipe import run_recipe
     from mhr.workspace import Workspace
 
@@ -369,18 +368,8 @@ priors = []
 split = "valid"
 k = [10]
 """)
-    real_batch, calls = mt._batch, {"n": 0}
-
-    def crashing_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # killed during step 4, after the step-2 checkpoint
-            raise KeyboardInterrupt
-        return real_batch(*args, **kwargs)
-
-    monkeypatch.setattr(mt, "_batch", crashing_batch)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe, Workspace(ws))
-    monkeypatch.setattr(mt, "_batch", real_batch)
+    # killed during step 4, after the step-2 checkpoint
+    interrupt_at_batch(monkeypatch, 4, lambda: run_recipe(recipe, Workspace(ws)))
     result = run_recipe(recipe, Workspace(ws))
     log = [json.loads(x)["step"] for x in (ws / "tiny" / "runs" / "c-base-s0" / "log.jsonl").read_text().splitlines()]
     assert result.runs == ["c-base-s0"] and log == list(range(1, 7))

@@ -17,7 +17,7 @@ from mhr.model import DecoderOptions, backbone_config, build_model, interest_lay
 from mhr.models.dualvae import PROTOTYPE_WEIGHT, TEMPERATURE, DualVAE, kl_divergence
 from mhr.train import TrainParams, _LossStep, load_run, train
 from mhr.windows import build_windows
-from tests.helpers import make_dataset
+from tests.helpers import interrupt_at_batch, make_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -267,7 +267,6 @@ def test_tiny_run_trains_and_evaluates(tiny):
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
     """Sampling noise comes from torch's global RNG (restored from the checkpoint) and the
     annealing clock is a saved buffer, so an interrupted run ends as an uninterrupted one."""
-    import mhr.train as mt
 
     p = TrainParams(decoder="dualvae", interests=2, kl_anneal_steps=4, max_steps=6, **TINY)
     ref_ds = make_dataset(tmp_path / "ref")
@@ -276,18 +275,8 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
 
     ds = make_dataset(tmp_path / "crash")
     build_windows(ds, context=12, horizon=4)
-    real_batch, calls = mt._batch, {"n": 0}
-
-    def crashing_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # killed during step 5, after the step-3 checkpoint
-            raise KeyboardInterrupt
-        return real_batch(*args, **kwargs)
-
-    monkeypatch.setattr(mt, "_batch", crashing_batch)
-    with pytest.raises(KeyboardInterrupt):
-        train(ds, p, name="r", show_progress=False)
-    monkeypatch.setattr(mt, "_batch", real_batch)
+    # killed during step 5, after the step-3 checkpoint
+    interrupt_at_batch(monkeypatch, 5, lambda: train(ds, p, name="r", show_progress=False))
     resumed = train(ds, p, name="r", resume=True, show_progress=False)
     for sub in ("", "checkpoint/"):
         a = load_file(ref.path / f"{sub}model.safetensors")

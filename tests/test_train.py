@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from mhr.errors import NotFoundError, TrainingError, UsageError
 from mhr.train import TrainParams, load_run, train
 from mhr.windows import build_windows
-from tests.helpers import make_dataset
+from tests.helpers import interrupt_at_batch, make_dataset
 
 TINY = dict(backbone="hstu", size="tiny", batch_size=16, eval_every=3, patience=0, lr=3e-3, warmup_steps=2)
 
@@ -60,8 +60,6 @@ def test_same_seed_same_weights_and_other_seed_differs(tmp_path):
 
 
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
-    import mhr.train as mt
-
     p = TrainParams(priors=("item", "temporal"), compose="multiplicative", max_steps=8, negatives=5, **TINY)
     ref_ds = make_dataset(tmp_path / "ref")
     build_windows(ref_ds, context=12, horizon=4)
@@ -69,18 +67,8 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
 
     ds = make_dataset(tmp_path / "crash")
     build_windows(ds, context=12, horizon=4)
-    real_batch, calls = mt._batch, {"n": 0}
-
-    def crashing_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # killed during step 5, after the step-3 checkpoint
-            raise KeyboardInterrupt
-        return real_batch(*args, **kwargs)
-
-    monkeypatch.setattr(mt, "_batch", crashing_batch)
-    with pytest.raises(KeyboardInterrupt):
-        train(ds, p, name="r", show_progress=False)
-    monkeypatch.setattr(mt, "_batch", real_batch)
+    # killed during step 5, after the step-3 checkpoint
+    interrupt_at_batch(monkeypatch, 5, lambda: train(ds, p, name="r", show_progress=False))
     assert not (ds.runs_dir / "r" / "manifest.json").exists()
     with pytest.raises(UsageError, match="incomplete"):
         train(ds, p, name="r", show_progress=False)

@@ -20,7 +20,7 @@ from mhr.item_text import item_texts, load_item_embeddings  # noqa: E402
 from mhr.store import connect  # noqa: E402
 from mhr.train import TrainParams, load_run, train  # noqa: E402
 from mhr.windows import build_windows  # noqa: E402
-from tests.helpers import make_dataset  # noqa: E402
+from tests.helpers import interrupt_at_batch, make_dataset  # noqa: E402
 from tests.test_hllm import save_tiny_encoder  # noqa: E402
 
 
@@ -112,8 +112,6 @@ def test_train_item_llm_fine_tunes_the_encoder_and_reloads(text_ds):
 def _token_run(root, monkeypatch, crash_at: int | None = None):
     """A 5-step --train-item-llm run with a learned [ITEM] token, killed during step `crash_at`
     (then resumed from its last checkpoint) or uninterrupted."""
-    import mhr.train as mt
-
     ds = make_dataset(root / "ws")
     build_windows(ds, context=12, horizon=4)
     con = connect(ds.store_path, read_only=True)
@@ -121,18 +119,7 @@ def _token_run(root, monkeypatch, crash_at: int | None = None):
     con.close()
     p = TrainParams(max_steps=5, item_llm=str(bert), train_item_llm=True, pooling="token", **{**FT, "eval_every": 2})
     if crash_at:
-        real_batch, calls = mt._batch, {"n": 0}
-
-        def crashing_batch(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == crash_at:
-                raise KeyboardInterrupt
-            return real_batch(*args, **kwargs)
-
-        monkeypatch.setattr(mt, "_batch", crashing_batch)
-        with pytest.raises(KeyboardInterrupt):
-            train(ds, p, name="r", show_progress=False)
-        monkeypatch.setattr(mt, "_batch", real_batch)
+        interrupt_at_batch(monkeypatch, crash_at, lambda: train(ds, p, name="r", show_progress=False))
     return train(ds, p, name="r", resume=bool(crash_at), show_progress=False)
 
 
