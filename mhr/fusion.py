@@ -56,7 +56,8 @@ FITTED = ("learned", "invvar")
 NEG_INF = float("-inf")
 
 # settings of the fitted fusions; all of them enter the fit's cache key (see `fit_settings`)
-FIT_VERSION = 2
+FIT_VERSION = 3
+MAX_LOG_RESCALE = math.log(1e6)  # a fit needing a larger rescale to the canonical gauge is degenerate
 FIT_SEED = 0
 FIT_MAX_ELEMENTS = 1 << 26  # `learned`: cached scores of the fit users, ≤ 64 Mi floats (256 MiB)
 FIT_CHUNK_ELEMENTS = 1 << 22  # users per loss chunk × (M + N + 1) — bounds the autograd graph
@@ -441,6 +442,12 @@ def fit_calibration(
         b = beta.detach().numpy()
     # canonical gauge: geometric mean of a = 1, mean of b = 0 (the ranking does not change)
     m = float(a.mean())
+    if m < -MAX_LOG_RESCALE:
+        # the fit drove the common temperature towards 0 (seen on barely trained runs): in the
+        # canonical gauge the offsets would be ~1e9 and float32 scores would tie, so keep none
+        a, b, m = np.zeros_like(a), np.zeros_like(b), 0.0
+        info["fallback"] = True
+        info["ce_learned"] = info["ce_avg"]
     scale = np.exp(a - m)
     offset = (b - b.mean()) * math.exp(-m)
     return scale, offset, info
