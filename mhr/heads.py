@@ -241,6 +241,10 @@ class PriorHeads(nn.Module):
         """Which head each target trains: exactly the prior's compatibility (DESIGN §1)."""
         return compat
 
+    def eligibility(self, item_vecs: torch.Tensor) -> None:
+        """None: the items a head scores are the layout's fixed Ω_k (`Compatibility.omega`)."""
+        return None
+
     def queries_at(self, h: torch.Tensor, pos: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """`forward(h)[pos, head]` for the requested (position, head) pairs only: [Q, d].
 

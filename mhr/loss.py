@@ -188,7 +188,6 @@ def loss_from_candidates(q: torch.Tensor, item_vecs: torch.Tensor, scorer: Score
     Head by head, each distinct query is scored against that head's candidates only —
     `[Q_k, |Ω̃_k|]`, so the cost follows Σ_k Q_k |Ω̃_k|, not Q (N+1) (DESIGN §7)."""
     cand = cand.to(torch.bool)
-    n_items = item_vecs.shape[0] - 1
     if len(pos):
         present = torch.bincount(pos.k, minlength=cand.shape[0]) > 0
         cand_used = cand & present.unsqueeze(1)  # heads without a positive gather nothing

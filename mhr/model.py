@@ -15,6 +15,8 @@ The decoder contract (what `PriorHeads`, `ComiRecSA`, `REMI` and `DualVAE` imple
 - `assign(q, item_vecs, scorer, targets [B, L, τ], compat [B, L, τ, K]) -> bool [B, L, τ, K]`:
   which heads each target trains — the prior's compatibility for prior heads, the best-scoring
   interest for ComiRec's hard readout.
+- `eligibility(item_vecs [N+1, d]) -> bool [K, N+1] | None`: which items each head scores, when it
+  depends on the model (DualVAE: each item's own aspect); None = the layout's fixed Ω_k.
 """
 
 from __future__ import annotations
@@ -92,6 +94,14 @@ def backbone_config(name: str, size: str, n_items: int, max_len: int, **override
     if unknown:
         raise UsageError(f"backbone {name} has no setting {sorted(unknown)}")
     return family.config_cls(n_items=n_items, max_len=max_len, **values)
+
+
+def refresh_eligibility(model: MultiHeadRecommender, compat) -> None:
+    """Set `compat.omega` from the decoder when its eligibility depends on the weights (DualVAE)."""
+    with torch.no_grad():
+        own = model.heads.eligibility(model.item_vectors().float())
+    if own is not None:
+        compat.omega = own.to(compat.device)
 
 
 class MultiHeadRecommender(nn.Module):

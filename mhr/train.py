@@ -14,6 +14,7 @@ row of the same global batch and DistributedDataParallel averages gradients; onl
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -51,6 +52,7 @@ from mhr.model import (
     backbone_config,
     build_model,
     interest_layout,
+    refresh_eligibility,
 )
 from mhr.priors.spec import PriorSpec, load_prior
 from mhr.priors.synthetic import is_synthetic, synthetic_prior
@@ -299,6 +301,8 @@ def _batch(train: dict[str, np.ndarray], rows: np.ndarray, context: int, horizon
 
 
 def _validate(model, compat, valid, k: int, device) -> float:
+    compat = copy.copy(compat)  # training keeps its own sets: resume must see the same state
+    refresh_eligibility(model, compat)
     ranking = rank_split(model, compat, valid, k=k, fusion="max", device=device)
     return float(np.mean(ndcg_at_k(ranking.items, valid["targets"], k)))
 
@@ -629,6 +633,10 @@ class _LossStep(torch.nn.Module):
                 q, aux = self.model.decode(items, ts)
                 q = q.float()
             item_vecs = self.model.item_vectors().float()
+            omega = self.omega
+            own = self.model.heads.eligibility(item_vecs)  # DualVAE: each item's own aspect
+            if own is not None:
+                omega = omega & own
             compat_t = self.compat.targets(targets, target_events, users)
             compat_t = self.model.heads.assign(q, item_vecs, scorer, targets, compat_t)
             # normalised once, then plain dot products inside the loss
@@ -642,7 +650,7 @@ class _LossStep(torch.nn.Module):
                 dot_scores,
                 targets,
                 compat_t,
-                self.omega,
+                omega,
                 gamma=p.gamma,
                 head_weights=p.head_weights,
                 negatives=p.negatives,
@@ -737,4 +745,5 @@ def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
     model.load_state_dict(load_file(run_dir / "model.safetensors"))
     model.to(device).eval()
     compat = Compatibility(layout, config.n_items, wref.event_vocab).to(device)
+    refresh_eligibility(model, compat)
     return LoadedRun(name, run_dir, record, model, layout, compat, wref, specs)

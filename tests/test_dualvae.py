@@ -257,6 +257,11 @@ def test_tiny_run_trains_and_evaluates(tiny):
     run = load_run(tiny, "dv")
     assert isinstance(run.model.heads, DualVAE) and run.model.heads.kl_anneal_steps == 3
     assert run.layout.names == ("interest 1", "interest 2", "interest 3")
+    # each item is scored by its own aspect only: the loaded sets come from the prototypes
+    own = run.model.heads.item_aspects(run.model.item_vectors())[1:]
+    omega = run.compat.omega
+    assert not omega[:, 0].any() and (omega[:, 1:].sum(0) == 1).all()
+    assert torch.equal(omega[:, 1:].float().argmax(0), own)
     out, result, _ = evaluate(tiny, "dv", EvalParams(split="valid", ks=(5, 10)))
     assert out.is_file() and 0.0 <= result["metrics"]["ndcg@10/h4"] <= 1.0
     assert sum(result["head_usage@10"].values()) == pytest.approx(1.0)

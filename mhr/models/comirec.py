@@ -75,6 +75,10 @@ class ComiRecSA(nn.Module):
         q [B, L, K, d], targets [B, L, τ], compat [B, L, τ, K] -> bool [B, L, τ, K]."""
         return hard_readout(q, item_vecs, scorer, targets, compat)
 
+    def eligibility(self, item_vecs: torch.Tensor) -> None:
+        """None: every interest scores the whole catalogue (the layout's Ω)."""
+        return None
+
     def extra_repr(self) -> str:
         return f"d={self.d}, interests={self.n_interests}, routing_reg={self.routing_reg}"
 

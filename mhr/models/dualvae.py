@@ -26,7 +26,12 @@ what each becomes here:
 3. Joint generation. x̂_ui = Σ_a p(a|i) f(z_u^a, β_i^a) under a Poisson likelihood. Here: the shared
    multi-head loss with the hard version of p(a|i) — target y trains only the aspect of y (`assign`),
    so aspects are disentangled by item clusters; like ComiRec's hard readout, but decided by the item
-   side. At inference the K aspects are heads over the whole catalogue, fused by max.
+   side. The same hard p(a|i) decides which items an aspect scores (`eligibility`): aspect a's
+   softmax runs over the items of aspect a only (in-aspect negatives) and at inference item i is
+   scored by its own aspect only — the x̂_ui = f(z_u^{a(i)}, β_i) of a hard p(a|i). (A first version
+   let every aspect score the whole catalogue: each aspect then learned "my cluster is likely" for
+   every user and max fusion compared cluster priors — validation NDCG@10 fell from 3.2% to 1.6%
+   over 4 epochs on MovieLens-100K, the failure `--negatives-from global` shows for prior heads.)
 4. Neighbourhood-enhanced representation constraint. InfoNCE (τ = 0.2) between z_u^a and the user's
    aspect-a neighbourhood Σ_i x̂^a_ui β_i^a (item representations weighted by the predicted aspect-a
    interactions), the negatives being the user's other aspects (independence) and the same aspect of
@@ -154,6 +159,14 @@ class DualVAE(nn.Module):
     def item_aspects(self, item_vecs: torch.Tensor) -> torch.Tensor:
         """The aspect of each item: argmax_k cos(c_k, e_i). item_vecs [..., d] -> long [...]."""
         return prototype_similarity(item_vecs, self.prototypes).argmax(dim=-1)
+
+    @torch.no_grad()
+    def eligibility(self, item_vecs: torch.Tensor) -> torch.Tensor:
+        """bool [K, N + 1]: aspect k scores the items whose aspect is k (item 0 none)."""
+        with torch.autocast(item_vecs.device.type, enabled=False):
+            own = F.one_hot(self.item_aspects(item_vecs.float()), self.n_aspects).t().to(torch.bool)
+        own[:, 0] = False
+        return own
 
     @torch.no_grad()
     def assign(self, q: torch.Tensor, item_vecs: torch.Tensor, scorer, targets: torch.Tensor,
