@@ -33,13 +33,16 @@ class RunGroup:
 
 
 def _group_label(params: dict[str, Any], varying: set[str]) -> str:
+    """"temporal+item", "comirec interests=32 beta=1": a baseline decoder names itself first, then
+    the settings that differ between groups (only those this group has)."""
     parts = []
-    for k in sorted(varying):
-        v = params.get(k)
-        if k == "priors":
-            parts.append("+".join(v) if v else "base")
-        else:
-            parts.append(f"{k}={v}")
+    if params.get("decoder"):
+        parts.append(params["decoder"])
+    elif "priors" in varying or "decoder" in varying:
+        parts.append("+".join(params.get("priors") or ()) or "base")
+    for k in sorted(varying - {"priors", "decoder"}):
+        if params.get(k) is not None:
+            parts.append(f"{k}={params[k]}")
     return " ".join(parts) or "runs"
 
 
@@ -73,10 +76,13 @@ def collect(dataset: Dataset, runs: list[str], split: str = "test", fusion: str 
         params = {k: v for k, v in config["params"].items() if k != "seed"}
         params["context"] = config["windows"]["params"].get("context")
         records.append((name, params, ev, log))
+    # a setting varies when the runs that have it disagree (decoder-only settings are absent elsewhere)
     varying = {
         k for k in {k for _, p, _, _ in records for k in p}
-        if len({json.dumps(p.get(k), sort_keys=True) for _, p, _, _ in records}) > 1
+        if len({json.dumps(p[k], sort_keys=True) for _, p, _, _ in records if k in p}) > 1
     }
+    if len({p.get("decoder") for _, p, _, _ in records}) > 1:
+        varying.add("decoder")
     groups: dict[str, RunGroup] = {}
     for name, params, ev, log in records:
         label = _group_label(params, varying)
