@@ -52,6 +52,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from mhr.heads import dot_scores
+
 HEAD_WEIGHTS = ("frequency", "uniform")
 NEGATIVES_FROM = ("group", "global")
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -295,7 +297,10 @@ def _per_head(q, item_vecs, scorer, pos: Positives, head_lse, inside: torch.Tens
         lse = torch.empty_like(lse).index_copy_(0, order, lse)
         inverse = torch.empty_like(inverse).index_copy_(0, order, inverse)
     # the target's own score, once per positive: [P, 1, d] x [P, 1, d]
-    target = scorer(queries[inverse].unsqueeze(1), item_vecs[pos.item].unsqueeze(1)).reshape(-1).float()
+    if scorer is dot_scores:  # plain dots (the trainer's normalised inputs): no [P, 1, d] bmm
+        target = (queries[inverse] * item_vecs[pos.item]).sum(-1).float()
+    else:
+        target = scorer(queries[inverse].unsqueeze(1), item_vecs[pos.item].unsqueeze(1)).reshape(-1).float()
     lse = torch.where(inside, lse, torch.logaddexp(lse, target))
     return _combine(q, item_vecs, scorer, pos, lse - target, n_heads, gamma, head_weights)
 

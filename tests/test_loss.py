@@ -287,3 +287,28 @@ def test_bad_arguments():
             multihead_loss(q, item_vecs, scorer, targets, ct, compat.omega, **kw)
     with pytest.raises(ValueError):
         multihead_loss(q, item_vecs, scorer, targets, ct, compat.omega[:, :-1])
+
+
+def test_dot_scores_fast_target_path_equals_the_generic_scorer():
+    """`mhr.heads.dot_scores` takes an elementwise path for the targets' own scores; any other
+    scorer goes through the generic [P, 1, d] call. Same loss, same gradients."""
+    from mhr.heads import dot_scores
+    from tests.helpers import dot
+
+    torch.manual_seed(7)
+    q = torch.randn(2, 4, 3, 6, requires_grad=True)
+    vecs = torch.randn(20, 6, requires_grad=True)
+    targets = torch.randint(0, 20, (2, 4, 3))
+    compat = torch.rand(2, 4, 3, 3) < 0.6
+    omega = torch.rand(3, 20) < 0.7
+    out = []
+    for scorer in (dot, dot_scores):
+        for negatives in (None, 5):
+            q.grad = vecs.grad = None
+            loss, _ = multihead_loss(q, vecs, scorer, targets, compat, omega, negatives=negatives,
+                                     global_ratio=0.3, generator=torch.Generator().manual_seed(0))
+            loss.backward()
+            out.append((loss.detach(), q.grad.clone(), vecs.grad.clone()))
+    for a, b in zip(out[:2], out[2:], strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y)
