@@ -73,6 +73,9 @@ DECODER_FIELDS = {
 }
 
 
+_DECODER = DecoderOptions()
+
+
 @dataclass(frozen=True)
 class TrainParams:
     """Everything that decides the trained weights (and so the run's key)."""
@@ -100,14 +103,15 @@ class TrainParams:
     patience: int = 3
     seed: int = 0
     dropout: float | None = None
-    # baselines (`decoder` other than "heads"; left out of the key of the prior heads)
-    decoder: str = "heads"
-    interests: int = 4
-    routing_reg: float | None = None
+    # baselines (`decoder` other than "heads"; left out of the key of the prior heads); the
+    # defaults are DecoderOptions' own, so they are written once
+    decoder: str = _DECODER.name
+    interests: int = _DECODER.interests
+    routing_reg: float | None = _DECODER.routing_reg
     beta: float = 0.0
-    kl_weight: float = 0.2
-    kl_anneal_steps: int = 1000
-    contrast_weight: float = 0.1
+    kl_weight: float = _DECODER.kl_weight
+    kl_anneal_steps: int = _DECODER.kl_anneal_steps
+    contrast_weight: float = _DECODER.contrast_weight
     # HLLM only (left out of the key of other backbones)
     item_llm: str = "minilm"
     user_llm: str = "tiny"
