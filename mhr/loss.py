@@ -53,6 +53,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mhr.heads import dot_scores
+from mhr.sampling import HeadSampler, InBatch, Sampling, head_negatives, sampled_head_lse
 
 HEAD_WEIGHTS = ("frequency", "uniform")
 NEGATIVES_FROM = ("group", "global")
@@ -141,6 +142,9 @@ def multihead_loss(
     generator: torch.Generator | None = None,
     hard_negative_beta: float = 0.0,
     negative_ids: torch.Tensor | None = None,
+    negatives_per: str = "batch",
+    in_batch: bool = False,
+    logq: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of the module docstring.
 
@@ -150,6 +154,8 @@ def multihead_loss(
     negative_ids [K, n]: negatives already drawn (`sample_negatives`), used instead of drawing
     them here — for a caller that must know them before computing item_vecs (a fine-tuned item
     LLM encodes only the items the loss reads).
+    negatives_per / in_batch / logq: how sampled negatives are shared and corrected
+    (`mhr.sampling`); the defaults are the original sampler, kept bit for bit.
     Returns (scalar loss, stats): `positives` [K] per-head positive counts, `weights` [K],
     `head_loss` [K] per-head mean cross-entropy (0 where skipped), `heads_used`, `n_positives`.
     """
@@ -175,6 +181,14 @@ def multihead_loss(
     if negatives is None and negative_ids is None:
         cand = candidate_sets(omega, negatives_from, global_ratio, generator)
         return loss_from_candidates(q, item_vecs, scorer, pos, cand, gamma=gamma, head_weights=head_weights)
+    sampling = None
+    if negatives is not None:
+        sampling = Sampling(negatives, negatives_per, in_batch, logq, negatives_from, global_ratio)
+    if sampling is not None and not sampling.is_legacy:
+        if negative_ids is not None:
+            raise ValueError("negative_ids are one shared draw per batch: they need the legacy sampler")
+        return loss_from_sampling(q, item_vecs, pos, sampling, omega, targets, generator, gamma=gamma,
+                                  head_weights=head_weights, beta=hard_negative_beta, scorer=scorer)
     if negative_ids is not None:
         negs = negative_ids
     else:
@@ -215,7 +229,8 @@ def loss_from_negatives(q: torch.Tensor, item_vecs: torch.Tensor, scorer: ScoreF
     logit s_i + log w_i. β = 0 is the plain sampled softmax."""
     negs = negs.long()
 
-    def head_lse(k: int, queries: torch.Tensor, local: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def head_lse(k: int, queries: torch.Tensor, local: torch.Tensor, target: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
         logits = scorer(queries, item_vecs[negs[k]]).float()[local]  # [P_k, n]
         drop = (negs[k] == target.unsqueeze(1)) | (negs[k] == 0)
         if beta:
@@ -227,6 +242,29 @@ def loss_from_negatives(q: torch.Tensor, item_vecs: torch.Tensor, scorer: ScoreF
 
     beside = torch.zeros(len(pos), dtype=torch.bool, device=q.device)  # the target joins every softmax
     return _per_head(q, item_vecs, scorer, pos, head_lse, beside, gamma, head_weights, per_positive=True)
+
+
+def loss_from_sampling(q: torch.Tensor, item_vecs: torch.Tensor, pos: Positives, sampling: Sampling,
+                       omega: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None, *,
+                       gamma: float = 1.0, head_weights: str = "frequency", beta: float = 0.0,
+                       scorer: ScoreFn = dot_scores):
+    """Sampled-softmax loss with per-batch / per-sequence / per-position draws, in-batch negatives
+    and the logQ correction (`mhr.sampling`). Queries and items must be prepared (plain dots)."""
+    if scorer is not dot_scores:
+        raise ValueError("loss_from_sampling scores with plain dots: prepare queries and items first")
+    sampler = HeadSampler(omega, sampling, generator)
+    in_batch = InBatch.of(targets) if sampling.in_batch else None
+    length = q.shape[1]
+
+    def head_lse(k: int, queries: torch.Tensor, local: torch.Tensor, target: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        neg_ids, rows, neg_offset, batch_ids, batch_offset = head_negatives(
+            sampler, k, len(queries), positions, length, in_batch)
+        return sampled_head_lse(queries, local, target, rows, neg_ids, item_vecs, neg_offset, batch_ids,
+                                batch_offset, beta)
+
+    beside = torch.zeros(len(pos), dtype=torch.bool, device=q.device)
+    return _per_head(q, item_vecs, dot_scores, pos, head_lse, beside, gamma, head_weights, per_positive=True)
 
 
 def _rows_logsumexp(queries: torch.Tensor, vecs: torch.Tensor, scorer: ScoreFn) -> torch.Tensor:
@@ -254,7 +292,7 @@ def _per_head(q, item_vecs, scorer, pos: Positives, head_lse, inside: torch.Tens
     """Per-positive cross-entropies, computed head by head over each head's distinct queries.
 
     `head_lse(k, queries_k)` -> [Q_k] (or, with per_positive, `head_lse(k, queries_k, local query
-    index [P_k], targets [P_k])` -> [P_k]) is the logsumexp over the head's candidates; `inside`
+    index [P_k], targets [P_k], flat positions b·L + t of the queries [Q_k])` -> [P_k]) is the logsumexp over the head's candidates; `inside`
     [P] says the target is among them (else it joins its own softmax). ce = lse − s(q, y)."""
     batch, length, n_heads, d = q.shape
     if not len(pos):
@@ -279,6 +317,7 @@ def _per_head(q, item_vecs, scorer, pos: Positives, head_lse, inside: torch.Tens
     p_sizes = torch.bincount(pos.k, minlength=n_heads).tolist()
     # one split (not K slices): its backward writes the queries' gradient once, not K times
     q_parts = torch.split(queries, q_sizes)
+    flat_parts = torch.split(flat, q_sizes)
     items_sorted = pos.item if order is None else pos.item[order]
     inv_parts = torch.split(inverse, p_sizes)
     item_parts = torch.split(items_sorted, p_sizes)
@@ -288,7 +327,7 @@ def _per_head(q, item_vecs, scorer, pos: Positives, head_lse, inside: torch.Tens
         if p_sizes[k]:
             local = inv_parts[k] - q_lo
             if per_positive:
-                pieces.append(head_lse(k, q_parts[k], local, item_parts[k]))
+                pieces.append(head_lse(k, q_parts[k], local, item_parts[k], flat_parts[k]))
             else:
                 pieces.append(head_lse(k, q_parts[k])[local])
         q_lo += q_sizes[k]

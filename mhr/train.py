@@ -21,6 +21,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +31,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mhr.cache import is_done, stage_key, write_manifest
+from mhr.cache import file_sha256, is_done, lock_path, locked, stage_key, write_manifest
 from mhr.console import err, progress
-from mhr.errors import NotFoundError, StaleError, TrainingError, UsageError
+from mhr.errors import InputError, NotFoundError, StaleError, TrainingError, UsageError
 from mhr.heads import (
     COMPOSITIONS,
     Compatibility,
@@ -75,6 +77,18 @@ DECODER_FIELDS = {
 
 _DECODER = DecoderOptions()
 
+# Fields added after runs had been keyed: each is left out of the run key while it holds the value
+# every earlier run had, so no cached run changes key, and a config written before the field
+# existed is read back with that value (not with a newer default).
+LEGACY_VALUES: dict[str, Any] = {
+    "negatives_per": "batch",
+    "in_batch_negatives": False,
+    "logq": False,
+}
+# ... and these only mean something with sampled negatives: left out of a full-softmax run's key
+SAMPLED_ONLY = ("negatives_per", "in_batch_negatives", "logq")
+_FLAGS = {"global_ratio": "global_negatives_ratio", "pooling": "item_pooling"}  # field -> CLI option
+
 
 @dataclass(frozen=True)
 class TrainParams:
@@ -90,6 +104,9 @@ class TrainParams:
     negatives: int | None = None
     negatives_from: str = "group"
     global_ratio: float = 0.0
+    negatives_per: str = "batch"
+    in_batch_negatives: bool = False
+    logq: bool = False
     head_weights: str = "frequency"
     gamma: float = 0.99
     epochs: int = 20
@@ -135,8 +152,24 @@ class TrainParams:
             raise UsageError(f"unknown --score {self.score!r}", hint="use cosine or dot")
         if not 0.0 <= self.global_ratio <= 1.0:
             raise UsageError("--global-negatives-ratio must be in [0, 1]")
+        for f in dataclasses.fields(self):  # nan/inf slip past every comparison below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{_FLAGS.get(f.name, f.name).replace('_', '-')} {value} is not a finite number")
         if self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
             raise UsageError("--batch-size, --epochs and --lr must be positive")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UsageError(f"--max-steps {self.max_steps} must be at least 1",
+                             hint="leave --max-steps out to train for --epochs")
+        if not 0 <= self.seed < 2**63:
+            raise UsageError(f"--seed {self.seed} must be in [0, 2^63)")
+        if self.temperature <= 0 or self.warmup_steps < 0 or self.eval_every < 0 or self.patience < 0:
+            raise UsageError("--temperature must be positive; --warmup-steps, --eval-every and --patience >= 0")
+        if self.negatives is not None and self.negatives < 1:
+            raise UsageError(f"--negatives {self.negatives} must be 'full' or a positive count")
+        twice = sorted({n for n in self.priors if self.priors.count(n) > 1})
+        if twice:
+            raise UsageError(f"--priors names {', '.join(twice)} more than once", hint="list each prior once")
         if self.decoder not in DECODERS:
             raise UsageError(f"unknown --decoder {self.decoder!r}", hint=f"use one of {', '.join(DECODERS)}")
         if self.decoder != "heads":
@@ -153,6 +186,16 @@ class TrainParams:
             raise UsageError("--kl-weight, --contrast-weight and --kl-anneal-steps must be >= 0")
         if self.routing_reg is not None and self.routing_reg < 0:
             raise UsageError("--routing-reg must be >= 0")
+        if self.negatives_per not in ("batch", "sequence", "position"):
+            raise UsageError(f"unknown --negatives-per {self.negatives_per!r}", hint="use batch, sequence or position")
+        if self.negatives is None and (self.in_batch_negatives or self.logq):
+            raise UsageError("--in-batch-negatives and --logq shape a sampled softmax",
+                             hint="add --negatives N, e.g. --negatives 256")
+        if self.train_item_llm and (self.in_batch_negatives or self.logq or self.negatives_per != "batch"):
+            raise UsageError("--train-item-llm encodes one shared draw of negatives per batch",
+                             hint="drop --negatives-per / --in-batch-negatives / --logq")
+        if self.beta and self.in_batch_negatives:
+            raise UsageError("--beta reweights uniform negatives only", hint="drop --in-batch-negatives")
         if self.beta and self.negatives is None:
             raise UsageError("--beta reweights sampled negatives (REMI's hard negatives)",
                              hint="add --negatives N, e.g. --negatives 256")
@@ -166,6 +209,9 @@ class TrainParams:
                 d.pop(k)
         elif not self.train_item_llm:
             d.pop("train_item_llm")  # the frozen default keeps the keys runs had before the flag
+        for k, legacy in LEGACY_VALUES.items():
+            if d[k] == legacy or (k in SAMPLED_ONLY and self.negatives is None):
+                d.pop(k)
         if self.decoder == "heads":
             d.pop("decoder")
         for k, users in DECODER_FIELDS.items():
@@ -261,14 +307,32 @@ def _available_memory() -> int:
     return 1 << 62
 
 
-def _check_memory(p: TrainParams, config: Any, seq_len: int, device: str) -> None:
-    need = BACKBONES[p.backbone].estimate_memory(config, p.batch_size, seq_len)
+def _logit_bytes(p: TrainParams, batch: int, seq_len: int, horizon: int) -> int:
+    """Sampled-softmax logits: each (position, target) positive against its head's negatives,
+    [B·L·τ, n] fp32 values held about three times (scores, masked copy, gradient). The full
+    softmax is chunked inside the loss, so only sampled negatives are counted."""
+    return 0 if p.negatives is None else 3 * 4 * batch * seq_len * horizon * p.negatives
+
+
+def _check_negatives(p: TrainParams, n_items: int) -> None:
+    """More negatives than items only repeats items (draws are with replacement) at the cost of
+    memory; the catalogue is the bound, not a head's group, whose size varies by head."""
+    if p.negatives is not None and p.negatives > n_items:
+        raise UsageError(f"--negatives {p.negatives} is more than the catalogue's {n_items} items",
+                         hint=f"use at most {n_items}, or --negatives full for every item")
+
+
+def _check_memory(p: TrainParams, config: Any, seq_len: int, device: str, horizon: int = 1) -> None:
+    model = BACKBONES[p.backbone].estimate_memory(config, p.batch_size, seq_len)
+    logits = _logit_bytes(p, p.batch_size, seq_len, horizon)
+    need = model + logits
     have = torch.cuda.mem_get_info()[0] if device.startswith("cuda") else _available_memory()
     if need > 0.9 * have:
+        negs = f" and {p.negatives} negatives ({logits / 2**30:.1f} GiB of logits)" if logits else ""
         raise TrainingError(
-            f"--size {p.size} at batch {p.batch_size} needs about {need / 2**30:.1f} GiB, "
+            f"--size {p.size} at batch {p.batch_size}{negs} needs about {need / 2**30:.1f} GiB, "
             f"{have / 2**30:.1f} GiB is available on {device}",
-            hint="lower --batch-size, pick a smaller --size or use a GPU (--device cuda)",
+            hint="lower --batch-size or --negatives, pick a smaller --size or use a GPU (--device cuda)",
         )
 
 
@@ -312,11 +376,27 @@ def _validate(model, compat, valid, k: int, device) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints: safetensors + JSON, never pickles
+# checkpoints: safetensors + JSON, never pickles; each file's sha256 recorded when written and
+# checked before use, so damaged weights fail loudly instead of scoring everything 0
+
+
+def _verify_file(path: Path, digest: str, size: int | None, hint: str) -> None:
+    if not path.is_file():
+        raise InputError(f"{path} is missing", hint=hint)
+    if (size is not None and path.stat().st_size != size) or file_sha256(path) != digest:
+        raise InputError(f"{path} is damaged: its sha256 differs from the one recorded when it was written",
+                         hint=hint)
+
+
+def _read_tensors(path: Path, hint: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own error for a bad header, OSError, …: all mean damaged
+        raise InputError(f"{path} is damaged or truncated ({type(e).__name__}: {e})", hint=hint) from None
 
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generator, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # the pid tells `mhr gc` whose it is
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
@@ -332,9 +412,10 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generat
     opt_tensors["__rng_torch"] = torch.get_rng_state()
     opt_tensors["__rng_gen"] = gen.get_state()
     save_file(opt_tensors, tmp / "optimizer.safetensors")
-    full = {**state, "optimizer": opt_meta, "scheduler": scheduler.state_dict()}
+    full = {**state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+            "sha256": {f: file_sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")}}
     (tmp / "state.json").write_text(json.dumps(full, indent=1, default=float))
-    old = path.with_name(path.name + ".old")
+    old = path.with_name(f"{path.name}.old-{os.getpid()}")
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
@@ -342,15 +423,21 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generat
 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generator) -> dict:
-    state = json.loads((path / "state.json").read_text())
-    weights = load_file(path / "model.safetensors")
+    hint = "start the run over with --force"
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"checkpoint {path / 'state.json'} is damaged ({e})", hint=hint) from None
+    for file, digest in state.get("sha256", {}).items():  # checkpoints written before hashes: none
+        _verify_file(path / file, digest, None, hint)
+    weights = _read_tensors(path / "model.safetensors", hint)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise TrainingError(
             f"checkpoint {path} does not fit this model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})",
             hint="resume with the run's own config, or train anew with --force",
         )
-    tensors = load_file(path / "optimizer.safetensors")
+    tensors = _read_tensors(path / "optimizer.safetensors", hint)
     opt_state: dict[int, dict] = {}
     for pid, meta in state["optimizer"]["state"].items():
         opt_state[int(pid)] = dict(meta)
@@ -376,6 +463,44 @@ def _dist_info() -> tuple[int, int]:
     return world, rank
 
 
+def check_device(device: str) -> str:
+    """`device` if this machine and PyTorch build can use it, else a UsageError saying why."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown --device {device!r}", hint="use cpu, cuda, cuda:N or mps") from None
+    hint = "use --device cpu (or install a PyTorch build for this accelerator)"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this PyTorch build sees no CUDA GPU", hint=hint)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPUs", hint=hint)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here", hint=hint)
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device} is not supported", hint="use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def run_lock_path(dataset: Dataset, name: str) -> Path:
+    return lock_path(dataset.runs_dir / name)
+
+
+@contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    """One intra-op thread and torch's deterministic algorithms for the block (then as before)."""
+    if not on:
+        yield
+        return
+    threads, algorithms = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(algorithms)
+
+
 def train(
     dataset: Dataset,
     params: TrainParams,
@@ -386,8 +511,37 @@ def train(
     resume: bool = False,
     checkpoint_every: int = 0,
     show_progress: bool = True,
+    deterministic: bool = False,
 ) -> TrainResult:
-    """Train (or skip, or resume) one run; returns where it is and its best validation figures."""
+    """Train (or skip, or resume) one run; returns where it is and its best validation figures.
+
+    The run's write lock is held throughout: a second trainer of the same run (or a second
+    `--resume`) gets BusyError naming the first one's pid. `deterministic` trains on one CPU thread
+    with torch's deterministic algorithms, so identical runs give identical weights at any machine
+    load; it is recorded in config.json but is not part of the run key.
+    """
+    params.check()
+    check_device(device)
+    name = check_name(name or default_run_name(params), "run")
+    holder = f"mhr train (pid {os.getpid()})"
+    lock = locked(run_lock_path(dataset, name), holder, f"run {name}") if _dist_info()[1] == 0 else _nullcontext()
+    with lock, _deterministic(deterministic):
+        return _train(dataset, params, windows, name, device, force, resume, checkpoint_every, show_progress,
+                      deterministic)
+
+
+def _train(
+    dataset: Dataset,
+    params: TrainParams,
+    windows: str | None,
+    name: str,
+    device: str,
+    force: bool,
+    resume: bool,
+    checkpoint_every: int,
+    show_progress: bool,
+    deterministic: bool,
+) -> TrainResult:
     params.check()
     name = check_name(name or default_run_name(params), "run")
     run_dir = dataset.runs_dir / name
@@ -458,7 +612,8 @@ def train(
 
     T, tau = int(wref.params["context"]), int(wref.params["horizon"])
     config = backbone_config(params.backbone, params.size, n_items, T, dropout=params.dropout, **overrides)
-    _check_memory(params, config, T, device)
+    _check_negatives(params, n_items)
+    _check_memory(params, config, T, device, tau)
     layout = make_layout(params, specs, n_items)
 
     torch.manual_seed(params.seed)
@@ -499,6 +654,8 @@ def train(
         "data_key": wref.data_key,
         "device": device,
         "world_size": world,
+        "deterministic": deterministic,
+        "threads": torch.get_num_threads(),
     }
     state = {"step": 0, "best_ndcg": -1.0, "best_step": -1, "bad_evals": 0, "stopped": False}
     ckpt = run_dir / "checkpoint"
@@ -663,6 +820,9 @@ class _LossStep(torch.nn.Module):
                 generator=self.gen,
                 hard_negative_beta=p.beta,
                 negative_ids=negs,
+                negatives_per=p.negatives_per,
+                in_batch=p.in_batch_negatives,
+                logq=p.logq,
             )
         if self.selective:  # heads without a positive in this batch still count as used (DDP)
             loss = loss + q.anchor()
@@ -681,7 +841,7 @@ class _nullcontext:
 
 
 def _save_weights(model, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, path)
 
@@ -704,11 +864,25 @@ def resume_params(dataset: Dataset, name: str) -> tuple[TrainParams, str]:
 
 
 def _params_from_record(record: dict[str, Any]) -> TrainParams:
-    p = dict(record["params"])
+    p = {**LEGACY_VALUES, **record["params"]}
     p["priors"] = tuple(p["priors"])
     if "text_cols" in p:
         p["text_cols"] = tuple(p["text_cols"])
     return TrainParams(**p)
+
+
+def _verify_run(run_dir: Path, hint: str) -> None:
+    """The run's config and weights against the sizes and sha256 its manifest recorded (a file the
+    manifest does not list is taken as it is: nothing to check it against)."""
+    try:
+        files = json.loads((run_dir / "manifest.json").read_text())["files"]
+        json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"run {run_dir.name!r} in {run_dir} is damaged ({type(e).__name__}: {e})",
+                         hint=hint) from None
+    for file in ("config.json", "model.safetensors"):
+        if file in files:
+            _verify_file(run_dir / file, files[file]["sha256"], files[file]["size"], hint)
 
 
 def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
@@ -719,6 +893,9 @@ def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
             f"run {name!r} is not finished in {dataset.runs_dir}",
             hint="train it with `mhr train` (or finish it with `mhr train --resume NAME`)",
         )
+    check_device(device)
+    hint = f"retrain it with `mhr train … --name {name} --force`"
+    _verify_run(run_dir, hint)
     record = json.loads((run_dir / "config.json").read_text())
     con = connect(dataset.store_path, read_only=True)
     try:
@@ -746,7 +923,11 @@ def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
     family = BACKBONES[params.backbone]
     config = family.config_cls(**record["backbone_config"])
     model = build_model(params.backbone, config, layout, params.score, params.temperature, params.decoder_options())
-    model.load_state_dict(load_file(run_dir / "model.safetensors"))
+    try:
+        model.load_state_dict(_read_tensors(run_dir / "model.safetensors", hint))
+    except RuntimeError as e:  # names or shapes that do not fit the config
+        raise InputError(f"{run_dir / 'model.safetensors'} does not fit {run_dir / 'config.json'} ({e})",
+                         hint=hint) from None
     model.to(device).eval()
     compat = Compatibility(layout, config.n_items, wref.event_vocab).to(device)
     refresh_eligibility(model, compat)

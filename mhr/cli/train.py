@@ -25,6 +25,16 @@ def register(app: typer.Typer) -> None:
         negatives: str = typer.Option("full", help="'full' softmax over each head's group, or N sampled negatives."),
         negatives_from: str = typer.Option("group", help="Draw negatives from the head's group or the global pool."),
         global_negatives_ratio: float = typer.Option(0.0, help="Share of each head's negatives from the whole catalogue."),
+        negatives_per: str = typer.Option(
+            "batch", help="Sampled negatives: one draw per batch (shared by all positions), per sequence, "
+            "or per position (HSTU's reference sampler)."),
+        in_batch_negatives: bool = typer.Option(
+            False, "--in-batch-negatives/--no-in-batch-negatives",
+            help="Sampled negatives: also use the batch's own targets as negatives (popularity-shaped)."),
+        logq: bool = typer.Option(
+            False, "--logq/--no-logq",
+            help="Sampled negatives: correct each negative's logit by -log(expected copies), so the "
+            "sampled sum estimates the full softmax (needed with --in-batch-negatives)."),
         head_weights: str = typer.Option("frequency", help="frequency (w_k ∝ |Y_k|) or uniform."),
         gamma: float = typer.Option(0.99, help="Discount γ over the forecast horizon."),
         epochs: int = typer.Option(20, help="Epoch budget."),
@@ -53,12 +63,16 @@ def register(app: typer.Typer) -> None:
         max_text_len: int = typer.Option(256, help="hllm: tokens per item text."),
         item_pooling: str = typer.Option("mean", help="hllm: item embedding by mean pooling or an appended token."),
         train_item_llm: bool = typer.Option(False, "--train-item-llm", help="hllm: fine-tune the item LLM end to end (needs --negatives N; slow without a GPU)."),
-        windows: str = typer.Option(None, help="Windows reference (default: the latest for this dataset)."),
+        windows: str = typer.Option(None, help="Windows reference (default: the current ones, from the last `mhr windows build`)."),
         name: str = typer.Option(None, help="Run name (default: derived from the parameters)."),
         device: str = typer.Option("cpu", help="cpu, cuda or mps (bf16 autocast on cuda)."),
         checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps (always at each validation)."),
         resume: str = typer.Option(None, help="Continue the interrupted run RUN from its last checkpoint."),
         force: bool = typer.Option(False, help="Retrain even if a run with the same key exists."),
+        deterministic: bool = typer.Option(
+            False, "--deterministic", help="One CPU thread and torch's deterministic algorithms: identical runs "
+            "give identical weights. Without it, CPU runs with several threads may differ in the last bits (the "
+            "order of parallel float sums). Recorded in config.json, not in the run key."),
     ) -> None:
         """Train a backbone with prior-conditioned heads; prints `run:<name>`.
 
@@ -70,6 +84,7 @@ def register(app: typer.Typer) -> None:
         """
         from mhr.errors import UsageError
         from mhr.train import TrainParams, resume_params, train
+        from mhr.workspace import record_current
 
         c = context(ctx)
         ds = c.dataset()
@@ -87,6 +102,7 @@ def register(app: typer.Typer) -> None:
                 backbone=backbone, size=size, priors=tuple(parse_list(priors)), compose=compose,
                 global_head=global_head, score=score, temperature=temperature, negatives=n_neg,
                 negatives_from=negatives_from, global_ratio=global_negatives_ratio,
+                negatives_per=negatives_per, in_batch_negatives=in_batch_negatives, logq=logq,
                 head_weights=head_weights, gamma=gamma, epochs=epochs, max_steps=max_steps,
                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                 clip=clip, eval_every=eval_every, patience=patience, seed=seed, dropout=dropout,
@@ -98,11 +114,12 @@ def register(app: typer.Typer) -> None:
             if train_item_llm and backbone != "hllm":
                 raise UsageError("--train-item-llm fine-tunes HLLM's item LLM", hint="add --backbone hllm")
         result = train(ds, params, windows=windows, name=name, device=device, force=force,
-                       resume=bool(resume), checkpoint_every=checkpoint_every)
+                       resume=bool(resume), checkpoint_every=checkpoint_every, deterministic=deterministic)
         if result.cached:
             err.print(f"cached: run {result.name} (key {result.key[:12]})")
         else:
             best = result.best
             err.print(f"trained {result.name}: best valid NDCG@10 {best.get('valid_ndcg@10', float('nan')):.4f} "
                       f"at step {best.get('step')} of {best.get('steps')}")
+        record_current(ds, run=result.name)  # `mhr eval` without a run evaluates this one
         emit(f"run:{result.name}")
