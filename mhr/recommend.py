@@ -13,14 +13,22 @@ the one with the largest term of the fused score (`mhr.fusion.head_contributions
 from __future__ import annotations
 
 import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from mhr import fusion as fusion_mod
-from mhr.errors import NotFoundError, UsageError
+from mhr.console import log, progress
+from mhr.errors import InputError, NotFoundError, UsageError
 from mhr.fusion import FITTED, FUSIONS, FusionFit
 from mhr.scoring import grouped_fused_topk
 from mhr.store import connect
@@ -39,6 +47,109 @@ class Recommendation:
     heads_fused: int  # eligible heads the user may use for this item, whose scores were fused
 
 
+@dataclass(frozen=True)
+class TopK:
+    """A batch of ranked lists. Slots no item can fill (fewer candidates than `top`) hold item 0;
+    `heads` is -1 there and everywhere when not explained."""
+
+    items: np.ndarray  # [B, top] int64 item ids
+    scores: np.ndarray  # [B, top] float32 fused scores
+    heads: np.ndarray  # [B, top] int64 explaining head (`_explain`), -1 = none
+    heads_fused: np.ndarray  # [B, top] int64 eligible heads fused for the item (0 when not explained)
+
+    def filled(self) -> np.ndarray:
+        """Bool [B, top]: the slots holding a recommended item (a prefix of each row)."""
+        return np.isfinite(self.scores) & (self.items > 0)
+
+
+def scoring_for(run: LoadedRun, fusion: str, fit: FusionFit | None = None) -> dict[str, Any]:
+    """`grouped_fused_topk`'s keyword arguments for a fusion name, as `mhr eval` ranks: a fitted
+    fusion uses `fit` when given, else the run's cached fit (fitted on valid on first use)."""
+    check_fusion(fusion)
+    if fusion in FITTED and fit is None:
+        from mhr.evaluate import load_or_fit_fusion
+
+        fit = load_or_fit_fusion(run, fusion)
+    return fusion_mod.scoring_args(fusion, fit if fusion in FITTED else None)
+
+
+def check_fusion(fusion: str) -> None:
+    if fusion not in FUSIONS:
+        raise UsageError(f"unknown fusion {fusion!r}", hint=f"use one of {', '.join(FUSIONS)}")
+
+
+@torch.no_grad()
+def rank_histories(run: LoadedRun, histories: Sequence[tuple[np.ndarray, np.ndarray]], users: np.ndarray,
+                   top: int, scoring: dict[str, Any], exclude_history: bool = True,
+                   explain: bool = True) -> TopK:
+    """Top `top` items after each whole history, the one ranking path of `mhr recommend` (one user,
+    `--all`) and `mhr.service.Recommender`.
+
+    `histories`: per user (item ids, timestamps), chronological; the last T are the context and,
+    with `exclude_history`, every item of it is excluded. `users` [B]: store user ids for user
+    priors' heads (-1: anonymous, every head). `scoring`: `scoring_for(...)`."""
+    if top < 1:
+        raise UsageError(f"--top must be at least 1, got {top}")
+    T = int(run.windows.params["context"])
+    device = run.compat.omega.device
+    model = run.model
+    vecs = model.item_vectors().float()
+    b = len(histories)
+    length = torch.tensor([min(T, len(items)) for items, _ in histories])
+    items = torch.zeros(b, max(1, int(length.max())), dtype=torch.long)
+    ts = torch.zeros_like(items)
+    for r, (h_items, h_ts) in enumerate(histories):  # right-padded, as in training
+        n = int(length[r])
+        items[r, :n] = torch.as_tensor(h_items[-n:], dtype=torch.long)
+        ts[r, :n] = torch.as_tensor(h_ts[-n:], dtype=torch.long)
+    q = model.last_queries(items.to(device), ts.to(device), length.to(device)).float()
+    exclude = None
+    if exclude_history:
+        indptr = np.concatenate([[0], np.cumsum([len(h) for h, _ in histories])])
+        flat = np.concatenate([np.asarray(h, dtype=np.int64) for h, _ in histories])
+        exclude = (indptr, flat)
+    user_heads = run.compat.users(torch.as_tensor(users, dtype=torch.long, device=device))
+    top_items, top_scores, winners = grouped_fused_topk(
+        q, vecs, model.scorer, run.compat.omega, user_heads, exclude, top, **scoring
+    )
+    heads = torch.full_like(top_items, -1)
+    n_fused = torch.zeros_like(top_items)
+    if explain:
+        heads, n_fused = _explain(run, q, vecs, user_heads, top_items, winners, scoring)
+    filled = torch.isfinite(top_scores) & (top_items > 0)
+    return TopK(top_items.cpu().numpy(), top_scores.cpu().numpy().astype(np.float32),
+                heads.masked_fill(~filled, -1).cpu().numpy(), n_fused.masked_fill(~filled, 0).cpu().numpy())
+
+
+def _explain(run: LoadedRun, q: torch.Tensor, vecs: torch.Tensor, user_heads: torch.Tensor,
+             items: torch.Tensor, winners: torch.Tensor, scoring: dict[str, Any]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head id, -1 = none; heads fused) [B, M] for the recommended `items` [B, M]: max fusion's
+    winner, or the largest term of the avg formula (`head_contributions`)."""
+    allowed = run.compat.omega[:, items].permute(1, 0, 2) & user_heads.unsqueeze(-1)  # [B, K, M]
+    n_fused = allowed.sum(dim=1)
+    if scoring["fusion"] == "max":
+        return winners, n_fused
+    scores = run.model.scorer(q, vecs[items])  # [B, K, d] · [B, M, d] -> [B, K, M]
+    params = {k: scoring.get(k) for k in ("weights", "scale", "offset")}
+    _, top = fusion_mod.head_contributions(scores, allowed, **params)
+    return top, n_fused
+
+
+def as_recommendations(ranked: TopK, row: int, meta: dict[int, tuple[str, str | None]],
+                       names: Sequence[str]) -> list[Recommendation]:
+    """Row `row` of a ranking as `Recommendation`s; `meta`: item id -> (raw id, title)."""
+    n = int(ranked.filled()[row].sum())
+    out = []
+    for r in range(n):
+        i, head = int(ranked.items[row, r]), int(ranked.heads[row, r])
+        out.append(Recommendation(
+            rank=r + 1, item_id=i, raw_id=meta[i][0], title=meta[i][1], score=float(ranked.scores[row, r]),
+            head=names[head] if head >= 0 else None, heads_fused=int(ranked.heads_fused[row, r]),
+        ))
+    return out
+
+
 @torch.no_grad()
 def recommend(run: LoadedRun, dataset: Dataset, raw_user: str, top: int = 10, fusion: str = "max",
               exclude_history: bool = True, fit: FusionFit | None = None
@@ -47,9 +158,7 @@ def recommend(run: LoadedRun, dataset: Dataset, raw_user: str, top: int = 10, fu
 
     `fusion`: max, avg, learned or invvar; a fitted fusion uses `fit` when given, else the run's
     cached fit (fitted on the validation split and written on first use, as `mhr eval` does)."""
-    if fusion not in FUSIONS:
-        raise UsageError(f"unknown fusion {fusion!r}", hint=f"use one of {', '.join(FUSIONS)}")
-    T = int(run.windows.params["context"])
+    check_fusion(fusion)
     con = connect(dataset.store_path, read_only=True)
     try:
         row = con.execute("SELECT user_id FROM users WHERE raw_id = ?", [raw_user]).fetchone()
@@ -60,35 +169,16 @@ def recommend(run: LoadedRun, dataset: Dataset, raw_user: str, top: int = 10, fu
                 hint=f"pass a raw user id from the source data, e.g. {', '.join(sample)}",
             )
         user_id = int(row[0])
-        if fusion in FITTED and fit is None:  # after the user check: a first fit takes a while
-            from mhr.evaluate import load_or_fit_fusion
-
-            fit = load_or_fit_fusion(run, fusion)
-        scoring = fusion_mod.scoring_args(fusion, fit if fusion in FITTED else None)
+        scoring = scoring_for(run, fusion, fit)  # after the user check: a first fit takes a while
         hist = con.execute(
             "SELECT item_id, ts FROM interactions WHERE user_id = ? ORDER BY pos", [user_id]
         ).fetchnumpy()
         items_all = hist["item_id"].astype(np.int64)
-        ts_all = hist["ts"].astype(np.int64)
-        ctx_items, ctx_ts = items_all[-T:], ts_all[-T:]
-        model = run.model
-        vecs = model.item_vectors().float()
-        n_items = vecs.shape[0] - 1
-        items = torch.from_numpy(ctx_items)[None]
-        ts = torch.from_numpy(ctx_ts)[None]
-        length = torch.tensor([len(ctx_items)])
-        q = model.last_queries(items, ts, length).float()
-        exclude = None
-        if exclude_history:
-            exclude = torch.zeros(1, n_items + 1, dtype=torch.bool)
-            exclude[0, torch.from_numpy(items_all)] = True
-        user_heads = run.compat.users(torch.tensor([user_id]))
-        top_items, top_scores, winners = grouped_fused_topk(
-            q, vecs, model.scorer, run.compat.omega, user_heads, exclude, top, **scoring
-        )
-        keep = torch.isfinite(top_scores[0]) & (top_items[0] > 0)  # fewer eligible items than `top`
-        ids = [int(i) for i in top_items[0][keep]]
-        heads, n_fused = _explain(run, q, vecs, user_heads, top_items[0][keep], winners[0][keep], scoring)
+        if len(items_all) == 0:
+            raise NotFoundError(f"user {raw_user!r} has no interactions in dataset {dataset.name}")
+        ranked = rank_histories(run, [(items_all, hist["ts"].astype(np.int64))], np.array([user_id]), top,
+                                scoring, exclude_history)
+        ids = [int(i) for i in ranked.items[0][ranked.filled()[0]]]
         meta = {
             int(r[0]): (r[1], r[2])
             for r in con.execute(
@@ -101,34 +191,166 @@ def recommend(run: LoadedRun, dataset: Dataset, raw_user: str, top: int = 10, fu
         ).fetchall()
     finally:
         con.close()
-    names = run.layout.names
-    recs = [
-        Recommendation(
-            rank=r + 1, item_id=i, raw_id=meta[i][0], title=meta[i][1], score=float(top_scores[0, r]),
-            head=names[heads[r]] if heads[r] >= 0 else None, heads_fused=n_fused[r],
-        )
-        for r, i in enumerate(ids)
-    ]
+    recs = as_recommendations(ranked, 0, meta, run.layout.names)
     context = {"user": raw_user, "history_length": int(len(items_all)),
                "recent_titles": [t[0] for t in recent], "fusion": fusion}
-    if fit is not None and fusion in FITTED:
+    if fusion in FITTED:
         context["fitted_on"] = "valid"
     return recs, context
 
 
-def _explain(run: LoadedRun, q: torch.Tensor, vecs: torch.Tensor, user_heads: torch.Tensor,
-             items: torch.Tensor, winners: torch.Tensor, scoring: dict[str, Any]) -> tuple[list[int], list[int]]:
-    """(head id per item, -1 = none; heads fused per item) for the recommended `items` [M] of one
-    user: max fusion's winner, or the largest term of the avg formula (`head_contributions`)."""
-    allowed = run.compat.omega[:, items].unsqueeze(0) & user_heads.unsqueeze(-1)  # [1, K, M]
-    n_fused = allowed.sum(dim=1)[0].tolist()
-    if scoring["fusion"] == "max":
-        return [int(w) for w in winners], n_fused
-    scores = run.model.scorer(q, vecs[items])  # [1, K, M]
-    params = {k: scoring.get(k) for k in ("weights", "scale", "offset")}
-    _, top = fusion_mod.head_contributions(scores, allowed, **params)
-    return top[0].tolist(), n_fused
-
-
 def as_json(recs: list[Recommendation], context: dict[str, Any]) -> str:
     return json.dumps({**context, "items": [r.__dict__ for r in recs]}, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# every user: `mhr recommend RUN --all --out FILE`
+
+EXPORT_SCHEMA = pa.schema([
+    ("user", pa.string()),  # raw user id
+    ("rank", pa.int32()),  # 1-based
+    ("item", pa.string()),  # raw item id
+    ("score", pa.float32()),  # fused score
+    ("head", pa.string()),  # the explaining head (`Recommendation.head`); null without --explain
+])
+CHUNK_USERS = 1024
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    path: Path
+    users: int  # users with a list in the file
+    skipped: int  # users without any interaction: nothing to rank after
+    rows: int
+    seconds: float
+
+
+def read_user_file(path: Path) -> list[str]:
+    """Raw user ids, one a line (blank lines and surrounding spaces ignored)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the user file {path}: {e}", hint="one raw user id a line") from e
+    users = [s.strip() for s in lines if s.strip()]
+    if not users:
+        raise InputError(f"the user file {path} lists no user", hint="one raw user id a line")
+    return users
+
+
+def export_recommendations(run: LoadedRun, dataset: Dataset, out: Path, top: int = 10, fusion: str = "max",
+                           explain: bool = False, exclude_history: bool = True, users: list[str] | None = None,
+                           fit: FusionFit | None = None, chunk_users: int = CHUNK_USERS) -> ExportSummary:
+    """Every user's (or `users`', raw ids) top `top` after their whole history, ranked exactly as
+    `recommend` ranks one user, written to the Parquet file `out` (`EXPORT_SCHEMA`, rows by store
+    user order then rank).
+
+    Users go `chunk_users` at a time, so memory follows the chunk and the catalogue, not the number
+    of users. The file is written beside `out` under a temporary name and renamed into place when
+    complete: an interrupted export leaves `out` as it was (absent, or the previous export)."""
+    check_fusion(fusion)
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder", hint="name the Parquet file to write, e.g. recs.parquet")
+    started = time.perf_counter()
+    con = connect(dataset.store_path, read_only=True)
+    try:
+        chunks, total = _user_chunks(con, dataset, users, chunk_users)
+        scoring = scoring_for(run, fusion, fit)
+        raw_items = _raw_item_ids(con, run.model.item_vectors().shape[0])
+        meta = {"run": run.name, "dataset": dataset.name, "fusion": fusion, "top": top,
+                "exclude_history": exclude_history, "explain": explain}
+        schema = EXPORT_SCHEMA.with_metadata({"mhr": json.dumps(meta)})
+        done = skipped = rows = 0
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_parquet(out, schema) as writer, progress() as bar:
+            task = bar.add_task("recommend", total=total, info="")
+            for ids in chunks:
+                table, ranked = _export_chunk(run, con, ids, raw_items, top, scoring, exclude_history, explain)
+                writer.write_table(table)
+                done, skipped, rows = done + ranked, skipped + len(ids) - ranked, rows + table.num_rows
+                bar.advance(task, len(ids))
+    finally:
+        con.close()
+    seconds = time.perf_counter() - started
+    log(f"{done} users, {rows} rows in {seconds:.1f} s ({done / max(seconds, 1e-9):.0f} users/s)"
+        + (f"; {skipped} users without interactions skipped" if skipped else ""))
+    return ExportSummary(out, done, skipped, rows, seconds)
+
+
+def _user_chunks(con, dataset: Dataset, users: list[str] | None, size: int
+                 ) -> tuple[Iterator[np.ndarray], int]:
+    """(chunks of store user ids in ascending order, how many users in all). Every user by id
+    ranges (user ids are 1..U), or the raw ids of `users`, all of which must exist."""
+    if size < 1:
+        raise UsageError(f"chunk size must be at least 1, got {size}")
+    if users is None:
+        lo, hi, n = con.execute("SELECT min(user_id), max(user_id), count(*) FROM users").fetchone()
+        if not n:
+            raise NotFoundError(f"dataset {dataset.name} has no users")
+        return (np.arange(s, min(s + size, hi + 1)) for s in range(lo, hi + 1, size)), int(n)
+    wanted = list(dict.fromkeys(users))
+    found = con.execute("SELECT u.user_id FROM (SELECT unnest(?::VARCHAR[]) AS raw_id) JOIN users u USING (raw_id) "
+                        "ORDER BY 1", [wanted]).fetchnumpy()["user_id"].astype(np.int64)
+    if len(found) < len(wanted):
+        missing = [r[0] for r in con.execute(
+            "SELECT raw_id FROM (SELECT unnest(?::VARCHAR[]) AS raw_id) ANTI JOIN users USING (raw_id) LIMIT 5",
+            [wanted]).fetchall()]
+        raise NotFoundError(
+            f"{len(wanted) - len(found)} of the {len(wanted)} users asked for are not in dataset "
+            f"{dataset.name}, e.g. {', '.join(repr(m) for m in missing)}",
+            hint="list raw user ids from the source data, one a line",
+        )
+    return (found[s : s + size] for s in range(0, len(found), size)), len(found)
+
+
+def _raw_item_ids(con, n_cols: int) -> np.ndarray:
+    """Object [N+1]: raw id by item id (None for the padding item 0)."""
+    raw = np.full(n_cols, None, dtype=object)
+    rows = con.execute("SELECT item_id, raw_id FROM items").fetchnumpy()
+    raw[rows["item_id"].astype(np.int64)] = np.asarray(rows["raw_id"], dtype=object)
+    return raw
+
+
+def _export_chunk(run: LoadedRun, con, ids: np.ndarray, raw_items: np.ndarray, top: int,
+                  scoring: dict[str, Any], exclude_history: bool, explain: bool) -> tuple[pa.Table, int]:
+    """(the rows of the users `ids`, how many were ranked): ascending store ids; ids that are no user
+    (gaps in a range) or users without interactions are left out."""
+    lo, hi, id_list = int(ids[0]), int(ids[-1]), ids.tolist()
+    users = con.execute("SELECT user_id, raw_id FROM users WHERE user_id BETWEEN ? AND ? "
+                        "AND user_id IN (SELECT unnest(?)) ORDER BY user_id", [lo, hi, id_list]).fetchnumpy()
+    hist = con.execute("SELECT user_id, item_id, ts FROM interactions WHERE user_id BETWEEN ? AND ? "
+                       "AND user_id IN (SELECT unnest(?)) ORDER BY user_id, pos", [lo, hi, id_list]).fetchnumpy()
+    uid, h_uid = users["user_id"].astype(np.int64), hist["user_id"].astype(np.int64)
+    start, stop = np.searchsorted(h_uid, uid), np.searchsorted(h_uid, uid, side="right")
+    active = stop > start
+    if not active.any():
+        return EXPORT_SCHEMA.empty_table(), 0
+    items, ts = hist["item_id"].astype(np.int64), hist["ts"].astype(np.int64)
+    histories = [(items[a:b], ts[a:b]) for a, b in zip(start[active], stop[active], strict=True)]
+    ranked = rank_histories(run, histories, uid[active], top, scoring, exclude_history, explain)
+    filled = ranked.filled()
+    names = np.array([*run.layout.names, None], dtype=object)  # head -1 -> None
+    raw_users = np.asarray(users["raw_id"], dtype=object)[active]
+    return pa.table({
+        "user": pa.array(np.repeat(raw_users, filled.sum(axis=1)), pa.string()),
+        "rank": pa.array(np.broadcast_to(np.arange(1, top + 1, dtype=np.int32), filled.shape)[filled]),
+        "item": pa.array(raw_items[ranked.items[filled]], pa.string()),
+        "score": pa.array(ranked.scores[filled], pa.float32()),
+        "head": pa.array(names[ranked.heads[filled]] if explain else [None] * int(filled.sum()), pa.string()),
+    }, schema=EXPORT_SCHEMA), int(active.sum())
+
+
+@contextmanager
+def _atomic_parquet(out: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A ParquetWriter on a temporary file beside `out`, renamed to `out` only after a clean exit;
+    on any exception (Ctrl-C included) the temporary file is removed."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    writer = pq.ParquetWriter(tmp, schema)
+    try:
+        yield writer
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise

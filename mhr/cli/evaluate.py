@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.table import Table
@@ -130,8 +131,13 @@ def register(app: typer.Typer) -> None:
     def recommend_cmd(
         ctx: typer.Context,
         run: str = typer.Argument(..., help="Run name or run:<name>."),
-        user: str = typer.Option(..., "--user", help="The user's raw id in the source data."),
-        top: int = typer.Option(10, help="How many items."),
+        user: str = typer.Option(None, "--user", help="The user's raw id in the source data."),
+        all_users: bool = typer.Option(
+            False, "--all", help="Every user (or those of --users) to the Parquet file --out: user, rank, item "
+            "(raw ids), score, head (null without --explain); written whole or not at all."),
+        out: Path = typer.Option(None, "--out", help="With --all: the Parquet file to write."),
+        users_file: Path = typer.Option(None, "--users", help="With --all: only these raw user ids, one a line."),
+        top: int = typer.Option(10, min=1, help="How many items."),
         fusion: str = typer.Option(
             "max", help="As in `mhr eval`: max (explained by the winning head), avg, learned or invvar (per-head "
             "parameters fitted on the valid split once, cached with the run's evaluations)."),
@@ -142,17 +148,33 @@ def register(app: typer.Typer) -> None:
         keep_history: bool = typer.Option(False, "--keep-history", help="Allow already-seen items."),
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
     ) -> None:
-        """Top items for one user, with the head behind each (the winner under max fusion).
+        """Top items for one user, with the head behind each (the winner under max fusion); or for every
+        user to a Parquet file.
 
         Example: mhr recommend hstu1-genre6-s0 --user 42 --fusion learned --explain
+
+        Example: mhr recommend hstu1-genre6-s0 --all --out recs.parquet --top 20 --explain
         """
+        from mhr.errors import UsageError
         from mhr.recommend import as_json as rec_json
-        from mhr.recommend import recommend
+        from mhr.recommend import export_recommendations, read_user_file, recommend
         from mhr.train import load_run
 
+        if all_users == (user is not None):
+            raise UsageError("say whom to recommend for: --user ID or --all", hint="one of the two, not both")
+        if not all_users and (out is not None or users_file is not None):
+            raise UsageError("--out and --users go with --all", hint="mhr recommend RUN --all --out recs.parquet")
+        if all_users and (out is None or as_json):
+            raise UsageError("--all writes a Parquet file: give --out FILE (and no --json)",
+                             hint="mhr recommend RUN --all --out recs.parquet")
         c = context(ctx)
         ds = c.dataset()
+        wanted = read_user_file(users_file) if users_file is not None else None
         loaded = load_run(ds, _strip(run))
+        if all_users:
+            summary = export_recommendations(loaded, ds, out, top, fusion, explain, not keep_history, wanted)
+            emit(str(summary.path))
+            return
         recs, info = recommend(loaded, ds, user, top, fusion, not keep_history)
         if as_json:
             typer.echo(rec_json(recs, info))

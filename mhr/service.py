@@ -1,0 +1,116 @@
+"""A trained run behind a service: load once, recommend for a raw history.
+
+    from mhr import Recommender
+
+    rec = Recommender.load("workspace", "ml-100k", "quickstart-both-s0")
+    for r in rec.recommend(["50", "172", "181"], top=5, explain=True):
+        print(r.rank, r.raw_id, r.title, f"{r.score:.3f}", r.head)
+
+A history is a list of raw item ids (the source data's), oldest first. It is ranked by
+`mhr.recommend.rank_histories`, the path `mhr recommend` takes for a stored user, so a stored
+user's whole history (with its timestamps and `user=`) gets exactly the CLI's list.
+
+- Unknown raw item ids raise `NotFoundError` naming them (`unknown="skip"`: dropped, with a
+  `UnknownItemsWarning`); an empty history is a `UsageError`.
+- `timestamps` (seconds, as in the store) matter to time-aware backbones (HSTU); left out, the
+  events are taken as one second apart, which is what a store without timestamps holds.
+- `user` (a raw user id in the store) only selects the heads of user priors; its stored
+  history is not added. Without it every head may score.
+- The fusion is chosen at load: a fitted one (learned, invvar) is read from the run's cache (fitted
+  on the validation split on first use, as `mhr eval` does) once, not per request.
+
+The object holds no per-request state; the model stays in eval mode and runs without gradients.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mhr.errors import NotFoundError, UsageError
+from mhr.recommend import Recommendation, as_recommendations, check_fusion, rank_histories, scoring_for
+from mhr.store import connect
+from mhr.train import LoadedRun, load_run
+from mhr.workspace import Dataset, Workspace
+
+
+class UnknownItemsWarning(UserWarning):
+    """Raw item ids of a history that are not in the catalogue (dropped under `unknown="skip"`)."""
+
+
+@dataclass
+class Recommender:
+    run: LoadedRun
+    dataset: Dataset
+    fusion: str
+    scoring: dict
+    item_ids: dict[str, int]  # raw id -> item id
+    meta: dict[int, tuple[str, str | None]]  # item id -> (raw id, title)
+
+    @classmethod
+    def load(cls, workspace: str | Path | None, dataset: str | None, run: str, fusion: str = "max",
+             device: str = "cpu") -> Recommender:
+        """The finished run `run` of `dataset` in `workspace` (None: `$MHR_WORKSPACE` or ./workspace;
+        None dataset: `$MHR_DATASET` or the only one), its catalogue and fusion parameters."""
+        check_fusion(fusion)
+        ds = Workspace.from_option(workspace).dataset(dataset).require()
+        loaded = load_run(ds, run.removeprefix("run:"), device=device)
+        con = connect(ds.store_path, read_only=True)
+        try:
+            rows = con.execute("SELECT item_id, raw_id, title FROM items").fetchall()
+        finally:
+            con.close()
+        return cls(loaded, ds, fusion, scoring_for(loaded, fusion), {r[1]: int(r[0]) for r in rows},
+                   {int(r[0]): (r[1], r[2]) for r in rows})
+
+    def recommend(self, history: Sequence[str], top: int = 10, explain: bool = True, *,
+                  timestamps: Sequence[int] | None = None, user: str | None = None,
+                  exclude_history: bool = True, unknown: str = "error") -> list[Recommendation]:
+        """The top `top` items after `history` (raw item ids, oldest first), best first; with
+        `explain`, each names its head (`Recommendation.head`, `heads_fused`)."""
+        items, ts = self._encode(history, timestamps, unknown)
+        user_id = self._user_id(user) if user is not None else -1
+        ranked = rank_histories(self.run, [(items, ts)], np.array([user_id]), top, self.scoring,
+                                exclude_history, explain)
+        return as_recommendations(ranked, 0, self.meta, self.run.layout.names)
+
+    def _encode(self, history: Sequence[str], timestamps: Sequence[int] | None, unknown: str
+                ) -> tuple[np.ndarray, np.ndarray]:
+        if unknown not in ("error", "skip"):
+            raise UsageError(f"unknown={unknown!r}", hint='use "error" or "skip"')
+        if isinstance(history, str):
+            raise UsageError("history must be a list of raw item ids, not one string")
+        ts = np.zeros(len(history), np.int64) if timestamps is None else np.asarray(timestamps, np.int64)
+        if len(ts) != len(history):
+            raise UsageError(f"{len(history)} items but {len(ts)} timestamps", hint="one timestamp per item")
+        ids = np.array([self.item_ids.get(str(raw), 0) for raw in history], dtype=np.int64)
+        missing = [raw for raw, i in zip(history, ids, strict=True) if i == 0]
+        if missing and unknown == "error":
+            raise NotFoundError(
+                f"{len(missing)} item(s) of the history are not in dataset {self.dataset.name}: "
+                + ", ".join(repr(m) for m in missing[:5]),
+                hint='pass raw item ids from the source data, or unknown="skip" to drop them',
+            )
+        if missing:
+            warnings.warn(f"dropped {len(missing)} unknown item(s): {', '.join(map(repr, missing[:5]))}",
+                          UnknownItemsWarning, stacklevel=3)
+        keep = ids > 0
+        if not keep.any():
+            raise UsageError("the history holds no known item", hint="pass at least one raw item id")
+        # without timestamps the kept events are one second apart, as in a store without them
+        return ids[keep], ts[keep] if timestamps is not None else np.arange(int(keep.sum()), dtype=np.int64)
+
+    def _user_id(self, raw_user: str) -> int:
+        con = connect(self.dataset.store_path, read_only=True)
+        try:
+            row = con.execute("SELECT user_id FROM users WHERE raw_id = ?", [raw_user]).fetchone()
+        finally:
+            con.close()
+        if row is None:
+            raise NotFoundError(f"user {raw_user!r} is not in dataset {self.dataset.name}",
+                                hint="pass a raw user id from the source data, or no user")
+        return int(row[0])
