@@ -44,7 +44,7 @@ from mhr.cache import MANIFEST, build_artifact, is_done, read_manifest, stage_ke
 from mhr.console import err
 from mhr.errors import BusyError, InputError, NotFoundError, StaleError, UsageError
 from mhr.store import connect, data_key, record_stage_run
-from mhr.workspace import Dataset, writing
+from mhr.workspace import Dataset, read_current, record_current, writing
 
 STAGE = "windows"
 WINDOWS_FORMAT = 1
@@ -146,6 +146,7 @@ def build_windows(
     key = stage_key(STAGE, params, inputs)
     final = dataset.windows_dir / key[:12]
     if not force and is_done(final, key):
+        record_current(dataset, windows=key)
         return key, final, True
 
     started = time.time()
@@ -163,6 +164,7 @@ def build_windows(
                     record_stage_run(con, STAGE, key, params, inputs, started)
                 finally:
                     con.close()
+    record_current(dataset, windows=key)  # what the user just asked for is what train/eval use
     return key, final, cached
 
 
@@ -473,9 +475,28 @@ def _candidates(dataset: Dataset) -> list[tuple[Path, dict]]:
     return found
 
 
+def _describe_params(p: dict) -> str:
+    held = f", H = {p['holdout']}" if "holdout" in p else ""
+    return f"T = {p['context']}, τ = {p['horizon']}{held}, {p['protocol']}"
+
+
+def _build_cmd(p: dict) -> str:
+    holdout = f" --holdout {p['holdout']}" if "holdout" in p else ""
+    return f"mhr windows build --context {p['context']} --horizon {p['horizon']}{holdout} --protocol {p['protocol']}"
+
+
+def _listing(found: list[tuple[Path, dict]]) -> str:
+    return "; ".join(f"windows:{m['key'][:12]} ({_describe_params(m['params'])})" for _, m in found) or "none"
+
+
 def find_windows(dataset: Dataset, ref: str | None = None) -> tuple[Path, dict]:
-    """The artifact named by `ref` (`windows:<key prefix>`, a key or a prefix), or the latest one
-    built for the current store (any, if none is current). No staleness check."""
+    """The artifact named by `ref` (`windows:<key prefix>`, a key or a prefix), or the dataset's current
+    windows: those of the last `mhr windows build` (cached or not), recorded in `current.json`.
+
+    Never picks by time. Without a record (a workspace from before it existed) the only windows built
+    for the current store are used; several, or a record whose windows are gone, raise an error that
+    lists the alternatives. Staleness of the recorded windows is `load_windows`'s check.
+    """
     candidates = _candidates(dataset)
     hint = "build them with `mhr windows build --context T --horizon τ`"
     if ref:
@@ -486,11 +507,33 @@ def find_windows(dataset: Dataset, ref: str | None = None) -> tuple[Path, dict]:
         if len({m["key"] for _, m in hits}) > 1:
             raise UsageError(f"windows reference {ref!r} is ambiguous", hint="give more of the key")
         return hits[0]
+    recorded = read_current(dataset).get("windows")
+    if recorded:
+        hits = [(d, m) for d, m in candidates if m["key"] == recorded]
+        if hits:
+            return hits[0]
+        raise NotFoundError(
+            f"the current windows windows:{recorded[:12]} (from the last `mhr windows build`) are missing or "
+            f"damaged in {dataset.windows_dir}; built: {_listing(candidates)}",
+            hint="rebuild them with `mhr windows build …`, or pick one with --windows KEY",
+        )
     if not candidates:
         raise NotFoundError(f"no windows built for dataset {dataset.name!r}", hint=hint)
     current = _current_data_key(dataset)
-    fresh = [c for c in candidates if c[1]["inputs"].get("data") == current] or candidates
-    return max(fresh, key=lambda c: (c[1].get("built", 0.0), c[1]["key"]))
+    fresh = [c for c in candidates if c[1]["inputs"].get("data") == current]
+    if len(fresh) == 1:
+        return fresh[0]
+    if not fresh:
+        p = candidates[0][1]["params"]
+        raise StaleError(
+            f"every windows artifact of dataset {dataset.name} was built from another version of it "
+            f"(data key ≠ {current[:12]}): {_listing(candidates)}",
+            hint=f"rebuild them with `{_build_cmd(p)}`",
+        )
+    raise UsageError(
+        f"several windows for dataset {dataset.name} and none chosen: {_listing(fresh)}",
+        hint="run the `mhr windows build …` you mean (cached builds are instant), or pass --windows KEY",
+    )
 
 
 def _current_data_key(dataset: Dataset) -> str:
@@ -502,7 +545,7 @@ def _current_data_key(dataset: Dataset) -> str:
 
 
 def load_windows(dataset: Dataset, ref: str | None = None) -> WindowsRef:
-    """The windows named by `ref` (or the latest for the current store), checked and ready to read.
+    """The windows named by `ref` (or the dataset's current ones, see `find_windows`), checked and ready.
 
     Raises NotFoundError when there are none, StaleError when they were built from another version
     of the dataset (data keys differ), InputError when the files are damaged.
@@ -511,13 +554,12 @@ def load_windows(dataset: Dataset, ref: str | None = None) -> WindowsRef:
     current = _current_data_key(dataset)
     built_for = manifest["inputs"].get("data", "")
     if built_for != current:
-        p = manifest["params"]
-        holdout = f" --holdout {p['holdout']}" if "holdout" in p else ""
+        fresh = [c for c in _candidates(dataset) if c[1]["inputs"].get("data") == current]
+        others = "" if ref else f"; windows built for the current data: {_listing(fresh)}"
         raise StaleError(
             f"windows {manifest['key'][:12]} were built from another version of dataset {dataset.name} "
-            f"(data key {built_for[:12]} ≠ {current[:12]})",
-            hint=f"rebuild them with `mhr windows build --context {p['context']} "
-            f"--horizon {p['horizon']}{holdout} --protocol {p['protocol']}`",
+            f"(data key {built_for[:12]} ≠ {current[:12]}){others}",
+            hint=f"rebuild them with `{_build_cmd(manifest['params'])}`",
         )
     if read_manifest(path, verify=True) is None:
         raise InputError(
@@ -540,6 +582,7 @@ def describe_windows(dataset: Dataset, ref: str | None = None) -> dict[str, Any]
         "params": manifest["params"],
         "data_key": manifest["inputs"].get("data"),
         "current": manifest["inputs"].get("data") == current,
+        "default": manifest["key"] == read_current(dataset).get("windows"),
         "created": manifest.get("created"),
         "stats": manifest.get("stats", {}),
         "files": {name: info["size"] for name, info in manifest["files"].items()},

@@ -7,6 +7,7 @@ The workspace root is `--workspace` / `MHR_WORKSPACE` (default `./workspace`); t
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 from mhr.errors import BusyError, NotFoundError, UsageError
 
 STORE_FILE = "store.duckdb"
+CURRENT_FILE = "current.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -57,6 +59,10 @@ class Dataset:
     @property
     def reports_dir(self) -> Path:
         return self.dir / "reports"
+
+    @property
+    def current_path(self) -> Path:
+        return self.dir / CURRENT_FILE
 
     def exists(self) -> bool:
         return self.store_path.is_file()
@@ -131,3 +137,35 @@ def writing(dataset: Dataset, stage: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def read_current(dataset: Dataset) -> dict[str, str]:
+    """What the user last chose for the dataset: `{"windows": <key>, "run": <name>}` (either may be absent).
+
+    Commands that take no explicit reference use these instead of guessing by time. An unreadable
+    record counts as none (it is only ever replaced whole, so that needs a hand edit).
+    """
+    try:
+        record = json.loads(dataset.current_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in record.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(
+        record, dict) else {}
+
+
+def record_current(dataset: Dataset, **choices: str) -> None:
+    """Make `choices` (e.g. `windows=key`, `run=name`) the dataset's current ones.
+
+    Read-modify-write under a short `flock` (a windows build and a training run may finish at the same
+    moment), written to a temp file and renamed, so a reader sees the old record or the new one.
+    """
+    dataset.dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dataset.dir / ".current.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        record = {**read_current(dataset), **choices}
+        tmp = dataset.current_path.with_name(f".{CURRENT_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, dataset.current_path)
+    finally:
+        os.close(fd)  # releases the lock

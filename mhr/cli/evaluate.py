@@ -13,14 +13,27 @@ from mhr.console import emit, emit_json, err
 
 
 def latest_run(dataset) -> str:
-    from mhr.errors import NotFoundError
+    """The run `mhr eval` uses when given none: the last one `mhr train` finished (or found cached), as
+    recorded in the dataset's `current.json`; without a record, the only finished run. Never the newest
+    by time: a recorded run that is gone, or several runs and no record, is an error listing them."""
+    from mhr.errors import NotFoundError, UsageError
+    from mhr.workspace import read_current
 
-    runs = sorted(
-        (p for p in dataset.runs_dir.glob("*/manifest.json")), key=lambda p: p.stat().st_mtime
-    ) if dataset.runs_dir.is_dir() else []
-    if not runs:
+    finished = sorted(p.parent.name for p in dataset.runs_dir.glob("*/manifest.json")) \
+        if dataset.runs_dir.is_dir() else []
+    listing = ", ".join(finished[:12]) + (f" … ({len(finished)} in all)" if len(finished) > 12 else "")
+    recorded = read_current(dataset).get("run")
+    if recorded in finished:
+        return recorded
+    if recorded:
+        raise NotFoundError(f"the current run {recorded!r} (from the last `mhr train`) is missing or unfinished "
+                            f"in {dataset.runs_dir}; finished: {listing or 'none'}",
+                            hint="name one: `mhr eval RUN`")
+    if not finished:
         raise NotFoundError(f"no finished run in {dataset.runs_dir}", hint="train one with `mhr train`")
-    return runs[-1].parent.name
+    if len(finished) > 1:
+        raise UsageError(f"several runs and none chosen: {listing}", hint="name one: `mhr eval RUN`")
+    return finished[0]
 
 
 def _strip(ref: str | None) -> str | None:
@@ -86,7 +99,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
         ctx: typer.Context,
-        run: str = typer.Argument(None, help="Run name or run:<name> (default: the latest finished run)."),
+        run: str = typer.Argument(None, help="Run name or run:<name> (default: the current run, the last `mhr train` finished)."),
         fusion: str = typer.Option(
             "max", help="How eligible heads' scores fuse: max (explainable), avg, learned (per-head "
             "calibration fitted on the valid split) or invvar (inverse-variance weights from the valid split)."),

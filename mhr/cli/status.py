@@ -13,6 +13,7 @@ from mhr.cache import read_manifest
 from mhr.cli.common import context
 from mhr.console import emit_json, err
 from mhr.store import connect
+from mhr.workspace import read_current
 
 
 def _age(seconds: float) -> str:
@@ -27,7 +28,7 @@ def collect_status(workspace) -> list[dict[str, Any]]:
     out = []
     for name in workspace.datasets():
         ds = workspace.dataset(name)
-        record: dict[str, Any] = {"dataset": name, "stages": [], "artifacts": []}
+        record: dict[str, Any] = {"dataset": name, "stages": [], "artifacts": [], "current": read_current(ds)}
         con = connect(ds.store_path, read_only=True)
         try:
             rows = con.execute(
@@ -96,3 +97,7 @@ def register(app: typer.Typer) -> None:
                     "done" if a["complete"] else "[yellow]incomplete[/]",
                 )
             err.print(table)
+            cur = rec["current"]
+            err.print(f"current (used when none is named): windows "
+                      f"{'windows:' + cur['windows'][:12] if cur.get('windows') else '—'}, "
+                      f"run {cur.get('run') or '—'}")

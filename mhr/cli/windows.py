@@ -14,8 +14,9 @@ app = typer.Typer(help="Training windows and the valid/test split (DESIGN §5)."
 def _summary(info: dict) -> Table:
     s, p = info["stats"], info["params"]
     held = f", H = {p['holdout']}" if "holdout" in p else ""
-    table = Table(title=f"{info['reference']}  T = {p['context']}, τ = {p['horizon']}{held}, protocol {p['protocol']}",
-                  title_justify="left")
+    mark = " (current: used by train and eval without --windows)" if info.get("default") else ""
+    table = Table(title=f"{info['reference']}  T = {p['context']}, τ = {p['horizon']}{held}, protocol {p['protocol']}"
+                  f"{mark}", title_justify="left")
     table.add_column("")
     table.add_column("users", justify="right")
     table.add_column("rows", justify="right")
@@ -44,6 +45,9 @@ def build_cmd(
 ) -> None:
     """Cut every user's history into training windows and valid/test targets; prints `windows:<key>`.
 
+    The windows built (or found cached) become the dataset's current ones: `mhr train` uses them
+    unless given --windows.
+
     Examples: mhr windows build --context 50 --horizon 8 ·
     mhr windows build --context 50 --horizon 4 --holdout 8 (train at τ = 4, evaluate at h ≤ 8)
     """
@@ -54,7 +58,7 @@ def build_cmd(
                                    holdout=holdout)
     info = describe_windows(ds, key)
     if cached:
-        err.print(f"cached: {info['reference']} (key {key[:12]})")
+        err.print(f"cached: {info['reference']} (key {key[:12]}), now the current windows")
     else:
         err.print(_summary(info))
         short = info["stats"]["n_users_too_short"]
@@ -67,7 +71,7 @@ def build_cmd(
 @app.command("show")
 def show_cmd(
     ctx: typer.Context,
-    ref: str = typer.Argument(None, help="Windows reference or key prefix \\[default: the latest]."),
+    ref: str = typer.Argument(None, help="Windows reference or key prefix \\[default: the current: the last built]."),
     as_json: bool = typer.Option(False, "--json", help="Print the description as JSON on stdout."),
 ) -> None:
     """Describe built windows: parameters, users per split, windows, users too short."""
