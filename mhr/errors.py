@@ -61,3 +61,26 @@ class ExternalError(MhrError):
     """A download or an LLM endpoint failed after retries."""
 
     exit_code = 7
+
+
+class DiskError(MhrError):
+    """The system refused a read or write: disk full, quota exceeded, no permission (exit 1)."""
+
+    exit_code = 1
+
+
+class DamagedStoreError(InputError):
+    """A dataset store that is truncated or corrupt: it must be rebuilt from its source."""
+
+
+EXIT_CODES = (
+    (0, "ok"),
+    (1, "unexpected error, or the system refused a write (disk full, permissions)"),
+    (2, "bad usage or bad input data"),
+    (3, "not found"),
+    (4, "busy: another process is writing the dataset"),
+    (5, "stale: an artifact no longer matches its inputs"),
+    (6, "training cannot go on"),
+    (7, "external: a download or an LLM endpoint failed"),
+    (130, "interrupted (Ctrl-C)"),
+)

@@ -20,7 +20,7 @@ from typing import Any
 
 import duckdb
 
-from mhr.errors import InputError, NotFoundError
+from mhr.errors import BusyError, DamagedStoreError, DiskError, InputError, MhrError, NotFoundError
 
 SCHEMA_VERSION = 1
 
@@ -51,37 +51,68 @@ CREATE TABLE IF NOT EXISTS stage_runs(
 """
 
 
+REBUILD_HINT = ("rebuild it: rerun the `mhr data fetch|import|synth` command that made it with --force, "
+                "then `mhr priors build` for its priors")
+_DAMAGE_MARKERS = ("Could not read enough bytes", "Corrupt database file", "does not match stored checksum")
+_HEADER_BYTES = 3 * 4096  # DuckDB's file header and its two database headers, before the first block
+_MAGIC = b"DUCK"
+
+
+def is_duckdb_file(path: Path) -> bool:
+    """The file starts with DuckDB's header (magic bytes at offset 8), whatever state the rest is in."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(12)[8:12] == _MAGIC
+    except OSError:
+        return False
+
+
+def damaged_store_error(e: BaseException, path: Path | None = None) -> DamagedStoreError | None:
+    """A DuckDB error that means a store file is truncated or corrupt, as a one-line error; else None."""
+    text = str(e)
+    if not any(m in text for m in _DAMAGE_MARKERS):
+        return None
+    where = str(path) if path is not None else _quoted_path(text) or "the dataset store"
+    return DamagedStoreError(f"{where} is damaged (truncated or corrupt: {text.strip().splitlines()[0]})",
+                             hint=REBUILD_HINT)
+
+
+def _quoted_path(text: str) -> str | None:
+    start = text.find('file "')
+    if start < 0:
+        return None
+    end = text.find('"', start + 6)
+    return text[start + 6:end] if end > start else None
+
+
 def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open an existing store, refusing files that are not an mhr DuckDB store."""
+    """Open an existing store, refusing files that are not an mhr DuckDB store or are damaged.
+
+    Cheap integrity check on every open: the file must be as long as its header says (a store
+    truncated mid-file otherwise opens and fails later, mid-command) and `meta` must be readable.
+    """
     if not path.is_file():
         raise NotFoundError(f"no store at {path}", hint="create the dataset first with `mhr data …`")
     try:
         con = duckdb.connect(str(path), read_only=read_only)
-    except duckdb.IOException as e:
-        text = str(e)
-        if "lock" in text.lower():
-            from mhr.errors import BusyError
-
-            raise BusyError(
-                f"busy: another process is writing {path.parent.name}",
-                hint="wait for it to finish and run this again",
-            ) from None
-        raise InputError(
-            f"{path} is not a DuckDB store ({text.splitlines()[0]})",
-            hint="remove the file and re-create the dataset with `mhr data …`",
-        ) from None
     except duckdb.Error as e:
-        raise InputError(
-            f"{path} is not a DuckDB store ({str(e).splitlines()[0]})",
-            hint="remove the file and re-create the dataset with `mhr data …`",
-        ) from None
+        raise _open_error(path, e, read_only) from None
     try:
+        _check_length(con, path)
         row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    except duckdb.Error:
+    except DamagedStoreError:
+        con.close()
+        raise
+    except duckdb.CatalogException:
         con.close()
         raise InputError(
             f"{path} is a DuckDB file but not an mhr store (no meta table)",
             hint="re-create the dataset with `mhr data …`",
+        ) from None
+    except duckdb.Error as e:
+        con.close()
+        raise damaged_store_error(e, path) or DamagedStoreError(
+            f"{path} is damaged (cannot read its meta table: {str(e).strip().splitlines()[0]})", hint=REBUILD_HINT
         ) from None
     if row is None or int(row[0]) != SCHEMA_VERSION:
         con.close()
@@ -90,6 +121,38 @@ def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
             hint="re-create the dataset with `mhr data …`",
         )
     return con
+
+
+def _open_error(path: Path, e: duckdb.Error, read_only: bool) -> MhrError:
+    text = str(e)
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    if "lock" in text.lower():
+        return BusyError(f"busy: another process is writing {path.parent.name}",
+                         hint="wait for it to finish and run this again")
+    if "Permission denied" in text or "Read-only file system" in text:
+        what = "read" if read_only else "open for writing"
+        return DiskError(f"cannot {what} {path}: permission denied",
+                         hint="make the file and its folder writable (chmod u+w) or run as their owner; "
+                              "the store itself is fine")
+    damaged = damaged_store_error(e, path)
+    if damaged is not None or is_duckdb_file(path):
+        return damaged or DamagedStoreError(f"{path} is damaged ({first})", hint=REBUILD_HINT)
+    return InputError(f"{path} is not a DuckDB store ({first})",
+                      hint="remove the file and re-create the dataset with `mhr data …`")
+
+
+def _check_length(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """A file shorter than header + total_blocks x block_size lost its tail (copy cut short, disk full)."""
+    if path.with_name(path.name + ".wal").exists():
+        return  # blocks of an unreplayed log may not be on disk yet
+    row = con.execute("SELECT block_size, total_blocks FROM pragma_database_size() LIMIT 1").fetchone()
+    if row is None or not row[0]:
+        return
+    expected = _HEADER_BYTES + int(row[0]) * int(row[1])
+    actual = path.stat().st_size
+    if actual < expected:
+        raise DamagedStoreError(
+            f"{path} is damaged (truncated: {actual:,} bytes of {expected:,})", hint=REBUILD_HINT)
 
 
 @contextmanager

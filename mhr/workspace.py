@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mhr.errors import BusyError, NotFoundError, UsageError
+from mhr.errors import BusyError, DiskError, NotFoundError, UsageError
 
 STORE_FILE = "store.duckdb"
 CURRENT_FILE = "current.json"
@@ -82,7 +82,11 @@ class Workspace:
 
     @classmethod
     def from_option(cls, root: str | Path | None) -> Workspace:
-        return cls(Path(root or os.environ.get("MHR_WORKSPACE") or "workspace").resolve())
+        path = Path(root or os.environ.get("MHR_WORKSPACE") or "workspace").resolve()
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"the workspace {path} is a file, not a folder",
+                             hint="point --workspace / MHR_WORKSPACE at a folder (it is created if missing)")
+        return cls(path)
 
     def datasets(self) -> list[str]:
         if not self.root.is_dir():
@@ -116,9 +120,15 @@ def writing(dataset: Dataset, stage: str) -> Iterator[None]:
     corrupting the store. The lock is an `flock` on `<dataset>/.lock`, released by the kernel if the
     process dies, so a killed stage never leaves the dataset locked.
     """
-    dataset.dir.mkdir(parents=True, exist_ok=True)
     path = dataset.dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        dataset.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DiskError(
+            f"cannot write {e.filename or path}: {e.strerror or e}",
+            hint=f"the workspace {dataset.root} must be a writable folder (--workspace / MHR_WORKSPACE)",
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

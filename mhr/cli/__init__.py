@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import errno
+import importlib
 import os
 import sys
 import traceback
+from typing import NoReturn
 
-import click
 import typer
+import typer.main
+from rich.markup import escape
 
 from mhr.cli.common import Context
 from mhr.console import err
-from mhr.errors import MhrError
+from mhr.errors import EXIT_CODES, DiskError, MhrError
+from mhr.store import damaged_store_error
 from mhr.workspace import Workspace
 
 app = typer.Typer(
@@ -22,6 +27,7 @@ app = typer.Typer(
         "mhr recommend / mhr report; or `mhr run stages/<recipe>.toml` for a whole experiment. "
         "Every stage prints the reference of what it made on stdout; logs go to stderr."
     ),
+    epilog="Exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES) + ".",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -56,27 +62,129 @@ def _register() -> None:
 _register()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: maps MhrError to one red line + hint and its exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    verbose = "--verbose" in args or "-v" in args or os.environ.get("MHR_VERBOSE") == "1"
-    try:
-        app(args=args, prog_name="mhr", standalone_mode=False)
-    except MhrError as e:
-        if verbose:
-            traceback.print_exc()
-        err.print(f"[bold red]error:[/] {e.message}", soft_wrap=True)
-        if e.hint:
-            err.print(f"[dim]hint: {e.hint}[/]", soft_wrap=True)
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        err.print("[red]aborted[/]")
-        sys.exit(130)
-    except click.exceptions.ClickException as e:
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Abort, Exit) classes of every click the installed typer may raise.
+
+    typer >= 0.22 bundles its own copy of click (`typer._click`) whose exceptions are not those of
+    a separately installed click; older typer re-exports click itself. Catch both.
+    """
+    modules = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    errors = {m.ClickException for m in modules}
+    aborts = {typer.Abort, *(getattr(m, "Abort", typer.Abort) for m in modules)}
+    exits = {typer.Exit, *(getattr(m, "Exit", typer.Exit) for m in modules)}
+    return tuple(errors), tuple(aborts), tuple(exits)
+
+
+CLICK_ERRORS, ABORTS, EXITS = _click_exceptions()
+
+
+def _fail(message: str, hint: str | None, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    if hint:
+        err.print(f"[dim]hint: {escape(hint)}[/]", soft_wrap=True)
+    sys.exit(code)
+
+
+def _interrupted() -> NoReturn:
+    err.print("[red]interrupted[/]: nothing half-written was kept; rerun to complete", soft_wrap=True)
+    sys.exit(130)
+
+
+def _was_interrupted(e: BaseException) -> bool:
+    """A Ctrl-C that reached us as another error: DuckDB's InterruptException or "Query interrupted"
+    RuntimeError, or any error raised while handling one."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, KeyboardInterrupt) or type(cur).__name__ == "InterruptException":
+            return True
+        if isinstance(cur, RuntimeError) and str(cur).strip() == "Query interrupted":  # DuckDB, mid-query
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _usage_error(e: Exception) -> NoReturn:
+    """A command-line parse error: one red line, the usage as the hint, exit 2."""
+    ctx = getattr(e, "ctx", None)
+    if type(e).__name__ == "NoArgsIsHelpError":
         e.show()
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
+    hint = None
+    if ctx is not None:
+        usage = ctx.get_usage().removeprefix("Usage: ").strip()
+        hint = f"usage: {usage} (see `{ctx.command_path} --help`)"
+    _fail(e.format_message(), hint, e.exit_code)
+
+
+def _system_error(e: BaseException, verbose: bool) -> NoReturn:
+    """An OSError (or DuckDB I/O error) no stage turned into an MhrError: one line naming the path."""
+    if verbose:
+        traceback.print_exc()
+    damaged = damaged_store_error(e)
+    if damaged is not None:
+        _fail(damaged.message, damaged.hint, damaged.exit_code)
+    if isinstance(e, OSError):
+        where = f": {e.filename}" if e.filename else ""
+        message = f"{e.strerror or type(e).__name__}{where}"
+    else:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    no_space = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in message
+    denied = getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS)
+    hint = ("free some space (or point --workspace / MHR_WORKSPACE at a larger disk) and rerun; "
+            "nothing half-written was kept" if no_space else
+            "check the permissions of that path" if denied else
+            "rerun with --verbose for the traceback")
+    _fail(message, hint, DiskError.exit_code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one red line + hint and a documented exit code for every failure a user can cause.
+
+    MhrError -> its code; parse errors -> 2; Ctrl-C -> 130; an OSError no stage anticipated (disk
+    full, permissions) -> 1 with one line (the traceback with --verbose). Anything else is a bug
+    and keeps its traceback.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in args or "-v" in args or os.environ.get("MHR_VERBOSE") == "1"
+    try:
+        command = typer.main.get_command(app)
+        # Invoked directly rather than through typer's `main`, which turns Ctrl-C into a silent
+        # exit code that non-standalone callers never see.
+        with command.make_context("mhr", args) as ctx:
+            command.invoke(ctx)
+    except MhrError as e:
+        if _was_interrupted(e):
+            _interrupted()
+        if verbose:
+            traceback.print_exc()
+        _fail(e.message, e.hint, e.exit_code)
+    except EXITS as e:
         sys.exit(e.exit_code)
+    except ABORTS:
+        _interrupted()
+    except CLICK_ERRORS as e:
+        _usage_error(e)
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/]: nothing half-written was kept; rerun to complete")
-        sys.exit(130)
+        _interrupted()
+    except BrokenPipeError:
+        # the reader of stdout went away (`mhr … | head`): nothing more to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        sys.exit(1)
+    except Exception as e:
+        if _was_interrupted(e):
+            _interrupted()
+        if isinstance(e, OSError) or _is_duckdb_io(e):
+            _system_error(e, verbose)
+        raise
+
+
+def _is_duckdb_io(e: BaseException) -> bool:
+    duckdb = sys.modules.get("duckdb")
+    return duckdb is not None and isinstance(e, duckdb.IOException)

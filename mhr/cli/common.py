@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import typer
 
+from mhr.errors import UsageError
 from mhr.workspace import Dataset, Workspace
 
 
@@ -33,7 +35,36 @@ def context(ctx: typer.Context) -> Context:
 
 
 def parse_list(value: str | None, cast=str) -> list:
-    """'a,b, c' -> ['a', 'b', 'c'] (empty or None -> [])."""
+    """'a,b, c' -> ['a', 'b', 'c'] (empty or None -> []); an element `cast` refuses is a UsageError."""
     if not value:
         return []
-    return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    out = []
+    for v in value.split(","):
+        if not v.strip():
+            continue
+        try:
+            out.append(cast(v.strip()))
+        except ValueError:
+            kind = {int: "an integer", float: "a number"}.get(cast, getattr(cast, "__name__", "valid"))
+            option = _option_given(value) or "the option"
+            raise UsageError(f"{option} {value!r}: {v.strip()!r} is not {kind}",
+                             hint="give a comma-separated list, e.g. 5,10,50") from None
+    return out
+
+
+def _option_given(value: str) -> str | None:
+    """The name of the option of the running command that holds `value` (for messages)."""
+    ctx = None
+    for module in ("typer._click.globals", "click.globals"):
+        try:
+            ctx = importlib.import_module(module).get_current_context(silent=True)
+        except ImportError:
+            continue
+        if ctx is not None:
+            break
+    if ctx is None:
+        return None
+    for param in ctx.command.params:
+        if ctx.params.get(param.name) == value and getattr(param, "opts", None):
+            return param.opts[0]
+    return None

@@ -12,6 +12,7 @@ from rich.table import Table
 from mhr.cache import read_manifest
 from mhr.cli.common import context
 from mhr.console import emit_json, err
+from mhr.errors import DamagedStoreError, InputError
 from mhr.store import connect
 from mhr.workspace import read_current
 
@@ -23,19 +24,27 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
+def _stage_rows(path) -> list[tuple]:
+    con = connect(path, read_only=True)
+    try:
+        return con.execute(
+            "SELECT stage, key, epoch(started), seconds, status, params FROM stage_runs ORDER BY started"
+        ).fetchall()
+    finally:
+        con.close()
+
+
 def collect_status(workspace) -> list[dict[str, Any]]:
     """One record per dataset: its stage runs (from the store) and directory artifacts."""
     out = []
     for name in workspace.datasets():
         ds = workspace.dataset(name)
         record: dict[str, Any] = {"dataset": name, "stages": [], "artifacts": [], "current": read_current(ds)}
-        con = connect(ds.store_path, read_only=True)
         try:
-            rows = con.execute(
-                "SELECT stage, key, epoch(started), seconds, status, params FROM stage_runs ORDER BY started"
-            ).fetchall()
-        finally:
-            con.close()
+            rows = _stage_rows(ds.store_path)
+        except InputError as e:  # a damaged or foreign store is listed as such, the others still shown
+            record["store_error"] = {"message": e.message, "hint": e.hint}
+            rows = []
         for stage, key, started, seconds, status, params in rows:
             record["stages"].append(
                 {
@@ -77,6 +86,7 @@ def register(app: typer.Typer) -> None:
         records = collect_status(c.workspace)
         if as_json:
             emit_json(records)
+            _fail_if_damaged(records)
             return
         if not records:
             err.print(f"no datasets in {c.workspace.root} — start with `mhr data fetch movielens-100k`")
@@ -88,6 +98,8 @@ def register(app: typer.Typer) -> None:
                 table.add_column(col)
             for s in rec["stages"]:
                 table.add_row("stage", s["stage"], s["key"][:12], _age(now - s["started"]), s["status"])
+            if rec.get("store_error"):
+                table.add_row("store", "store.duckdb", "", "", "[red]damaged[/]")
             for a in rec["artifacts"]:
                 table.add_row(
                     a["kind"],
@@ -101,3 +113,13 @@ def register(app: typer.Typer) -> None:
             err.print(f"current (used when none is named): windows "
                       f"{'windows:' + cur['windows'][:12] if cur.get('windows') else '—'}, "
                       f"run {cur.get('run') or '—'}")
+        _fail_if_damaged(records)
+
+
+def _fail_if_damaged(records: list[dict[str, Any]]) -> None:
+    """After listing everything: a store that cannot be read makes `mhr status` fail (exit 2)."""
+    bad = [r for r in records if r.get("store_error")]
+    if bad:
+        first = bad[0]["store_error"]
+        more = f" (and {len(bad) - 1} more dataset(s))" if len(bad) > 1 else ""
+        raise DamagedStoreError(f"dataset {bad[0]['dataset']}: {first['message']}{more}", hint=first["hint"])
