@@ -8,6 +8,7 @@ other two have none, so their order is kept and `ts` becomes the position. Each 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,15 @@ from mhr.data.source import (
     ITEMS_SCHEMA,
     Source,
     conform,
+    duck_path,
     first_line,
     json_attrs,
     parquet_columns,
     quote_ident,
+    reader,
     require_columns,
     require_file,
+    require_scalar,
     ts_expr,
 )
 from mhr.errors import InputError
@@ -55,7 +59,7 @@ def read_paper(path: Path, items: ItemTable | None, user_col: str = "user_id", i
     The user id is `user_col` when the file has it, else the row number (from 1).
     """
     require_file(path)
-    con = duckdb.connect()
+    con = reader()
     try:
         types = parquet_columns(con, path)
         require_columns(path, list(types), {"--item-col": item_col, "--time-col": time_col})
@@ -64,9 +68,12 @@ def read_paper(path: Path, items: ItemTable | None, user_col: str = "user_id", i
                 raise InputError(f"{path.name}: column {col!r} is {types[col]}, not a list",
                                  hint="the paper layout has one row per user with list columns; use --format long otherwise")
         has_event = event_col is not None and event_col in types
+        require_scalar(path, types, {"--item-col": item_col, "--event-col": event_col if has_event else None},
+                       lists=True)
+        require_scalar(path, types, {"--user-col": user_col if user_col in types else None})
         q = quote_ident
         user = f"CAST({q(user_col)} AS VARCHAR)" if user_col in types else "CAST(file_row_number + 1 AS VARCHAR)"
-        frm = f"read_parquet('{_esc(path)}', file_row_number=true)"
+        frm = f"read_parquet('{_esc(duck_path(path))}', file_row_number=true)"
         bad = con.execute(
             f"SELECT file_row_number, len({q(item_col)}), len({q(time_col)}) FROM {frm} "
             f"WHERE len({q(item_col)}) IS DISTINCT FROM len({q(time_col)}) "
@@ -135,12 +142,12 @@ def read_sequences(path: Path, attrs_path: Path | None = None) -> Source:
     items is counted in the notes.
     """
     require_file(path)
-    con = duckdb.connect()
+    con = reader()
     try:
         con.execute(
             "CREATE TEMP TABLE lines AS SELECT line FROM read_csv(?, columns={'line': 'VARCHAR'}, "
             "delim='\x1f', quote='', escape='', header=false, auto_detect=false)",
-            [str(path)],
+            [duck_path(path)],
         )
         con.execute(
             "CREATE TEMP TABLE seqs AS SELECT rowid + 1 AS ln, regexp_split_to_array(trim(line), '\\s+') AS parts "
@@ -168,7 +175,7 @@ def read_sequences(path: Path, attrs_path: Path | None = None) -> Source:
             raise InputError(f"{attrs_path}: expected a JSON object item id -> attribute ids",
                              hint='e.g. {"12": [3, 7], "13": [3]}')
         ids = list(mapping)
-        tags = [[str(a) for a in (v if isinstance(v, list) else [v]) if a is not None] for v in mapping.values()]
+        tags = [_tag_list(v, f"{attrs_path.name} item {k!r}") for k, v in mapping.items()]
         items = conform(pa.table({
             "raw_id": pa.array(ids, pa.string()), "title": pa.nulls(len(ids), pa.string()),
             "text": pa.nulls(len(ids), pa.string()), "tags": pa.array(tags, pa.list_(pa.string())),
@@ -209,12 +216,16 @@ def read_amazon(path: Path, items_path: Path | None = None) -> Source:
     inter_path, sibling = amazon_files(path)
     items_path = items_path or sibling
     seqs = _load_json(inter_path)
-    if not isinstance(seqs, dict) or not all(isinstance(v, list) for v in seqs.values()):
+    if not isinstance(seqs, dict):
         raise InputError(f"{inter_path}: expected a JSON object user id -> list of item ids",
+                         hint='e.g. {"0": [0, 1, 2], "1": [3, 1]}')
+    bad = next((u for u, v in seqs.items() if not isinstance(v, list)), None)
+    if bad is not None:
+        raise InputError(f"{inter_path.name} user {bad!r}: {json.dumps(seqs[bad])[:60]} is not a list of item ids",
                          hint='e.g. {"0": [0, 1, 2], "1": [3, 1]}')
     users = list(seqs)
     lengths = np.fromiter((len(v) for v in seqs.values()), np.int64, len(users))
-    flat = [str(i) for v in seqs.values() for i in v]
+    flat = _item_ids(seqs, inter_path.name)
     if not flat:
         raise InputError(f"{inter_path}: every user's list is empty", hint="check the file")
     table = pa.table({
@@ -238,18 +249,24 @@ def read_amazon(path: Path, items_path: Path | None = None) -> Source:
 
 def _amazon_items(path: Path) -> pa.Table:
     meta = _load_json(path)
-    if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
-        raise InputError(f"{path}: expected a JSON object item id -> {{title, description, brand, categories}}",
-                         hint="check the item file")
+    bad = next((k for k, v in meta.items() if not isinstance(v, dict)), None) if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or bad is not None:
+        where = f"{path.name} item {bad!r}: {json.dumps(meta[bad])[:60]} is not a record; " if bad is not None else ""
+        raise InputError(f"{where or str(path) + ': '}expected a JSON object item id -> "
+                         "{title, description, brand, categories}", hint="check the item file")
     ids, titles, texts, tags, attrs = [], [], [], [], []
     for raw_id, rec in meta.items():
         ids.append(str(raw_id))
-        titles.append(_text(rec.get("title")))
-        texts.append(_text(rec.get("description")))
-        cats = rec.get("categories")
-        cats = cats if isinstance(cats, list) else [cats]
-        tags.append([c.strip() for c in cats if isinstance(c, str) and c.strip()])
-        attrs.append({k: v for k, v in rec.items() if k not in ("title", "description", "categories") and v not in ("", None)})
+        where = f"{path.name} item {raw_id!r}"
+        titles.append(_text(rec.get("title"), f"{where} field 'title'"))
+        texts.append(_text(rec.get("description"), f"{where} field 'description'"))
+        tags.append([t.strip() for t in _tag_list(rec.get("categories"), f"{where} field 'categories'") if t.strip()])
+        rest = {k: v for k, v in rec.items() if k not in ("title", "description", "categories") and v not in ("", None)}
+        for k, v in rest.items():
+            if isinstance(v, dict | list):
+                raise InputError(f"{where} field {k!r}: a nested {type(v).__name__}, not a scalar attribute",
+                                 hint="attributes must be text, numbers or booleans; flatten or drop the field")
+        attrs.append(rest)
     return pa.table({
         "raw_id": pa.array(ids, pa.string()), "title": pa.array(titles, pa.string()),
         "text": pa.array(texts, pa.string()), "tags": pa.array(tags, pa.list_(pa.string())),
@@ -257,13 +274,65 @@ def _amazon_items(path: Path) -> pa.Table:
     })
 
 
-def _text(value: Any) -> str | None:
+def _text(value: Any, where: str) -> str | None:
+    """A text field: a string or number, or a list of them (joined); nulls in a list are skipped."""
     if value is None:
         return None
-    if isinstance(value, list):
-        value = " ".join(str(v) for v in value)
-    value = str(value).strip()
+    parts = value if isinstance(value, list) else [value]
+    bad = next((v for v in parts if isinstance(v, dict | list | bool)), None)
+    if bad is not None:
+        raise InputError(f"{where}: {json.dumps(bad)[:60]} is not text",
+                         hint="text fields hold a string (or a list of strings)")
+    value = " ".join(str(v) for v in parts if v is not None).strip()
     return value or None
+
+
+def _scalar_id(value: Any) -> str | None:
+    """An id as text: strings as they are, integers (and integral floats: 2.0 -> "2") as digits;
+    None for anything else (null, booleans, objects, lists, fractions)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return None
+
+
+def _item_ids(seqs: dict[str, list], name: str) -> list[str]:
+    """Every user's item ids, flattened; a null, boolean, object or fractional id is an error naming
+    the user and position (a history with a hole cannot be ordered honestly)."""
+    if {type(i) for v in seqs.values() for i in v} <= {str, int}:
+        return [i if isinstance(i, str) else str(i) for v in seqs.values() for i in v]
+    out = []
+    for user, items in seqs.items():
+        for k, i in enumerate(items):
+            text = _scalar_id(i)
+            if text is None:
+                raise InputError(f"{name} user {user!r}, position {k + 1}: item id {json.dumps(i)[:60]} is not a "
+                                 "string or integer", hint="item lists hold item ids only; remove the entry")
+            out.append(text)
+    return out
+
+
+def _tag_list(value: Any, where: str) -> list[str]:
+    """Tags (category paths, attribute ids): a scalar or a list of scalars; nulls are skipped (no
+    tag), objects, nested lists and booleans are errors."""
+    values = value if isinstance(value, list) else [value]
+    out = []
+    for v in values:
+        if v is None:
+            continue
+        text = _scalar_id(v)
+        if text is None and isinstance(v, float) and math.isfinite(v):
+            text = repr(v)
+        if text is None:
+            raise InputError(f"{where}: {json.dumps(v)[:60]} is not a tag (text or number)",
+                             hint="tags are strings or numbers; nulls are skipped")
+        out.append(text)
+    return out
 
 
 def _load_json(path: Path) -> Any:
@@ -276,6 +345,9 @@ def _load_json(path: Path) -> Any:
                          hint="the file is truncated or not JSON; re-export it") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", hint="re-save the file as UTF-8") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to read", hint="the file is not the expected layout "
+                         "(a flat object of lists or records); check what was exported") from None
 
 
 def _esc(value: object) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mhr.cache import stage_key
 from mhr.console import err
@@ -150,6 +151,7 @@ def ingest(con: duckdb.DuckDBPyConnection, src: Source, dedupe: str = "keep", mi
     n_read = inter.num_rows
     if n_read == 0:
         raise InputError(f"{src.name}: no interactions", hint="give a file with at least one interaction row")
+    inter = _clean_ids(inter, src)
     inter = inter.append_column("src", pa.array(np.arange(n_read, dtype=np.int64)))
     con.register("raw", inter)  # scanned in place (zero-copy) until the integer table `j` exists
     _check_rows(con, src)
@@ -211,6 +213,33 @@ def ingest(con: duckdb.DuckDBPyConnection, src: Source, dedupe: str = "keep", mi
     return report
 
 
+def normalise_ids(ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Raw ids as one text whichever way a source wrote them: surrounding whitespace trimmed, and
+    an integer written with a zero fraction ("1.0", as float columns export) as the integer ("1")."""
+    ids = pc.utf8_trim_whitespace(ids)
+    if pc.any(pc.match_substring(ids, ".0")).as_py():
+        ids = pc.replace_substring_regex(ids, r"^(-?[0-9]+)\.0+$", r"\1")
+    return ids
+
+
+def _clean_ids(inter: pa.Table, src: Source) -> pa.Table:
+    """Normalised user and item ids; an id holding a control character (NUL, tab, …) is an error
+    naming its row: it would print as something else and never match the item table."""
+    for name in ("user", "item"):
+        ids = normalise_ids(inter.column(name))
+        if not pc.all(pc.ascii_is_printable(ids)).as_py():  # cheap test first; non-ASCII takes the slow one
+            bad = pc.match_substring_regex(ids, r"[\x00-\x1f\x7f]")
+            if pc.any(bad).as_py():
+                i = pc.index(bad, True).as_py()
+                raise InputError(
+                    f"{src.locate(i)}: {name} id {ids[i].as_py()!r} holds a control character "
+                    f"(column {src.columns.get(name, name)!r})",
+                    hint="remove NUL, tab and other control bytes from the ids (or fix the delimiter)",
+                )
+        inter = inter.set_column(inter.schema.get_field_index(name), name, ids)
+    return inter
+
+
 def _check_rows(con: duckdb.DuckDBPyConnection, src: Source) -> None:
     """Missing ids and bad timestamps are errors naming the first offending row."""
     cols = src.columns
@@ -222,8 +251,9 @@ def _check_rows(con: duckdb.DuckDBPyConnection, src: Source) -> None:
         tcol = cols.get("ts", "ts")
         checks += [
             ("ts IS NULL", f"missing timestamp (column {tcol!r})"),
-            (f"ts = {TS_INVALID}", f"timestamp is not a number or ISO date (column {tcol!r})"),
-            ("ts < 0", f"negative timestamp (column {tcol!r})"),
+            (f"ts = {TS_INVALID}", f"timestamp is not a number or ISO date, or is NaN, infinite or out of range "
+                                   f"(column {tcol!r})"),
+            ("ts < 0", f"negative timestamp: before 1970-01-01 (column {tcol!r})"),
         ]
     where = " OR ".join(f"({c})" for c, _ in checks)
     row = con.execute(f"SELECT min(src) FROM raw WHERE {where}").fetchall()[0][0]
@@ -263,7 +293,8 @@ def _write_items(con: duckdb.DuckDBPyConnection, src: Source) -> dict[str, Any]:
     if src.items is None:
         con.execute("INSERT INTO items SELECT id, raw_id, NULL, NULL, []::VARCHAR[], '{}' FROM imap ORDER BY id")
         return {}
-    con.register("src_items", conform(src.items, ITEMS_SCHEMA))
+    items = conform(src.items, ITEMS_SCHEMA)
+    con.register("src_items", items.set_column(0, "raw_id", normalise_ids(items.column("raw_id"))))
     con.execute("CREATE TEMP TABLE meta_items AS SELECT * FROM src_items QUALIFY row_number() OVER (PARTITION BY raw_id) = 1")
     dup = src.items.num_rows - con.execute("SELECT count(*) FROM meta_items").fetchall()[0][0]
     con.unregister("src_items")
@@ -284,7 +315,8 @@ def _write_users(con: duckdb.DuckDBPyConnection, src: Source) -> dict[str, Any]:
     if src.users is None:
         con.execute("INSERT INTO users SELECT id, raw_id, '{}' FROM umap ORDER BY id")
         return {}
-    con.register("src_users", conform(src.users, USERS_SCHEMA))
+    users = conform(src.users, USERS_SCHEMA)
+    con.register("src_users", users.set_column(0, "raw_id", normalise_ids(users.column("raw_id"))))
     con.execute("""
         INSERT INTO users
         SELECT m.id, m.raw_id, coalesce(u.attrs, '{}')

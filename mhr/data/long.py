@@ -24,12 +24,15 @@ from mhr.data.source import (
     Source,
     conform,
     csv_columns,
+    duck_path,
     first_line,
     line_locator,
     parquet_columns,
     quote_ident,
+    reader,
     require_columns,
     require_file,
+    require_scalar,
     ts_expr,
 )
 from mhr.errors import InputError
@@ -64,13 +67,13 @@ def relation_sql(con: duckdb.DuckDBPyConnection, path: Path, delimiter: str | No
     """`FROM` clause, column types and first data line for a CSV (header required) or parquet file."""
     require_file(path)
     if is_parquet(path):
-        return f"read_parquet('{_esc(path)}')", parquet_columns(con, path), 1
+        return f"read_parquet('{_esc(duck_path(path))}')", parquet_columns(con, path), 1
     opts = {"header": True}
     if delimiter:
         opts["delim"] = delimiter
     cols = csv_columns(con, path, **opts)
     delim = f", delim='{_esc(delimiter)}'" if delimiter else ""
-    frm = f"read_csv('{_esc(path)}', header=true, all_varchar=true{delim})"
+    frm = f"read_csv('{_esc(duck_path(path))}', header=true, all_varchar=true{delim})"
     if not con.sql(f"SELECT 1 FROM {frm} LIMIT 1").fetchall():
         raise InputError(f"{path}: header only, no rows (columns: {', '.join(cols)})",
                          hint="give a file with at least one data row")
@@ -78,11 +81,12 @@ def relation_sql(con: duckdb.DuckDBPyConnection, path: Path, delimiter: str | No
 
 
 def read_long(path: Path, cols: LongColumns, items: ItemTable | None = None) -> Source:
-    con = duckdb.connect()
+    con = reader()
     try:
         frm, types, first = relation_sql(con, path, cols.delimiter)
-        require_columns(path, list(types), {"--user-col": cols.user, "--item-col": cols.item,
-                                             "--time-col": cols.time, "--event-col": cols.event})
+        wanted = {"--user-col": cols.user, "--item-col": cols.item, "--time-col": cols.time, "--event-col": cols.event}
+        require_columns(path, list(types), wanted)
+        require_scalar(path, types, wanted)
         event = f"CAST({quote_ident(cols.event)} AS VARCHAR)" if cols.event else "CAST(NULL AS VARCHAR)"
         table = None
         if cols.time and not is_parquet(path):
@@ -136,6 +140,9 @@ def read_item_table(con: duckdb.DuckDBPyConnection, spec: ItemTable, default_id:
                                              "--tag-col": spec.tag_col})
     for col in spec.text_cols:
         require_columns(spec.path, list(types), {"--item-text-cols": col})
+        require_scalar(spec.path, types, {"--item-text-cols": col})
+    require_scalar(spec.path, types, {"--item-id-col": id_col, "--item-title-col": title_col})
+    require_scalar(spec.path, types, {"--tag-col": spec.tag_col}, lists=True)
     q = quote_ident
     text_parts = [f"CASE WHEN {q(c)} IS NULL OR CAST({q(c)} AS VARCHAR) = '' THEN NULL ELSE "
                   f"{'' if len(spec.text_cols) == 1 else _lit(c + ': ') + ' || '}CAST({q(c)} AS VARCHAR) END"
@@ -153,6 +160,8 @@ def read_item_table(con: duckdb.DuckDBPyConnection, spec: ItemTable, default_id:
         tags = f"CASE WHEN {tag} IS NULL OR {tag} = '' THEN [] ELSE [{tag}] END"
     used = {id_col, title_col, spec.tag_col, *spec.text_cols}
     rest = [c for c in types if c not in used]
+    for c in rest:  # attrs: scalars or lists of scalars; a nested object would be stored as garbage text
+        require_scalar(spec.path, types, {"item attribute": c}, lists=True)
     attrs = f"CAST(to_json(struct_pack({', '.join(f'{q(c)} := {q(c)}' for c in rest)})) AS VARCHAR)" if rest else "'{}'"
     title = f"CAST({q(title_col)} AS VARCHAR)" if title_col else "CAST(NULL AS VARCHAR)"
     try:

@@ -25,9 +25,11 @@ from mhr.data.source import (
     INTERACTIONS_SCHEMA,
     Source,
     conform,
+    duck_path,
     first_line,
     json_attrs,
     line_locator,
+    reader,
     require_file,
     ts_expr,
 )
@@ -75,7 +77,7 @@ def input_files(folder: Path, ratings: str) -> list[Path]:
 
 def read_movielens(folder: Path, ratings: str) -> Source:
     """Read one MovieLens layout from an extracted folder."""
-    con = duckdb.connect()
+    con = reader()
     try:
         if ratings == "u.data":
             return _read_100k(con, folder)
@@ -115,7 +117,7 @@ def _read_ratings(con: duckdb.DuckDBPyConnection, path: Path, delim: str) -> tup
                         ELSE CAST({rating} AS VARCHAR) END AS event
             FROM read_csv(?, delim=?, header={str(header).lower()}, columns={cols}, quote='', escape='',
                           null_padding=false, auto_detect=false)""",
-            params=[str(path), delim],
+            params=[duck_path(path), delim],
         ).to_arrow_table()
     except duckdb.Error as e:
         raise InputError(
@@ -199,7 +201,7 @@ def read_recbole_100k(folder: Path) -> Source:
     genres space-separated in `class`, and item 267 as "unkonwn"; the GroupLens title is
     rebuilt as "title (year)" (item 267: "unknown", no year).
     """
-    con = duckdb.connect()
+    con = reader()
     try:
         path = require_file(folder / "ml-100k.inter", "ratings")
         rating = "TRY_CAST(\"rating:float\" AS DOUBLE)"
@@ -209,7 +211,7 @@ def read_recbole_100k(folder: Path) -> Source:
                    CASE WHEN {rating} = floor({rating}) THEN CAST(CAST({rating} AS BIGINT) AS VARCHAR)
                         ELSE CAST({rating} AS VARCHAR) END AS event
             FROM read_csv(?, delim='\t', header=true, all_varchar=true, quote='', escape='')""",
-            params=[str(path)],
+            params=[duck_path(path)],
         ).to_arrow_table()
     finally:
         con.close()
@@ -270,7 +272,7 @@ def _read_csv_layout(con: duckdb.DuckDBPyConnection, folder: Path) -> Source:
             rows = con.sql(
                 f"""SELECT * FROM read_csv(?, header={str(header).lower()}, quote='"', escape='"',
                     columns={{'id': 'VARCHAR', 'title': 'VARCHAR', 'genres': 'VARCHAR'}}, auto_detect=false)""",
-                params=[str(path)],
+                params=[duck_path(path)],
             ).fetchall()
         except duckdb.Error as e:
             raise InputError(f"{path}: not a movies.csv ({first_line(e)})", hint="rows are movieId,title,genres") from None

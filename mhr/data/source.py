@@ -127,7 +127,7 @@ def csv_columns(con: duckdb.DuckDBPyConnection, path: Path, **options: Any) -> l
     try:
         rel = con.sql(
             f"SELECT * FROM read_csv(?, all_varchar=true{_opts(options)}) LIMIT 0",
-            params=[str(path)],
+            params=[duck_path(path)],
         )
     except duckdb.Error as e:
         raise InputError(f"{path}: cannot read as CSV ({first_line(e)})", hint="check the file format") from None
@@ -137,8 +137,8 @@ def csv_columns(con: duckdb.DuckDBPyConnection, path: Path, **options: Any) -> l
 def parquet_columns(con: duckdb.DuckDBPyConnection, path: Path) -> dict[str, str]:
     """Column name -> DuckDB type of a parquet file; a truncated or foreign file is an InputError."""
     try:
-        rows = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()
-        con.execute("SELECT count(*) FROM read_parquet(?)", [str(path)]).fetchall()[0]
+        rows = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [duck_path(path)]).fetchall()
+        con.execute("SELECT count(*) FROM read_parquet(?)", [duck_path(path)]).fetchall()[0]
     except duckdb.Error as e:
         raise InputError(
             f"{path}: not a readable parquet file ({first_line(e)})",
@@ -147,26 +147,69 @@ def parquet_columns(con: duckdb.DuckDBPyConnection, path: Path) -> dict[str, str
     return {name: typ for name, typ, *_ in rows}
 
 
+def is_scalar_type(duck_type: str) -> bool:
+    """A DuckDB column type holding one plain value per row (not a struct, map, union or list)."""
+    t = duck_type.upper()
+    return not (t.endswith("]") or any(k in t for k in ("STRUCT", "MAP(", "UNION")))
+
+
+def require_scalar(path: Path, types: dict[str, str], want: dict[str, str | None], lists: bool = False) -> None:
+    """Each named column holds scalars (or, with `lists`, lists of scalars): a struct would become an
+    id or tag like "{'id': 2}"."""
+    for option, column in want.items():
+        if column is None:
+            continue
+        t = types[column]
+        inner = t[:-2] if lists and t.endswith("[]") else t
+        if not is_scalar_type(inner):
+            kind = "text or a list of text" if lists else "one plain value (text or a number)"
+            raise InputError(f"{path.name}: column {column!r} ({option}) holds {t} values, not {kind}",
+                             hint="flatten the column, or pick another one")
+
+
 def ts_expr(column: str, duck_type: str = "VARCHAR") -> str:
     """SQL turning a time column into BIGINT: numbers as they are, ISO dates as epoch seconds.
 
-    NULL or blank stays NULL (the ingest reports it as missing); anything else unparseable
-    becomes `TS_INVALID` (reported as not a number).
+    An ISO time with a UTC offset (`2020-01-01T00:00:00+05:00`, `…Z`) is honoured; one without is
+    UTC (the reading connection's time zone, see `reader`). NULL or blank stays NULL (the ingest
+    reports it as missing); anything else unparseable, NaN, infinite or beyond BIGINT becomes
+    `TS_INVALID` (reported with its row).
     """
     c = quote_ident(column)
     t = duck_type.upper()
-    if t in ("BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER", "USMALLINT", "UTINYINT", "HUGEINT"):
+    if t in ("BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UINTEGER", "USMALLINT", "UTINYINT"):
         return f"CAST({c} AS BIGINT)"
+    if t in ("UBIGINT", "HUGEINT", "UHUGEINT"):
+        return f"CASE WHEN {c} IS NULL THEN NULL ELSE coalesce(TRY_CAST({c} AS BIGINT), {TS_INVALID}) END"
     if t in ("DOUBLE", "FLOAT", "REAL") or t.startswith("DECIMAL"):
-        return f"CAST(round({c}) AS BIGINT)"
+        return f"CASE WHEN {c} IS NULL THEN NULL ELSE coalesce({_finite_seconds(f'CAST({c} AS DOUBLE)')}, {TS_INVALID}) END"
     if t.startswith("TIMESTAMP") or t == "DATE":
-        return f"CAST(epoch({c}) AS BIGINT)"
+        return f"CASE WHEN {c} IS NULL THEN NULL WHEN isfinite({c}) THEN CAST(epoch({c}) AS BIGINT) ELSE {TS_INVALID} END"
     v = f"trim(CAST({c} AS VARCHAR))"
+    tz = f"TRY_CAST({v} AS TIMESTAMPTZ)"
     return (
         f"CASE WHEN {c} IS NULL OR {v} = '' THEN NULL ELSE COALESCE("
-        f"TRY_CAST({v} AS BIGINT), CAST(round(TRY_CAST({v} AS DOUBLE)) AS BIGINT), "
-        f"CAST(epoch(TRY_CAST({v} AS TIMESTAMP)) AS BIGINT), {TS_INVALID}) END"
+        f"TRY_CAST({v} AS BIGINT), {_finite_seconds(f'TRY_CAST({v} AS DOUBLE)')}, "
+        f"CASE WHEN isfinite({tz}) THEN CAST(epoch({tz}) AS BIGINT) END, {TS_INVALID}) END"
     )
+
+
+def _finite_seconds(x: str) -> str:
+    """A DOUBLE as rounded BIGINT seconds; NULL when NaN, infinite or beyond BIGINT."""
+    return f"CASE WHEN isfinite({x}) AND abs({x}) < 9.2e18 THEN CAST(round({x}) AS BIGINT) END"
+
+
+def duck_path(path: Path) -> str:
+    """`path` for DuckDB's readers, taken literally: they expand `*`, `?` and `[…]` as globs, so a file
+    named `star*.csv` would also read `starX.csv`. Each such character becomes a one-character class."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in str(path))
+
+
+def reader() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB for parsing input files; times without an offset are read as UTC."""
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    return con
 
 
 def quote_ident(name: str) -> str:
