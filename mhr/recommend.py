@@ -1,5 +1,11 @@
 """`mhr recommend`: a user's top items from a trained run, with the head that recommended each.
 
+One ranking path, `rank_histories` (histories in, top-k with explanations out), serves the three
+callers: `recommend` (one stored user, `--user`), `export_recommendations` (every stored user to a
+Parquet file, `--all`) and `mhr.service.Recommender` (a raw history, for a service). Each ranks
+after the whole history: its last T interactions are the model's context and, by default, every
+item of it is excluded, as evaluation does.
+
 The fusions are `mhr eval`'s, called the same way (`mhr.fusion.scoring_args`): max and avg as in the
 paper, learned and invvar with the per-head parameters fitted on the run's validation split and
 cached beside its evaluations (`mhr.evaluate.load_or_fit_fusion`), so recommend and eval rank alike.
@@ -47,6 +53,9 @@ class Recommendation:
     heads_fused: int  # eligible heads the user may use for this item, whose scores were fused
 
 
+QUERY_BATCH = 256  # histories per backbone forward pass
+
+
 @dataclass(frozen=True)
 class TopK:
     """A batch of ranked lists. Slots no item can fill (fewer candidates than `top`) hold item 0;
@@ -90,19 +99,10 @@ def rank_histories(run: LoadedRun, histories: Sequence[tuple[np.ndarray, np.ndar
     priors' heads (-1: anonymous, every head). `scoring`: `scoring_for(...)`."""
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
-    T = int(run.windows.params["context"])
     device = run.compat.omega.device
     model = run.model
     vecs = model.item_vectors().float()
-    b = len(histories)
-    length = torch.tensor([min(T, len(items)) for items, _ in histories])
-    items = torch.zeros(b, max(1, int(length.max())), dtype=torch.long)
-    ts = torch.zeros_like(items)
-    for r, (h_items, h_ts) in enumerate(histories):  # right-padded, as in training
-        n = int(length[r])
-        items[r, :n] = torch.as_tensor(h_items[-n:], dtype=torch.long)
-        ts[r, :n] = torch.as_tensor(h_ts[-n:], dtype=torch.long)
-    q = model.last_queries(items.to(device), ts.to(device), length.to(device)).float()
+    q = _context_queries(run, histories)
     exclude = None
     if exclude_history:
         indptr = np.concatenate([[0], np.cumsum([len(h) for h, _ in histories])])
@@ -119,6 +119,27 @@ def rank_histories(run: LoadedRun, histories: Sequence[tuple[np.ndarray, np.ndar
     filled = torch.isfinite(top_scores) & (top_items > 0)
     return TopK(top_items.cpu().numpy(), top_scores.cpu().numpy().astype(np.float32),
                 heads.masked_fill(~filled, -1).cpu().numpy(), n_fused.masked_fill(~filled, 0).cpu().numpy())
+
+
+def _context_queries(run: LoadedRun, histories: Sequence[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
+    """Head queries [B, K, d] after each history's last T interactions (right-padded, as in training)."""
+    if not histories:
+        raise ValueError("no history to rank after")
+    T = int(run.windows.params["context"])
+    device = run.compat.omega.device
+    length = torch.tensor([min(T, len(items)) for items, _ in histories])
+    items = torch.zeros(len(histories), max(1, int(length.max())), dtype=torch.long)
+    ts = torch.zeros_like(items)
+    for r, (h_items, h_ts) in enumerate(histories):
+        n = int(length[r])
+        items[r, :n] = torch.as_tensor(h_items[-n:], dtype=torch.long)
+        ts[r, :n] = torch.as_tensor(h_ts[-n:], dtype=torch.long)
+    # the backbone's activations grow with B·T² (attention): bounded by forwarding QUERY_BATCH at a time
+    return torch.cat([
+        run.model.last_queries(items[s : s + QUERY_BATCH].to(device), ts[s : s + QUERY_BATCH].to(device),
+                               length[s : s + QUERY_BATCH].to(device)).float()
+        for s in range(0, len(histories), QUERY_BATCH)
+    ])
 
 
 def _explain(run: LoadedRun, q: torch.Tensor, vecs: torch.Tensor, user_heads: torch.Tensor,

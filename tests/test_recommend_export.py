@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import warnings
@@ -13,6 +15,7 @@ import pytest
 
 import mhr.recommend as rec_mod
 from mhr import Recommender
+from mhr.cli import main
 from mhr.errors import NotFoundError, UsageError
 from mhr.recommend import EXPORT_SCHEMA, export_recommendations, recommend
 from mhr.service import UnknownItemsWarning
@@ -45,10 +48,21 @@ def history(ds, raw_user: str) -> tuple[list[str], list[int]]:
     return [r[0] for r in rows], [int(r[1]) for r in rows]
 
 
-def cli_json(cli, ds, user: str, *extra: str) -> dict:
-    out = cli("--dataset", ds.name, "recommend", "run:both", "--user", user, "--top", "5", "--json", *extra,
-              workspace=ds.root)
-    return json.loads(out.stdout)
+def in_process(ds, *args: str) -> tuple[int, str, str]:
+    """The real CLI (`mhr.cli.main`) without a subprocess: (exit code, stdout, stderr)."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(["--workspace", str(ds.root), "--dataset", ds.name, *args])
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def cli_json(ds, user: str, *extra: str) -> dict:
+    code, out, err = in_process(ds, "recommend", "run:both", "--user", user, "--top", "5", "--json", *extra)
+    assert code == 0, err
+    return json.loads(out)
 
 
 def test_export_all_equals_single_user_lists(trained, cli, tmp_path):
@@ -66,7 +80,7 @@ def test_export_all_equals_single_user_lists(trained, cli, tmp_path):
     assert all(r["head"] in names for r in rows)  # explanations present
     for user in ("u0", "u3", "u39"):
         mine = [r for r in rows if r["user"] == user]
-        want = cli_json(cli, trained, user)["items"]
+        want = cli_json(trained, user)["items"]
         assert [r["rank"] for r in mine] == [1, 2, 3, 4, 5]
         assert [r["item"] for r in mine] == [w["raw_id"] for w in want]  # raw ids round-trip
         assert [r["head"] for r in mine] == [w["head"] for w in want]
@@ -74,28 +88,29 @@ def test_export_all_equals_single_user_lists(trained, cli, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["recs.parquet"]  # no temp left behind
 
 
-def test_export_subset_fused_without_explain(trained, cli, tmp_path):
+def test_export_subset_fused_without_explain(trained, tmp_path):
     (tmp_path / "users.txt").write_text("u7\n\n u2 \nu7\n")
     out = tmp_path / "sub.parquet"
-    cli("--dataset", trained.name, "recommend", "run:both", "--all", "--users", str(tmp_path / "users.txt"),
-        "--out", str(out), "--top", "3", "--fusion", "avg", workspace=trained.root)
+    code, stdout, err = in_process(trained, "recommend", "run:both", "--all", "--users", str(tmp_path / "users.txt"),
+                                   "--out", str(out), "--top", "3", "--fusion", "avg")
+    assert code == 0 and stdout.strip() == str(out), err
     rows = pq.read_table(out).to_pylist()
     assert [r["user"] for r in rows] == ["u2"] * 3 + ["u7"] * 3  # store order, duplicates once
     assert all(r["head"] is None for r in rows)
-    want = cli_json(cli, trained, "u7", "--fusion", "avg")["items"][:3]
+    want = cli_json(trained, "u7", "--fusion", "avg")["items"][:3]
     assert [r["item"] for r in rows[3:]] == [w["raw_id"] for w in want[:3]]
     (tmp_path / "bad.txt").write_text("u1\nnobody\n")
-    bad = cli("--dataset", trained.name, "recommend", "run:both", "--all", "--users", str(tmp_path / "bad.txt"),
-              "--out", str(tmp_path / "bad.parquet"), workspace=trained.root, check=False)
-    assert bad.returncode == 3 and "'nobody'" in bad.stderr and not bad.stdout
+    code, stdout, err = in_process(trained, "recommend", "run:both", "--all", "--users", str(tmp_path / "bad.txt"),
+                                   "--out", str(tmp_path / "bad.parquet"))
+    assert code == 3 and "'nobody'" in err and not stdout
     assert not (tmp_path / "bad.parquet").exists()
 
 
-def test_cli_refuses_unclear_requests(trained, cli, tmp_path):
-    base = ("--dataset", trained.name, "recommend", "run:both")
-    for args in (("--all",), ("--user", "u1", "--all", "--out", "x.parquet"), ("--user", "u1", "--out", "x"), ()):
-        res = cli(*base, *args, workspace=trained.root, check=False)
-        assert res.returncode == 2 and not res.stdout, args
+def test_cli_refuses_unclear_requests(trained):
+    for args in (("--all",), ("--user", "u1", "--all", "--out", "x.parquet"), ("--user", "u1", "--out", "x"), (),
+                 ("--all", "--out", "x.parquet", "--json")):
+        code, stdout, _ = in_process(trained, "recommend", "run:both", *args)
+        assert code == 2 and not stdout, args
 
 
 def test_interrupted_export_leaves_nothing_that_looks_complete(trained, tmp_path, monkeypatch):
@@ -125,8 +140,9 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(trained, tmp_path
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["recs.parquet"]
 
 
-def test_chunking_does_not_change_the_export(trained, tmp_path):
+def test_chunking_does_not_change_the_export(trained, tmp_path, monkeypatch):
     run = load_run(trained, "both")
+    monkeypatch.setattr(rec_mod, "QUERY_BATCH", 3)  # several backbone passes per chunk too
     a = export_recommendations(run, trained, tmp_path / "a.parquet", top=6, explain=True, chunk_users=7)
     b = export_recommendations(run, trained, tmp_path / "b.parquet", top=6, explain=True, chunk_users=1024)
     ta, tb = pq.read_table(a.path), pq.read_table(b.path)
@@ -135,13 +151,13 @@ def test_chunking_does_not_change_the_export(trained, tmp_path):
     assert np.allclose(ta.column("score").to_numpy(), tb.column("score").to_numpy(), atol=1e-5)
 
 
-def test_api_equals_cli_for_a_stored_user(trained, cli):
+def test_api_equals_cli_for_a_stored_user(trained):
     service = Recommender.load(trained.root, trained.name, "run:both")
     items, ts = history(trained, "u3")
     got = service.recommend(items, top=5, explain=True, timestamps=ts, user="u3")
     want, _ = recommend(load_run(trained, "both"), trained, "u3", top=5)
     assert got == want  # the same ranking path, one user at a time
-    from_cli = cli_json(cli, trained, "u3")["items"]
+    from_cli = cli_json(trained, "u3")["items"]
     assert [r.raw_id for r in got] == [w["raw_id"] for w in from_cli]
     assert [r.head for r in got] == [w["head"] for w in from_cli]
     assert not set(r.raw_id for r in got) & set(items)  # history excluded
