@@ -10,15 +10,20 @@ that validates.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mhr.errors import BusyError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -133,3 +138,123 @@ def build_artifact(
         extra = extra if isinstance(extra, dict) else {}
         write_manifest(tmp, stage, key, params, inputs, **extra)
     return key, False
+
+
+# ---------------------------------------------------------------------------------------------
+# locks on one artifact, and what killed writers leave behind
+
+
+@contextmanager
+def locked(path: Path, holder: str, what: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created if need be) for the block, with `holder` written
+    in it; a second taker gets BusyError naming the holder at once. The kernel releases the lock
+    when the process dies, so a killed writer never leaves `what` locked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise BusyError(f"busy: {other} is writing {what}",
+                            hint="wait for it to finish (or stop it) and run this again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def lock_path(artifact: Path) -> Path:
+    """The lock of an artifact directory: beside it, not in it (a rebuild removes the directory)."""
+    return artifact.parent / f".{artifact.name}.lock"
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the lock at `path` (what they wrote in it), or None when nobody does."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+# temp names carry their writer's pid: `.X.tmp-PID` / `.X.old-PID` (atomic_dir, new_store, checkpoints),
+# with a suffix DuckDB adds (`.wal`, `.tmp`), `.spill-.X.tmp-PID` (windows) and `.X.PID.tmp`
+_TEMP_NAME = re.compile(r"(?:\.(?:tmp|old)-(\d+)(?:\.[A-Za-z]+)?|\.(\d+)\.tmp)$")
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A temporary file or folder whose writer (the pid in its name) is no longer running."""
+
+    path: Path
+    pid: int
+    size: int
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _size(path: Path) -> int:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() or p.is_symlink())
+        return path.lstat().st_size
+    except OSError:
+        return 0
+
+
+def find_leftovers(root: Path) -> list[Leftover]:
+    """Temporary files and folders under `root` left by processes that are gone (killed mid-write).
+
+    A name without a pid is never matched, nor one whose pid is alive (it may be writing now; a pid
+    reused by an unrelated process only delays the clean-up)."""
+    found: list[Leftover] = []
+    for folder, dirs, files in os.walk(root):
+        for name in sorted(dirs) + sorted(files):
+            m = _TEMP_NAME.search(name)
+            if not m:
+                continue
+            pid = int(m.group(1) or m.group(2))
+            if pid_alive(pid):
+                continue
+            path = Path(folder) / name
+            found.append(Leftover(path, pid, _size(path)))
+            if name in dirs:
+                dirs.remove(name)  # counted whole; not walked into
+    return sorted(found, key=lambda x: str(x.path))
+
+
+def remove_leftovers(root: Path, dry_run: bool = False) -> list[Leftover]:
+    """Delete what `find_leftovers` finds (each pid checked again just before); returns them."""
+    removed = []
+    for item in find_leftovers(root):
+        if pid_alive(item.pid):
+            continue
+        if not dry_run:
+            if item.path.is_dir() and not item.path.is_symlink():
+                shutil.rmtree(item.path, ignore_errors=True)
+            else:
+                item.path.unlink(missing_ok=True)
+        removed.append(item)
+    return removed

@@ -486,14 +486,23 @@ def run_lock_path(dataset: Dataset, name: str) -> Path:
 
 
 @contextmanager
-def _deterministic(on: bool) -> Iterator[None]:
-    """One intra-op thread and torch's deterministic algorithms for the block (then as before)."""
+def _deterministic(on: bool, device: str) -> Iterator[None]:
+    """One intra-op thread and torch's deterministic algorithms for the block (then as before).
+
+    On CPU, with several threads the backward of indexing by a tensor (`item_vecs[ids]`: an
+    accumulating index_put) adds in a varying order, so identical runs drift apart in the last bits
+    within a few steps; deterministic algorithms remove that, one thread also makes the result
+    independent of the machine's core count. On a GPU it is best effort: ops without a
+    deterministic kernel only warn.
+    """
     if not on:
         yield
         return
     threads, algorithms = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' reproducible workspaces
+    torch.use_deterministic_algorithms(True, warn_only=not device.startswith("cpu"))
     try:
         yield
     finally:
@@ -525,7 +534,7 @@ def train(
     name = check_name(name or default_run_name(params), "run")
     holder = f"mhr train (pid {os.getpid()})"
     lock = locked(run_lock_path(dataset, name), holder, f"run {name}") if _dist_info()[1] == 0 else _nullcontext()
-    with lock, _deterministic(deterministic):
+    with lock, _deterministic(deterministic, device):
         return _train(dataset, params, windows, name, device, force, resume, checkpoint_every, show_progress,
                       deterministic)
 

@@ -62,18 +62,62 @@ def collect_status(workspace) -> list[dict[str, Any]]:
             for d in sorted(folder.iterdir()):
                 if d.name.startswith("."):
                     continue
-                manifest = read_manifest(d, verify=False)
+                manifest = read_manifest(d, verify=True)  # checksums too: damaged is not done
                 record["artifacts"].append(
                     {
                         "kind": kind,
                         "name": d.name,
                         "key": manifest and manifest["key"],
                         "complete": manifest is not None,
+                        "state": _state(kind, d, manifest),
                         "age_s": time.time() - d.stat().st_mtime,
                     }
                 )
         out.append(record)
+    _attach_leftovers(workspace, out)
     return out
+
+
+def _state(kind: str, d, manifest) -> str:
+    """done, damaged (a manifest whose files fail their size or sha256), training (pid …) or incomplete."""
+    from mhr.cache import MANIFEST, lock_holder, lock_path
+
+    if manifest is not None:
+        return "done"
+    holder = lock_holder(lock_path(d)) if kind == "run" else None
+    if holder:
+        return f"training: {holder}"
+    return "damaged" if (d / MANIFEST).is_file() else "incomplete"
+
+
+def _attach_leftovers(workspace, records: list[dict[str, Any]]) -> None:
+    """Temp files of dead processes (`mhr gc` removes them), each under its dataset's record; those
+    in a folder with no store yet (a first import killed) under a record with dataset None."""
+    from mhr.cache import find_leftovers
+
+    by_name = {r["dataset"]: r for r in records}
+    for r in records:
+        r["leftovers"] = []
+    for x in find_leftovers(workspace.root) if workspace.root.is_dir() else []:
+        top = x.path.relative_to(workspace.root).parts[0]
+        if top not in by_name:
+            by_name[top] = {"dataset": None, "folder": top, "leftovers": []}
+            records.append(by_name[top])
+        by_name[top]["leftovers"].append({"path": str(x.path), "pid": x.pid, "size": x.size})
+
+
+def _print_leftovers(leftovers: list[dict[str, Any]]) -> None:
+    if not leftovers:
+        return
+    from mhr.cli.gc import human_size
+
+    table = Table(title="leftover temporary files of dead processes (`mhr gc` removes them)",
+                  title_justify="left")
+    for col in ("path", "pid", "size"):
+        table.add_column(col)
+    for x in leftovers:
+        table.add_row(x["path"], str(x["pid"]), human_size(x["size"]))
+    err.print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -88,11 +132,12 @@ def register(app: typer.Typer) -> None:
             emit_json(records)
             _fail_if_damaged(records)
             return
-        if not records:
+        if not any(r["dataset"] for r in records):
             err.print(f"no datasets in {c.workspace.root} — start with `mhr data fetch movielens-100k`")
-            return
         now = time.time()
         for rec in records:
+            if rec["dataset"] is None:
+                continue
             table = Table(title=f"dataset {rec['dataset']}", title_justify="left")
             for col in ("kind", "name / stage", "key", "age", "status"):
                 table.add_column(col)
@@ -106,13 +151,14 @@ def register(app: typer.Typer) -> None:
                     a["name"],
                     (a["key"] or "")[:12],
                     _age(a["age_s"]),
-                    "done" if a["complete"] else "[yellow]incomplete[/]",
+                    {"done": "done", "damaged": "[red]damaged[/]"}.get(a["state"], f"[yellow]{a['state']}[/]"),
                 )
             err.print(table)
             cur = rec["current"]
             err.print(f"current (used when none is named): windows "
                       f"{'windows:' + cur['windows'][:12] if cur.get('windows') else '—'}, "
                       f"run {cur.get('run') or '—'}")
+        _print_leftovers([x for r in records for x in r["leftovers"]])
         _fail_if_damaged(records)
 
 
