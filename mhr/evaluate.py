@@ -65,6 +65,7 @@ class EvalParams:
     baseline: str | None = None
     entropy_prior: str | None = None  # item-kind prior whose categories H@K counts; default: first item prior
     diversity: float = 0.0  # λ of ComiRec's greedy category-diversity re-ranking (0 = off)
+    oracle_group: str | None = None  # ORACLE: rank only inside the first target's group(s) of this prior
 
     def check(self) -> None:
         if self.fusion not in FUSIONS:
@@ -76,6 +77,8 @@ class EvalParams:
             raise UsageError(f"unknown split {self.split!r}", hint="use valid or test")
         if not self.ks or min(self.ks) < 1:
             raise UsageError("--k needs positive cut-offs, e.g. 5,10,50,200")
+        if self.oracle_group is not None and self.oracle_event:
+            raise UsageError("--oracle-group and --oracle-event are two different oracles", hint="use one")
         if self.diversity < 0:
             raise UsageError("--diversity must be >= 0", hint="0 is the plain ranking; ComiRec used 0..1")
 
@@ -131,6 +134,34 @@ def _oracle_event_mask(run: LoadedRun, split: dict[str, np.ndarray]) -> torch.Te
             if p == level:
                 mask[:, k] &= true_group == g
     return torch.from_numpy(mask)
+
+
+def _oracle_group_items(run: LoadedRun, dataset: Dataset, prior: str, split: dict[str, np.ndarray]):
+    """ORACLE: `rows -> bool [b, N+1]`, the items sharing a group of `prior` (item or graph kind) with
+    the user's first target. Applied alike to head runs (where it routes each user to the target's
+    heads) and to a plain backbone (the fair control: the same restriction, no heads)."""
+    from mhr.priors.spec import load_prior
+    from mhr.store import connect
+
+    con = connect(dataset.store_path, read_only=True)
+    try:
+        exists = con.execute("SELECT kind FROM priors WHERE prior = ?", [prior]).fetchone()
+        if exists is None or exists[0] not in ("item", "graph"):
+            raise UsageError(f"--oracle-group needs an item or graph prior; {prior!r} is "
+                             f"{'not built' if exists is None else 'a ' + exists[0] + ' prior'}",
+                             hint="name one from `mhr priors list`")
+        spec = load_prior(con, prior)
+    finally:
+        con.close()
+    n_items = int(run.compat.omega.shape[1] - 1)
+    groups = torch.from_numpy(np.asarray(spec.item_groups, dtype=bool)[:, : n_items + 1].copy())  # [G, N+1]
+    first = np.asarray(split["targets"])[:, 0].astype(np.int64)
+
+    def allowed(rows: np.ndarray) -> torch.Tensor:
+        mine = groups[:, torch.from_numpy(first[rows])].t()  # [b, G]: the first target's groups
+        return (mine.float() @ groups.float()) > 0
+
+    return allowed
 
 
 def _metrics(ranking: Ranking, targets: np.ndarray, ks: list[int], horizons: list[int],
@@ -201,6 +232,7 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
     split = run.windows.read_split(params.split)
     targets = split["targets"]
     user_mask = _oracle_event_mask(run, split) if params.oracle_event else None
+    allowed = _oracle_group_items(run, dataset, params.oracle_group, split) if params.oracle_group else None
     n_items = int(run.compat.omega.shape[1] - 1)
     cat = _category_prior(run, dataset, params.entropy_prior)
     if params.diversity and cat is None:
@@ -210,7 +242,8 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
     def ranked(r: LoadedRun, f: FusionFit | None, heads: torch.Tensor | None = None) -> Ranking:
         n_cand = min(n_items, 2 * kmax) if params.diversity else kmax
         out = rank_split(r.model, r.compat, split, k=n_cand, exclude_history=not params.keep_history,
-                         device=device, user_heads=heads, **_fusion_args(params.fusion, f))
+                         device=device, user_heads=heads, allowed_items=allowed,
+                         **_fusion_args(params.fusion, f))
         if not params.diversity:
             return out
         pick = greedy_diverse(out.items, out.scores, cat.item_groups, kmax, params.diversity)
@@ -224,7 +257,7 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
         "run_key": run.config["key"],
         "split": params.split,
         "params": _jsonable(params),
-        "oracle": bool(params.oracle_event),
+        "oracle": bool(params.oracle_event or params.oracle_group),
         "horizons": hs,
         "ks": ks,
         "metrics": _metrics(ranking, targets, ks, hs),
@@ -295,6 +328,8 @@ def _jsonable(params: EvalParams) -> dict[str, Any]:
     d["horizons"] = list(params.horizons)
     if not params.diversity:  # keys of evaluations without re-ranking stay as they were
         d.pop("diversity")
+    if params.oracle_group is None:
+        d.pop("oracle_group")
     return d
 
 

@@ -51,7 +51,7 @@ import torch
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-FUSIONS = ("max", "avg", "learned", "invvar")
+FUSIONS = ("max", "avg", "learned", "invvar", "router")
 FITTED = ("learned", "invvar")
 NEG_INF = float("-inf")
 
@@ -245,6 +245,31 @@ def head_items(eligible: torch.Tensor) -> list[torch.Tensor]:
     elig = eligible.detach().to("cpu", torch.bool).clone()
     elig[:, 0] = False
     return [torch.nonzero(row).flatten() for row in elig]
+
+
+@torch.no_grad()
+def head_log_normalisers(q: torch.Tensor, item_vecs: torch.Tensor, score_fn: ScoreFn, eligible: torch.Tensor,
+                         items: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """logsumexp_{j ∈ Ω_k} s_k(j) per user and head, [B, K], for q [B, K, d]: the normaliser of
+    head k's in-group softmax. Cost Σ_k |Ω_k| scores per user (as grouped scoring), in item chunks.
+    A head with an empty Ω_k gets +inf (it never scores)."""
+    idx = head_items(eligible) if items is None else items
+    out = torch.full(q.shape[:2], float("inf"), device=q.device)
+    chunk = max(1, FIT_CHUNK_ELEMENTS // max(1, q.shape[0]))
+    for k, members in enumerate(idx):
+        if not len(members):
+            continue
+        members = members.to(item_vecs.device)
+        parts = [score_fn(q[:, k], item_vecs.index_select(0, members[s : s + chunk])).float().logsumexp(dim=1)
+                 for s in range(0, len(members), chunk)]
+        out[:, k] = torch.stack(parts, dim=1).logsumexp(dim=1)
+    return out
+
+
+def router_offsets(route: torch.Tensor, normalisers: torch.Tensor) -> torch.Tensor:
+    """Per-user head offsets [B, K] that turn max fusion into routed fusion:
+    max_k s_k(i) + log p(k | h) − logsumexp_{Ω_k} s_k = max_k log p(k | h) p(i | k, h)."""
+    return route - normalisers
 
 
 @torch.no_grad()

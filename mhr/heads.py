@@ -301,6 +301,27 @@ class PriorHeads(nn.Module):
         return f"d={self.d}, {self.layout.describe()}"
 
 
+class HeadRouter(nn.Module):
+    """p(k | h): a distribution over the layout's heads from the backbone state, trained jointly
+    with the heads (`mhr.loss.router_loss`: −log Σ_{k compatible with the target} p(k | h)).
+
+    With it a head's in-group softmax becomes a factor of one model over the catalogue,
+    p(i | h) = Σ_k p(k | h) p(i | k, h) with p(i | k, h) = softmax over Ω_k of s_k — exactly
+    that for a partition prior — and items are ranked by max_k log p(k | h) + log p(i | k, h)
+    (`mhr.scoring.router_offsets`). Zero-initialised: every head starts equally likely.
+    """
+
+    def __init__(self, d: int, n_heads: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, n_heads)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., d] -> router logits [..., K]."""
+        return self.proj(h)
+
+
 class SelectedQueries:
     """Head queries of a batch, computed only where the loss reads them (`PriorHeads.queries_at`).
 

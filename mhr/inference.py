@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mhr.errors import UsageError
+from mhr.fusion import head_items, head_log_normalisers, router_offsets
 from mhr.heads import Compatibility
 from mhr.model import MultiHeadRecommender
 from mhr.scoring import grouped_fused_topk
@@ -43,9 +45,11 @@ def iter_queries(
     rows: np.ndarray | None = None,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
-) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    route: bool = False,
+) -> Iterator[tuple]:
     """(row indices, head queries q [b, K, d] float32, usable heads [b, K] bool) per batch of the
-    split's users (`rows`: a subset, default all), the model in eval mode meanwhile."""
+    split's users (`rows`: a subset, default all), the model in eval mode meanwhile; with `route`,
+    a fourth element: the router's log p(k | h) [b, K] (None for a run without a router)."""
     was_training = model.training
     model.eval()
     try:
@@ -56,8 +60,11 @@ def iter_queries(
             ts = torch.from_numpy(split["ts"][r]).to(device)
             length = torch.from_numpy(split["length"][r]).to(device)
             users = torch.from_numpy(split["user"][r]).to(device)
-            q = model.last_queries(items, ts, length).float()
-            yield r, q, compat.users(users)
+            q, log_p = model.last_decode(items, ts, length)
+            if route:
+                yield r, q.float(), compat.users(users), log_p
+            else:
+                yield r, q.float(), compat.users(users)
     finally:
         model.train(was_training)
 
@@ -78,23 +85,42 @@ def rank_split(
     weights: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    allowed_items=None,
 ) -> Ranking:
     """Rank the full catalogue for every user of a valid/test split (history excluded by default).
 
     `eligible` overrides the heads' candidate sets (default Ω_k); `user_heads` [U, K] further
     restricts which heads each user may use (the labelled event oracle). `weights` / `scale` /
     `offset` [K]: per-head fusion parameters (`mhr.fusion`; a fitted fusion's `scoring_kwargs()`).
+    `fusion="router"`: max fusion of log p(k | h) + log p(i | k, h) with the run's joint router.
+    `allowed_items(rows) -> bool [b, N+1]`: items each user may be recommended (the labelled
+    group oracle); everything else is excluded like history.
     """
+    routed = fusion == "router"
+    if routed:
+        if model.router is None:
+            raise UsageError("--fusion router needs a run trained with --router",
+                             hint="retrain with `mhr train --router …`, or use --fusion max")
+        if offset is not None or scale is not None or weights is not None:
+            raise ValueError("router fusion sets its own per-user offsets")
+        fusion = "max"
     was_training = model.training
     model.eval()
     item_vecs = model.item_vectors().float()
     n_items = item_vecs.shape[0] - 1
     omega = (compat.omega if eligible is None else eligible).to(device)
     out_items, out_scores, out_winners = [], [], []
-    for rows, q, heads in iter_queries(model, compat, split, batch_size=batch_size, device=device):
+    members = head_items(omega) if routed else None
+    for rows, q, heads, log_p in iter_queries(model, compat, split, batch_size=batch_size, device=device,
+                                              route=True):
         if user_heads is not None:
             heads = heads & user_heads[rows].to(device)
+        if routed:
+            offset = router_offsets(log_p, head_log_normalisers(q, item_vecs, model.scorer, omega, members))
         exclude = history_mask(split, rows, n_items).to(device) if exclude_history else None
+        if allowed_items is not None:
+            outside = ~allowed_items(rows).to(device)
+            exclude = outside if exclude is None else exclude | outside
         top_items, top_scores, top_winners = grouped_fused_topk(
             q, item_vecs, model.scorer, omega, heads, exclude, k, fusion,
             weights=weights, scale=scale, offset=offset,

@@ -374,3 +374,21 @@ def _combine(q, item_vecs, scorer, pos: Positives, ce: torch.Tensor, n_heads: in
         "n_positives": counts.sum().detach(),
     }
     return loss, stats
+
+
+def router_loss(logits: torch.Tensor, targets: torch.Tensor, compat: torch.Tensor,
+                gamma: float = 1.0) -> torch.Tensor:
+    """The joint router's loss: −log Σ_{k compatible with y} p(k | h) for every real target y at
+    every position and offset, γ^j-weighted and averaged over those targets.
+
+    logits [B, L, K] (`mhr.heads.HeadRouter`), targets [B, L, τ] (0 = none), compat [B, L, τ, K]
+    (`Compatibility.targets`). A target no head may take is left out (it has no route)."""
+    log_p = torch.log_softmax(logits.float(), dim=-1).unsqueeze(2)  # [B, L, 1, K]
+    routed = log_p.masked_fill(~compat, float("-inf")).logsumexp(dim=-1)  # [B, L, τ]
+    real = (targets > 0) & compat.any(dim=-1)
+    if not bool(real.any()):
+        return logits.sum() * 0.0
+    discount = torch.pow(torch.tensor(float(gamma), device=logits.device),
+                         torch.arange(targets.shape[2], device=logits.device, dtype=torch.float32))
+    weight = discount.expand_as(routed)[real]
+    return -(routed[real] * weight).sum() / real.sum()

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mhr.errors import UsageError
-from mhr.heads import HeadLayout, PriorHeads, Scorer, build_layout
+from mhr.heads import HeadLayout, HeadRouter, PriorHeads, Scorer, build_layout
 from mhr.models import comirec, dualvae, hllm, hstu, remi, sasrec
 from mhr.priors.synthetic import synthetic_prior
 
@@ -107,11 +107,12 @@ def refresh_eligibility(model: MultiHeadRecommender, compat) -> None:
 class MultiHeadRecommender(nn.Module):
     """backbone → decoder (`heads`) → scorer. Shapes: items/ts [B, L] → q [B, L, K, d]."""
 
-    def __init__(self, backbone: nn.Module, heads: nn.Module, scorer: Scorer) -> None:
+    def __init__(self, backbone: nn.Module, heads: nn.Module, scorer: Scorer, router: HeadRouter | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.heads = heads
         self.scorer = scorer
+        self.router = router  # p(k | h), trained jointly (`--router`); None: no router
 
     def forward(self, items: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         return self.decode(items, ts)[0]
@@ -129,16 +130,22 @@ class MultiHeadRecommender(nn.Module):
         Only the last position is decoded by per-state heads, since inference needs nothing else;
         a sequence-level decoder decodes the whole sequence and its last position is taken.
         """
+        return self.last_decode(items, ts, length)[0]
+
+    def last_decode(self, items: torch.Tensor, ts: torch.Tensor,
+                    length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(head queries [B, K, d], the router's log p(k | h) [B, K] or None) at the last position."""
         h = self.backbone(items, ts)
         rows, last = torch.arange(h.shape[0], device=h.device), (length - 1).clamp(min=0)
-        if self.heads.sequence_level:
-            return self.heads(h)[rows, last]
-        return self.heads(h[rows, last])
+        h_last = h[rows, last]
+        q = self.heads(h)[rows, last] if self.heads.sequence_level else self.heads(h_last)
+        route = None if self.router is None else torch.log_softmax(self.router(h_last).float(), dim=-1)
+        return q, route
 
 
 def build_model(
     backbone_name: str, config: Any, layout: HeadLayout, score: str, temperature: float,
-    decoder: DecoderOptions = DecoderOptions(), **backbone_inputs: Any,
+    decoder: DecoderOptions = DecoderOptions(), router: bool = False, **backbone_inputs: Any,
 ) -> MultiHeadRecommender:
     """`backbone_inputs` are tensors a backbone is built from (HLLM: the cached item text embeddings)."""
     if decoder.name not in DECODERS:
@@ -146,4 +153,5 @@ def build_model(
     family = BACKBONES[backbone_name]
     backbone = family.module_cls(config, **backbone_inputs)
     heads = DECODERS[decoder.name](config.d, layout, decoder)
-    return MultiHeadRecommender(backbone, heads, Scorer(mode=score, init_temperature=temperature))
+    return MultiHeadRecommender(backbone, heads, Scorer(mode=score, init_temperature=temperature),
+                                HeadRouter(config.d, layout.n_heads) if router else None)

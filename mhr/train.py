@@ -44,7 +44,7 @@ from mhr.heads import (
     dot_scores,
 )
 from mhr.inference import rank_split
-from mhr.loss import multihead_loss, sample_negatives
+from mhr.loss import multihead_loss, router_loss, sample_negatives
 from mhr.metrics import ndcg_at_k
 from mhr.model import (
     BACKBONES,
@@ -84,6 +84,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "negatives_per": "batch",
     "in_batch_negatives": False,
     "logq": False,
+    "router": False,
 }
 # ... and these only mean something with sampled negatives: left out of a full-softmax run's key
 SAMPLED_ONLY = ("negatives_per", "in_batch_negatives", "logq")
@@ -107,6 +108,8 @@ class TrainParams:
     negatives_per: str = "batch"
     in_batch_negatives: bool = False
     logq: bool = False
+    router: bool = False
+    router_weight: float = 1.0
     head_weights: str = "frequency"
     gamma: float = 0.99
     epochs: int = 20
@@ -194,6 +197,12 @@ class TrainParams:
         if self.train_item_llm and (self.in_batch_negatives or self.logq or self.negatives_per != "batch"):
             raise UsageError("--train-item-llm encodes one shared draw of negatives per batch",
                              hint="drop --negatives-per / --in-batch-negatives / --logq")
+        if self.router and self.decoder != "heads":
+            raise UsageError("--router routes between prior heads", hint="drop --router or use --decoder heads")
+        if self.router and not self.priors:
+            raise UsageError("--router needs heads to route between", hint="add --priors (e.g. --priors item)")
+        if not (self.router_weight >= 0 and math.isfinite(self.router_weight)):
+            raise UsageError("--router-weight must be a finite number >= 0")
         if self.beta and self.in_batch_negatives:
             raise UsageError("--beta reweights uniform negatives only", hint="drop --in-batch-negatives")
         if self.beta and self.negatives is None:
@@ -212,6 +221,8 @@ class TrainParams:
         for k, legacy in LEGACY_VALUES.items():
             if d[k] == legacy or (k in SAMPLED_ONLY and self.negatives is None):
                 d.pop(k)
+        if not self.router:
+            d.pop("router_weight")
         if self.decoder == "heads":
             d.pop("decoder")
         for k, users in DECODER_FIELDS.items():
@@ -627,7 +638,7 @@ def _train(
 
     torch.manual_seed(params.seed)
     model = build_model(params.backbone, config, layout, params.score, params.temperature,
-                        params.decoder_options(), **backbone_inputs).to(device)
+                        params.decoder_options(), router=params.router, **backbone_inputs).to(device)
     compat = Compatibility(layout, n_items, wref.event_vocab).to(device)
     gen = torch.Generator(device=device).manual_seed(params.seed + 1)
 
@@ -796,11 +807,12 @@ class _LossStep(torch.nn.Module):
                                                                         negs.flatten()])))
         with step:
             scorer = self.model.scorer
+            h = self.model.backbone(items, ts)
             if self.selective:  # prior heads: each query computed only where the loss reads it
-                h = self.model.backbone(items, ts).float()
+                h = h.float()
                 q, aux = SelectedQueries(self.model.heads, h, scorer.prepare_queries), {}
             else:
-                q, aux = self.model.decode(items, ts)
+                q, aux = self.model.heads.decode(h, items != 0)
                 q = q.float()
             item_vecs = self.model.item_vectors().float()
             omega = self.omega
@@ -833,6 +845,10 @@ class _LossStep(torch.nn.Module):
                 in_batch=p.in_batch_negatives,
                 logq=p.logq,
             )
+        if self.model.router is not None:  # p(k | h), trained jointly with the heads
+            route = router_loss(self.model.router(h.float()), targets, compat_t, p.gamma)
+            loss = loss + p.router_weight * route
+            stats["router"] = route.detach()
         if self.selective:  # heads without a positive in this batch still count as used (DDP)
             loss = loss + q.anchor()
         for term, value in aux.items():  # the decoder's regularisers (REMI's routing, DualVAE's KL)
@@ -931,7 +947,8 @@ def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
     layout = make_layout(params, specs, n_items)
     family = BACKBONES[params.backbone]
     config = family.config_cls(**record["backbone_config"])
-    model = build_model(params.backbone, config, layout, params.score, params.temperature, params.decoder_options())
+    model = build_model(params.backbone, config, layout, params.score, params.temperature, params.decoder_options(),
+                        router=params.router)
     try:
         model.load_state_dict(_read_tensors(run_dir / "model.safetensors", hint))
     except RuntimeError as e:  # names or shapes that do not fit the config

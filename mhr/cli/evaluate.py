@@ -44,7 +44,9 @@ def print_eval(result: dict) -> None:
     ks, hs = result["ks"], result["horizons"]
     title = f"{result['run']} · {result['split']} · fusion {result['params']['fusion']}"
     if result.get("oracle"):
-        title += " · [bold red]ORACLE (true next event type used)[/]"
+        group = result["params"].get("oracle_group")
+        what = f"ranked inside the first target's {group} group" if group else "true next event type used"
+        title += f" · [bold red]ORACLE ({what})[/]"
     table = Table(title=title, title_justify="left")
     table.add_column("horizon")
     for k in ks:
@@ -102,7 +104,8 @@ def register(app: typer.Typer) -> None:
         run: str = typer.Argument(None, help="Run name or run:<name> (default: the current run, the last `mhr train` finished)."),
         fusion: str = typer.Option(
             "max", help="How eligible heads' scores fuse: max (explainable), avg, learned (per-head "
-            "calibration fitted on the valid split) or invvar (inverse-variance weights from the valid split)."),
+            "calibration fitted on the valid split), invvar (inverse-variance weights from the valid split) or "
+            "router (max over heads of log p(k | h) + log p(i | k, h); runs trained with --router)."),
         k: str = typer.Option("5,10,50,200", "--k", help="Cut-offs K."),
         horizons: str = typer.Option(
             "", help="Horizons to score, e.g. 1,4,8: the first h held-out targets, h ≤ H (default 1, τ/2, τ; "
@@ -111,6 +114,10 @@ def register(app: typer.Typer) -> None:
         keep_history: bool = typer.Option(False, "--keep-history", help="Do not exclude already-seen items."),
         oracle_event: bool = typer.Option(False, "--oracle-event",
                                           help="DIAGNOSTIC ORACLE: mask heads with the true next event type."),
+        oracle_group: str = typer.Option(
+            None, help="DIAGNOSTIC ORACLE: rank only items sharing a group of this item/graph prior with the "
+            "user's first target (for a head run: routing to the target's heads; for a plain backbone: its "
+            "fair control)."),
         baseline: str = typer.Option(None, help="Baseline run for the new-interest boost."),
         entropy_prior: str = typer.Option(None, help="Item prior whose categories H@K counts (default: item)."),
         diversity: float = typer.Option(
@@ -130,6 +137,7 @@ def register(app: typer.Typer) -> None:
             fusion=fusion, ks=tuple(parse_list(k, int)), horizons=tuple(parse_list(horizons, int)),
             split=split, keep_history=keep_history, oracle_event=oracle_event,
             baseline=_strip(baseline), entropy_prior=entropy_prior, diversity=diversity,
+            oracle_group=oracle_group,
         )
         path, result, cached = evaluate(ds, name, params, force=force, device=device)
         if cached:

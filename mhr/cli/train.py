@@ -35,6 +35,10 @@ def register(app: typer.Typer) -> None:
             False, "--logq/--no-logq",
             help="Sampled negatives: correct each negative's logit by -log(expected copies), so the "
             "sampled sum estimates the full softmax (needed with --in-batch-negatives)."),
+        router: bool = typer.Option(
+            False, "--router/--no-router",
+            help="Train a router p(k | h) over the heads jointly; rank with `mhr eval --fusion router`."),
+        router_weight: float = typer.Option(1.0, help="Weight of the router's loss beside the heads' loss."),
         head_weights: str = typer.Option("frequency", help="frequency (w_k ∝ |Y_k|) or uniform."),
         gamma: float = typer.Option(0.99, help="Discount γ over the forecast horizon."),
         epochs: int = typer.Option(20, help="Epoch budget."),
@@ -103,6 +107,7 @@ def register(app: typer.Typer) -> None:
                 global_head=global_head, score=score, temperature=temperature, negatives=n_neg,
                 negatives_from=negatives_from, global_ratio=global_negatives_ratio,
                 negatives_per=negatives_per, in_batch_negatives=in_batch_negatives, logq=logq,
+                router=router, router_weight=router_weight,
                 head_weights=head_weights, gamma=gamma, epochs=epochs, max_steps=max_steps,
                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                 clip=clip, eval_every=eval_every, patience=patience, seed=seed, dropout=dropout,
