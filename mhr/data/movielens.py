@@ -156,12 +156,27 @@ def _decode(path: Path) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def _genres(path: Path) -> list[str]:
+    """u.genre: `name|id` lines; the names in id order (the order of u.item's genre flags)."""
+    pairs = []
+    for n, line in enumerate(_decode(path), 1):
+        name, _, gid = line.rpartition("|")
+        if not name or not gid.strip().isdigit():
+            raise InputError(f"{path} line {n}: {line.strip()!r} is not 'genre|id'",
+                             hint="each u.genre line is a genre name, '|', and its integer id")
+        pairs.append((int(gid), name))
+    ids = [g for g, _ in pairs]
+    if sorted(ids) != list(range(len(ids))):
+        raise InputError(f"{path}: genre ids are {sorted(ids)[:8]}…, not 0..{len(ids) - 1} each once",
+                         hint="u.genre numbers its genres 0, 1, 2, … in the order of u.item's flags")
+    return [name for _, name in sorted(pairs)]
+
+
 def _read_100k(con: duckdb.DuckDBPyConnection, folder: Path) -> Source:
     inter, first = _read_ratings(con, folder / "u.data", "\t")
     genres = list(GENRES_100K)
     if (folder / "u.genre").is_file():
-        pairs = [line.split("|") for line in _decode(folder / "u.genre")]
-        genres = [g for g, _ in sorted(pairs, key=lambda p: int(p[1]))] if pairs else genres
+        genres = _genres(folder / "u.genre") or genres
     items = None
     if (folder / "u.item").is_file():
         rows = [line.split("|") for line in _decode(folder / "u.item")]

@@ -68,7 +68,7 @@ class SynthParams:
 
 def synth_store(dataset: Dataset, *, users: int = 1000, items: int = 500, interactions: int = 50_000,
                 communities: int = 8, categories: int = 12, segments: int = 4, drift: float = 0.3,
-                noise: float = 0.15, seed: int = 0, force: bool = False) -> BuildResult:
+                noise: float = 0.15, seed: int = 0, force: bool = False, discard_priors: bool = False) -> BuildResult:
     """Create `dataset` as a synthetic store with planted structure (cached on the parameters).
 
     Planted truth, for measuring recovery:
@@ -84,7 +84,7 @@ def synth_store(dataset: Dataset, *, users: int = 1000, items: int = 500, intera
     p.check()
     params = {"generator": f"synth-v{VERSION}", **asdict(p)}
     return build_store(dataset, "data synth", params, {}, lambda con: _generate(con, p),
-                       source="synth", has_timestamps=True, force=force)
+                       source="synth", has_timestamps=True, force=force, discard_priors=discard_priors)
 
 
 def _generate(con: duckdb.DuckDBPyConnection, p: SynthParams) -> dict:
