@@ -36,7 +36,7 @@ from mhr import fusion as fusion_mod
 from mhr.console import log, progress
 from mhr.errors import InputError, NotFoundError, UsageError
 from mhr.fusion import FITTED, FUSIONS, FusionFit
-from mhr.scoring import grouped_fused_topk
+from mhr.inference import iter_queries, rank_split
 from mhr.store import connect
 from mhr.train import LoadedRun
 from mhr.workspace import Dataset
@@ -53,7 +53,7 @@ class Recommendation:
     heads_fused: int  # eligible heads the user may use for this item, whose scores were fused
 
 
-QUERY_BATCH = 256  # histories per backbone forward pass
+QUERY_BATCH = 256  # histories per backbone pass and ranking batch: bounds activations and [b, N+1] buffers
 
 
 @dataclass(frozen=True)
@@ -92,69 +92,64 @@ def rank_histories(run: LoadedRun, histories: Sequence[tuple[np.ndarray, np.ndar
                    top: int, scoring: dict[str, Any], exclude_history: bool = True,
                    explain: bool = True) -> TopK:
     """Top `top` items after each whole history, the one ranking path of `mhr recommend` (one user,
-    `--all`) and `mhr.service.Recommender`.
+    `--all`) and `mhr.service.Recommender`: `mhr.inference.rank_split`, the ranking of `mhr eval`,
+    on the histories laid out as a split, so every fusion eval knows ranks here alike.
 
     `histories`: per user (item ids, timestamps), chronological; the last T are the context and,
     with `exclude_history`, every item of it is excluded. `users` [B]: store user ids for user
     priors' heads (-1: anonymous, every head). `scoring`: `scoring_for(...)`."""
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
-    device = run.compat.omega.device
-    model = run.model
-    vecs = model.item_vectors().float()
-    q = _context_queries(run, histories)
-    exclude = None
-    if exclude_history:
-        indptr = np.concatenate([[0], np.cumsum([len(h) for h, _ in histories])])
-        flat = np.concatenate([np.asarray(h, dtype=np.int64) for h, _ in histories])
-        exclude = (indptr, flat)
-    user_heads = run.compat.users(torch.as_tensor(users, dtype=torch.long, device=device))
-    top_items, top_scores, winners = grouped_fused_topk(
-        q, vecs, model.scorer, run.compat.omega, user_heads, exclude, top, **scoring
-    )
-    heads = torch.full_like(top_items, -1)
-    n_fused = torch.zeros_like(top_items)
-    if explain:
-        heads, n_fused = _explain(run, q, vecs, user_heads, top_items, winners, scoring)
-    filled = torch.isfinite(top_scores) & (top_items > 0)
-    return TopK(top_items.cpu().numpy(), top_scores.cpu().numpy().astype(np.float32),
-                heads.masked_fill(~filled, -1).cpu().numpy(), n_fused.masked_fill(~filled, 0).cpu().numpy())
-
-
-def _context_queries(run: LoadedRun, histories: Sequence[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
-    """Head queries [B, K, d] after each history's last T interactions (right-padded, as in training)."""
     if not histories:
         raise ValueError("no history to rank after")
-    T = int(run.windows.params["context"])
+    split = _as_split(histories, users, int(run.windows.params["context"]))
     device = run.compat.omega.device
-    length = torch.tensor([min(T, len(items)) for items, _ in histories])
-    items = torch.zeros(len(histories), max(1, int(length.max())), dtype=torch.long)
-    ts = torch.zeros_like(items)
+    ranking = rank_split(run.model, run.compat, split, top, exclude_history=exclude_history,
+                         batch_size=QUERY_BATCH, device=device, **scoring)
+    items = torch.from_numpy(ranking.items)
+    filled = torch.from_numpy(np.isfinite(ranking.scores)) & (items > 0)
+    heads, n_fused = torch.full_like(items, -1), torch.zeros_like(items)
+    if explain:
+        heads, n_fused = _explain(run, split, items, torch.from_numpy(ranking.winners), filled, scoring)
+    return TopK(ranking.items, ranking.scores.astype(np.float32),
+                heads.masked_fill(~filled, -1).numpy(), n_fused.masked_fill(~filled, 0).numpy())
+
+
+def _as_split(histories: Sequence[tuple[np.ndarray, np.ndarray]], users: np.ndarray, T: int
+              ) -> dict[str, np.ndarray]:
+    """Histories in the layout of a valid/test split (`mhr.windows.WindowsRef.read_split`): the last
+    ≤ T interactions right-padded as context, the whole history (CSR) to exclude."""
+    length = np.array([min(T, len(h)) for h, _ in histories], dtype=np.int64)
+    items = np.zeros((len(histories), max(1, int(length.max()))), dtype=np.int64)
+    ts = np.zeros_like(items)
     for r, (h_items, h_ts) in enumerate(histories):
-        n = int(length[r])
-        items[r, :n] = torch.as_tensor(h_items[-n:], dtype=torch.long)
-        ts[r, :n] = torch.as_tensor(h_ts[-n:], dtype=torch.long)
-    # the backbone's activations grow with B·T² (attention): bounded by forwarding QUERY_BATCH at a time
-    return torch.cat([
-        run.model.last_queries(items[s : s + QUERY_BATCH].to(device), ts[s : s + QUERY_BATCH].to(device),
-                               length[s : s + QUERY_BATCH].to(device)).float()
-        for s in range(0, len(histories), QUERY_BATCH)
-    ])
+        n = length[r]
+        items[r, :n], ts[r, :n] = h_items[len(h_items) - n :], h_ts[len(h_ts) - n :]
+    ptr = np.concatenate([[0], np.cumsum([len(h) for h, _ in histories])]).astype(np.int64)
+    flat = np.concatenate([np.asarray(h, dtype=np.int64) for h, _ in histories])
+    return {"user": np.asarray(users, dtype=np.int64), "items": items, "ts": ts, "length": length,
+            "history_ptr": ptr, "history_items": flat}
 
 
-def _explain(run: LoadedRun, q: torch.Tensor, vecs: torch.Tensor, user_heads: torch.Tensor,
-             items: torch.Tensor, winners: torch.Tensor, scoring: dict[str, Any]
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(head id, -1 = none; heads fused) [B, M] for the recommended `items` [B, M]: max fusion's
-    winner, or the largest term of the avg formula (`head_contributions`)."""
-    allowed = run.compat.omega[:, items].permute(1, 0, 2) & user_heads.unsqueeze(-1)  # [B, K, M]
+def _explain(run: LoadedRun, split: dict[str, np.ndarray], items: torch.Tensor, winners: torch.Tensor,
+             filled: torch.Tensor, scoring: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head id, -1 = none; heads fused) [B, M] for the recommended `items` [B, M]: the head that
+    won the item under a max-like fusion (the ranking's winners), else the largest term of the avg
+    formula (`head_contributions`), which needs the head queries again (one more backbone pass)."""
+    omega = run.compat.omega
+    user_heads = run.compat.users(torch.from_numpy(split["user"]).to(omega.device)).cpu()
+    allowed = omega[:, items].permute(1, 0, 2).cpu() & user_heads.unsqueeze(-1)  # [B, K, M]
     n_fused = allowed.sum(dim=1)
-    if scoring["fusion"] == "max":
+    if bool((winners[filled] >= 0).all()):
         return winners, n_fused
-    scores = run.model.scorer(q, vecs[items])  # [B, K, d] · [B, M, d] -> [B, K, M]
+    vecs = run.model.item_vectors().float()
     params = {k: scoring.get(k) for k in ("weights", "scale", "offset")}
-    _, top = fusion_mod.head_contributions(scores, allowed, **params)
-    return top, n_fused
+    heads = []
+    for rows, q, _ in iter_queries(run.model, run.compat, split, batch_size=QUERY_BATCH, device=omega.device):
+        r = torch.from_numpy(rows)
+        scores = run.model.scorer(q, vecs[items[r].to(vecs.device)])  # [b, K, d] · [b, M, d] -> [b, K, M]
+        heads.append(fusion_mod.head_contributions(scores, allowed[r], **params)[1].cpu())
+    return torch.cat(heads), n_fused
 
 
 def as_recommendations(ranked: TopK, row: int, meta: dict[int, tuple[str, str | None]],
