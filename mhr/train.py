@@ -521,6 +521,14 @@ def _deterministic(on: bool, device: str) -> Iterator[None]:
         torch.use_deterministic_algorithms(algorithms)
 
 
+def _recorded(run_dir: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def train(
     dataset: Dataset,
     params: TrainParams,
@@ -543,6 +551,8 @@ def train(
     params.check()
     check_device(device)
     name = check_name(name or default_run_name(params), "run")
+    if resume and not deterministic:  # a resumed run keeps the mode it was started in
+        deterministic = _recorded(dataset.runs_dir / name).get("deterministic") is True
     holder = f"mhr train (pid {os.getpid()})"
     lock = locked(run_lock_path(dataset, name), holder, f"run {name}") if _dist_info()[1] == 0 else _nullcontext()
     with lock, _deterministic(deterministic, device):

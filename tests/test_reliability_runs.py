@@ -285,20 +285,25 @@ def test_cli_second_trainer_exits_4(fresh, cli):
 # 13 ---------------------------------------------------------------------------------------------
 
 
-def test_deterministic_runs_give_identical_weights_and_restore_threads(tmp_path):
+def test_deterministic_runs_give_identical_weights_and_restore_threads(tmp_path, monkeypatch):
     torch.set_num_threads(2)
+    p = TrainParams(priors=("item", "temporal"), negatives=5, max_steps=5, **TINY)
     weights = []
-    for i in range(2):
+    for i in range(3):
         ds = make_dataset(tmp_path / f"ws{i}")
         build_windows(ds, context=12, horizon=4)
-        p = TrainParams(priors=("item", "temporal"), negatives=5, max_steps=4, **TINY)
-        r = train(ds, p, name="r", show_progress=False, deterministic=True)
+        if i == 2:  # killed after the step-3 checkpoint, resumed without the flag: it is kept
+            interrupt_at_batch(monkeypatch, 5, lambda: train(ds, p, name="r", show_progress=False,
+                                                             deterministic=True))
+            r = train(ds, p, name="r", resume=True, show_progress=False)
+        else:
+            r = train(ds, p, name="r", show_progress=False, deterministic=True)
         assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
         config = json.loads((r.path / "config.json").read_text())
         assert config["deterministic"] is True and config["threads"] == 1
-        weights.append(load_file(r.path / "model.safetensors"))
+        weights.append(load_file(r.path / "checkpoint" / "model.safetensors"))
         # not part of the key: the same run without the flag is the cached one
         assert train(ds, p, name="r", show_progress=False).cached
     torch.set_num_threads(1)
-    a, b = weights
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = weights[0]
+    assert all(torch.equal(a[k], b[k]) for b in weights[1:] for k in a)

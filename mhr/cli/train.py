@@ -75,8 +75,9 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, help="Retrain even if a run with the same key exists."),
         deterministic: bool = typer.Option(
             False, "--deterministic", help="One CPU thread and torch's deterministic algorithms: identical runs "
-            "give identical weights. Without it, CPU runs with several threads may differ in the last bits (the "
-            "order of parallel float sums). Recorded in config.json, not in the run key."),
+            "give identical weights, and --resume ends where an uninterrupted run does. Without it, CPU runs with "
+            "several threads differ in the last bits (parallel gradient sums in varying order); GPU runs are not "
+            "guaranteed bit-identical. Recorded in config.json (kept by --resume), not in the run key."),
     ) -> None:
         """Train a backbone with prior-conditioned heads; prints `run:<name>`.
 
