@@ -319,10 +319,22 @@ def _available_memory() -> int:
 
 
 def _logit_bytes(p: TrainParams, batch: int, seq_len: int, horizon: int) -> int:
-    """Sampled-softmax logits: each (position, target) positive against its head's negatives,
-    [B·L·τ, n] fp32 values held about three times (scores, masked copy, gradient). The full
-    softmax is chunked inside the loss, so only sampled negatives are counted."""
-    return 0 if p.negatives is None else 3 * 4 * batch * seq_len * horizon * p.negatives
+    """What sampled negatives add, taking the B·L·τ (position, target) pairs as the positives.
+
+    The shared per-batch draw (the legacy sampler) scores every positive against n negatives at
+    once: [B·L·τ, n] fp32 logits held about three times (scores, masked copy, gradient). The other
+    modes chunk their logits (`mhr.sampling.CHUNK_ELEMENTS`) but keep the drawn ids, int64 [rows, n]
+    with rows = 1, B or B·L·τ per batch / sequence / position (+ fp32 offsets with --logq). The full
+    softmax is chunked inside the loss, so it adds nothing here."""
+    if p.negatives is None:
+        return 0
+    positives = batch * seq_len * horizon
+    if p.negatives_per == "batch" and not p.in_batch_negatives and not p.logq:
+        return 3 * 4 * positives * p.negatives
+    from mhr.sampling import CHUNK_ELEMENTS
+
+    rows = {"batch": 1, "sequence": batch}.get(p.negatives_per, positives)
+    return rows * p.negatives * (12 if p.logq else 8) + 3 * 4 * CHUNK_ELEMENTS
 
 
 def _check_negatives(p: TrainParams, n_items: int) -> None:

@@ -83,6 +83,12 @@ def test_memory_check_counts_the_negatives_logits(monkeypatch):
     mt._check_memory(p, config, 50, "cpu", 4)
     with pytest.raises(TrainingError, match="100000 negatives .* of logits"):
         mt._check_memory(TrainParams(size="1", batch_size=64, negatives=100_000), config, 50, "cpu", 4)
+    # chunked modes keep only their draws: 64 sequences x 100000 ids fit, one draw per position not
+    mt._check_memory(TrainParams(size="1", batch_size=64, negatives=100_000, negatives_per="sequence"),
+                     config, 50, "cpu", 4)
+    with pytest.raises(TrainingError, match="100000 negatives"):
+        mt._check_memory(TrainParams(size="1", batch_size=64, negatives=100_000, negatives_per="position"),
+                         config, 50, "cpu", 4)
 
 
 # 4 ----------------------------------------------------------------------------------------------
@@ -293,8 +299,8 @@ def test_deterministic_runs_give_identical_weights_and_restore_threads(tmp_path,
         ds = make_dataset(tmp_path / f"ws{i}")
         build_windows(ds, context=12, horizon=4)
         if i == 2:  # killed after the step-3 checkpoint, resumed without the flag: it is kept
-            interrupt_at_batch(monkeypatch, 5, lambda: train(ds, p, name="r", show_progress=False,
-                                                             deterministic=True))
+            interrupt_at_batch(monkeypatch, 5, lambda ds=ds: train(ds, p, name="r", show_progress=False,
+                                                                   deterministic=True))
             r = train(ds, p, name="r", resume=True, show_progress=False)
         else:
             r = train(ds, p, name="r", show_progress=False, deterministic=True)
