@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +44,12 @@ class UnknownItemsWarning(UserWarning):
 
 @dataclass
 class Recommender:
-    run: LoadedRun
+    run: LoadedRun = field(repr=False)
     dataset: Dataset
     fusion: str
-    scoring: dict
-    item_ids: dict[str, int]  # raw id -> item id
-    meta: dict[int, tuple[str, str | None]]  # item id -> (raw id, title)
+    scoring: dict = field(repr=False)
+    item_ids: dict[str, int] = field(repr=False)  # raw id -> item id
+    meta: dict[int, tuple[str, str | None]] = field(repr=False)  # item id -> (raw id, title)
 
     @classmethod
     def load(cls, workspace: str | Path | None, dataset: str | None, run: str, fusion: str = "max",
