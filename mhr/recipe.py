@@ -13,6 +13,9 @@ A recipe is a TOML file:
                      is kept and trained with every seed (never selected on the test split). A
                      setting "@OTHER" takes the value selected for an earlier variant OTHER.
     [eval]     fusion = ["max"], split = "test", baseline = "VARIANT", horizons = [...], k = [...]
+               fusion "router" is evaluated only for variants trained with `router = true`;
+               oracle_group = ["PRIOR"] adds the labelled group-oracle evaluation of every run;
+               diversity = [0.25, 0.5] adds re-ranked evaluations (the accuracy-diversity frontier)
 
 Data, priors and windows run through the same command-line interface a user types (so a recipe is
 exactly a script of documented commands); training, evaluation and the report call the library.
@@ -219,15 +222,21 @@ def run_recipe(path: Path, workspace: Workspace, force: bool = False, only: list
         baseline = None
         if baseline_variant and baseline_variant != variant and (baseline_variant, seed) in run_names:
             baseline = run_names[(baseline_variant, seed)]
+        routed = bool(chosen[variant].get("router"))
+        extras = [{}] + [{"oracle_group": g} for g in eval_cfg.get("oracle_group", [])] + [
+            {"diversity": float(lam)} for lam in eval_cfg.get("diversity", []) if lam]
         for split in splits:
             for fusion in fusions:
-                params = EvalParams(
-                    fusion=fusion, split=split, baseline=baseline,
-                    ks=tuple(eval_cfg.get("k", (5, 10, 50, 200))),
-                    horizons=tuple(eval_cfg.get("horizons", ())),
-                )
-                out, _, cached = evaluate(dataset, run_name, params, force=force, device=device)
-                evals.append(out)
+                if fusion == "router" and not routed:
+                    continue  # routed fusion needs a run trained with a router
+                for extra in extras:
+                    params = EvalParams(
+                        fusion=fusion, split=split, baseline=None if extra else baseline,
+                        ks=tuple(eval_cfg.get("k", (5, 10, 50, 200))),
+                        horizons=tuple(eval_cfg.get("horizons", ())), **extra,
+                    )
+                    out, _, cached = evaluate(dataset, run_name, params, force=force, device=device)
+                    evals.append(out)
     report = None
     if run_names:
         report = build_report(dataset, list(run_names.values()), dataset.reports_dir / name,

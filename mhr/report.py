@@ -54,9 +54,65 @@ def _find_eval(run_dir: Path, split: str, fusion: str) -> dict[str, Any] | None:
         except ValueError:
             continue
         p = data.get("params", {})
-        if data.get("split") == split and p.get("fusion") == fusion and not data.get("oracle"):
+        if data.get("split") == split and p.get("fusion") == fusion and not data.get("oracle") \
+                and not p.get("diversity"):
             best = data
     return best
+
+
+def _evals(run_dir: Path, split: str) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if data.get("split") == split and "metrics" in data:
+            out.append(data)
+    return out
+
+
+def frontier_points(dataset: Dataset, groups: list[RunGroup], split: str = "test") -> dict[str, list[tuple]]:
+    """The accuracy-diversity frontier: per run group and fusion, (λ, NDCG@10, H@10) averaged over
+    the group's seeds for every re-ranking strength λ evaluated (λ = 0: the plain ranking). Oracle
+    evaluations are left out."""
+    curves: dict[str, list[tuple]] = {}
+    for g in groups:
+        acc: dict[tuple[str, float], list[tuple[float, float]]] = {}
+        for run in g.runs:
+            for ev in _evals(dataset.runs_dir / run, split):
+                p = ev.get("params", {})
+                ndcg, ent = _metric(ev, "ndcg@10"), _metric(ev, "H@10")
+                if ev.get("oracle") or ndcg is None or ent is None:
+                    continue
+                acc.setdefault((p.get("fusion", "max"), float(p.get("diversity", 0.0))), []).append((ndcg, ent))
+        for (fusion, lam), vals in sorted(acc.items()):
+            if len(vals) == len(g.runs):
+                label = g.label if fusion == "max" else f"{g.label} · {fusion}"
+                curves.setdefault(label, []).append(
+                    (lam, float(np.mean([v[0] for v in vals])), float(np.mean([v[1] for v in vals]))))
+    return {k: v for k, v in curves.items() if len(v) > 1}
+
+
+def plot_frontier(curves: dict[str, list[tuple]], path: Path) -> bool:
+    """NDCG@10 against H@10 along the re-ranking strength, one curve per variant."""
+    if not curves:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, pts in curves.items():
+        pts = sorted(pts)
+        ax.plot([p[2] for p in pts], [100 * p[1] for p in pts], marker="o", label=label)
+        for lam, ndcg, ent in pts:
+            ax.annotate(f"{lam:g}", (ent, 100 * ndcg), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("category entropy H@10 (nats)")
+    ax.set_ylabel("NDCG@10 (%)")
+    ax.set_title("Accuracy-diversity frontier (labels: re-ranking λ)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def collect(dataset: Dataset, runs: list[str], split: str = "test", fusion: str = "max") -> list[RunGroup]:
@@ -282,6 +338,10 @@ def build_report(dataset: Dataset, runs: list[str], out: Path, split: str = "tes
         figures.append(("Category entropy H@10 by variant", "entropy10.png"))
     if plot_user_groups(groups, out / "user_groups.png"):
         figures.append(("NDCG@10 per user group (Fig. 3)", "user_groups.png"))
+    curves = frontier_points(dataset, groups, split)
+    if plot_frontier(curves, out / "frontier.png"):
+        (out / "frontier.json").write_text(json.dumps(curves, indent=1))
+        figures.append(("Accuracy-diversity frontier: NDCG@10 vs H@10 under greedy re-ranking", "frontier.png"))
     multi = next((g.runs[0] for g in groups if len(g.params.get("priors") or []) > 0), groups[0].runs[0])
     if plot_projection(dataset, multi, out / "projection.png"):
         figures.append((f"One user's history, targets and top items by winning head ({multi})", "projection.png"))

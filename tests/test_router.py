@@ -172,3 +172,20 @@ def test_group_oracle_is_labelled_and_restricts_base_and_heads_alike(routed_runs
         assert oracle["metrics"]["recall@10/h1"] >= plain["metrics"]["recall@10/h1"]
     with pytest.raises(Exception, match="item or graph"):
         evaluate(routed_runs, "base", EvalParams(ks=(10,), oracle_group="temporal"))
+
+
+def test_frontier_points_and_plot(routed_runs, tmp_path):
+    from mhr.report import collect, frontier_points, plot_frontier
+
+    for lam in (0.0, 0.5):
+        for name in ("base", "plain-heads"):
+            evaluate(routed_runs, name, EvalParams(ks=(10,), diversity=lam, entropy_prior="item"))
+    groups = collect(routed_runs, ["base", "plain-heads"], "test", "max")
+    curves = frontier_points(routed_runs, groups)
+    assert set(curves) == {g.label for g in groups}
+    for pts in curves.values():
+        lams = [p[0] for p in pts]
+        assert 0.0 in lams and 0.5 in lams
+        plain, reranked = dict((p[0], p) for p in pts)[0.0], dict((p[0], p) for p in pts)[0.5]
+        assert reranked[2] >= plain[2] - 1e-9  # re-ranking for diversity never lowers H@10 here
+    assert plot_frontier(curves, tmp_path / "f.png") and (tmp_path / "f.png").stat().st_size > 0
