@@ -160,8 +160,9 @@ def register(app: typer.Typer) -> None:
         users_file: Path = typer.Option(None, "--users", help="With --all: only these raw user ids, one a line."),
         top: int = typer.Option(10, min=1, help="How many items."),
         fusion: str = typer.Option(
-            "max", help="As in `mhr eval`: max (explained by the winning head), avg, learned or invvar (per-head "
-            "parameters fitted on the valid split once, cached with the run's evaluations)."),
+            "max", help="Any `mhr eval` fusion, ranked alike: max (explained by the winning head), avg, learned or "
+            "invvar (per-head parameters fitted on the valid split once, cached with the run's evaluations), "
+            "router (runs trained with --router; explained by the winning head)."),
         explain: bool = typer.Option(
             False, "--explain", help="Show which head recommended each item: under max the winning head; under "
             "avg/learned/invvar no head wins, so the head with the largest term of the fused score and how many "
