@@ -142,17 +142,29 @@ def _open_error(path: Path, e: duckdb.Error, read_only: bool) -> MhrError:
 
 
 def _check_length(con: duckdb.DuckDBPyConnection, path: Path) -> None:
-    """A file shorter than header + total_blocks x block_size lost its tail (copy cut short, disk full)."""
+    """A file shorter than its last data block lost its tail (a copy cut short, a full disk).
+
+    The blocks the tables use come from the storage metadata (no data is read); DuckDB trims free
+    blocks off the end of the file, so the header's block count is no bound."""
     if path.with_name(path.name + ".wal").exists():
         return  # blocks of an unreplayed log may not be on disk yet
-    row = con.execute("SELECT block_size, total_blocks FROM pragma_database_size() LIMIT 1").fetchone()
-    if row is None or not row[0]:
+    size = con.execute("SELECT block_size FROM pragma_database_size() LIMIT 1").fetchone()
+    tables = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = "
+                                         "current_database()").fetchall()]
+    if not size or not size[0] or not tables:
         return
-    expected = _HEADER_BYTES + int(row[0]) * int(row[1])
+    blocks = " UNION ALL ".join(
+        f"SELECT block_id, additional_block_ids FROM pragma_storage_info('{t}') WHERE persistent" for t in tables)
+    last = con.execute(
+        f"SELECT max(greatest(block_id, coalesce(list_max(additional_block_ids), -1))) FROM ({blocks})"
+    ).fetchone()[0]
+    if last is None:
+        return
+    expected = _HEADER_BYTES + (int(last) + 1) * int(size[0])
     actual = path.stat().st_size
     if actual < expected:
         raise DamagedStoreError(
-            f"{path} is damaged (truncated: {actual:,} bytes of {expected:,})", hint=REBUILD_HINT)
+            f"{path} is damaged (truncated: {actual:,} bytes, its data reaches byte {expected:,})", hint=REBUILD_HINT)
 
 
 @contextmanager

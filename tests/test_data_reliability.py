@@ -300,3 +300,53 @@ def test_json_round_trip_of_report(workspace: Path, tmp_path: Path):
     ok(workspace, "data", "import", str(tmp_path / "e.csv"), *LONG, "--name", "d", "--force")
     info = json.loads(ok(workspace, "data", "show", "--json"))
     assert info["import_report"]["priors_kept"] == 1 and info["import_report"]["llm_answers_kept"] == 1
+
+
+# --- minor classes: messages that name the real cause and line -----------------------------------
+
+CSV_CAUSES = [
+    ("uid,sku,t\nu1,a,1\nu2,b,2,9\nu3,c,3\n", (), ["bad.csv line 3: 4 fields, the header has 3"]),
+    ("uid;sku;t\nu1;a;1\n", ("--delimiter", ","), ["one column 'uid;sku;t'", "looks ';'-separated", "--delimiter ';'"]),
+    ("uid,sku,t\nu1,a,1\nu2,b,nan\n", (), ["bad.csv line 3", "NaN, infinite or out of range"]),
+    ("uid,sku,t\nu1,a,1\nu2,b,inf\n", (), ["bad.csv line 3", "NaN, infinite or out of range"]),
+    ("uid,sku,t\nu1,a,1\nu2,b,1e30\n", (), ["bad.csv line 3", "out of range"]),
+    ("uid,sku,t\nu1,a,1\nu2,b,1960-01-01\n", (), ["bad.csv line 3", "before 1970"]),
+    ('uid,sku,t,note\nu1,a,1,"two\nlines"\nu2,b,,x\n', (), ["bad.csv line 4", "missing timestamp"]),
+    ("uid,sku,t\nu1,a,1\n", ("--item-col", "uid"), ["--user-col and --item-col are both column 'uid'"]),
+]
+
+
+@pytest.mark.parametrize("text,extra,fragments", CSV_CAUSES, ids=[
+    "ragged-row", "wrong-delimiter", "nan-ts", "inf-ts", "huge-ts", "before-1970", "quoted-newline", "same-column"])
+def test_csv_messages_name_the_cause_and_line(workspace: Path, tmp_path: Path, text: str, extra: tuple,
+                                             fragments: list[str]):
+    bad = write(tmp_path / "bad.csv", text)
+    err = fails(workspace, "data", "import", str(bad), *LONG, *extra)
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_non_utf8_bytes_named_with_their_line(workspace: Path, tmp_path: Path):
+    (tmp_path / "bad.csv").write_bytes(b"uid,sku,t\nu1,a,1\nu2,\xff\xfeb,2\n")
+    err = fails(workspace, "data", "import", str(tmp_path / "bad.csv"), *LONG)
+    assert "bad.csv line 3: not UTF-8 text" in err and "iconv" in err
+
+
+@pytest.mark.parametrize("rating,shown", [("nan", "'nan'"), ("", "missing"), ("inf", "'inf'")])
+def test_movielens_bad_ratings(workspace: Path, tmp_path: Path, rating: str, shown: str):
+    folder = _ml100k(tmp_path / "ml")
+    write(folder / "u.data", f"1\t10\t4\t100\n1\t20\t{rating}\t200\n")
+    err = fails(workspace, "data", "import", str(folder), "--format", "movielens")
+    assert f"u.data line 2: rating {shown} is not a finite number" in err
+
+
+def test_paper_same_column_twice(workspace: Path, tmp_path: Path):
+    pq.write_table(pa.table({"item_id": [[1, 2]], "timestamp": [[1, 2]]}), tmp_path / "p.parquet")
+    err = fails(workspace, "data", "import", str(tmp_path / "p.parquet"), "--format", "paper", "--time-col", "item_id")
+    assert "are both column 'item_id'" in err
+
+
+def test_overlapping_event_buckets(workspace: Path, tmp_path: Path):
+    ok(workspace, "data", "import", str(_ml100k(tmp_path / "ml")), "--format", "movielens", "--name", "ml")
+    err = fails(workspace, "priors", "build", "--kind", "event", "--buckets", "low:1-3,high:3-5")
+    assert "'low' (1-3) and 'high' (3-5) overlap" in err

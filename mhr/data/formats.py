@@ -30,6 +30,7 @@ from mhr.data.source import (
     quote_ident,
     reader,
     require_columns,
+    require_distinct,
     require_file,
     require_scalar,
     ts_expr,
@@ -63,6 +64,8 @@ def read_paper(path: Path, items: ItemTable | None, user_col: str = "user_id", i
     try:
         types = parquet_columns(con, path)
         require_columns(path, list(types), {"--item-col": item_col, "--time-col": time_col})
+        require_distinct({"--user-col": user_col, "--item-col": item_col, "--time-col": time_col,
+                          "--event-col": event_col})
         for col in (item_col, time_col):
             if not types[col].endswith("[]"):
                 raise InputError(f"{path.name}: column {col!r} is {types[col]}, not a list",

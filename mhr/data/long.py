@@ -19,20 +19,24 @@ import duckdb
 import pyarrow as pa
 
 from mhr.data.source import (
+    DELIMITERS,
     INTERACTIONS_SCHEMA,
     ITEMS_SCHEMA,
     Source,
     conform,
     csv_columns,
+    csv_error,
+    csv_line_locator,
     duck_path,
     first_line,
-    line_locator,
     parquet_columns,
     quote_ident,
     reader,
     require_columns,
+    require_distinct,
     require_file,
     require_scalar,
+    sniff_delimiter,
     ts_expr,
 )
 from mhr.errors import InputError
@@ -68,13 +72,18 @@ def relation_sql(con: duckdb.DuckDBPyConnection, path: Path, delimiter: str | No
     require_file(path)
     if is_parquet(path):
         return f"read_parquet('{_esc(duck_path(path))}')", parquet_columns(con, path), 1
-    opts = {"header": True}
-    if delimiter:
-        opts["delim"] = delimiter
-    cols = csv_columns(con, path, **opts)
-    delim = f", delim='{_esc(delimiter)}'" if delimiter else ""
-    frm = f"read_csv('{_esc(duck_path(path))}', header=true, all_varchar=true{delim})"
-    if not con.sql(f"SELECT 1 FROM {frm} LIMIT 1").fetchall():
+    delimiter = delimiter or sniff_delimiter(path)
+    cols = csv_columns(con, path, header=True, delim=delimiter)
+    if len(cols) == 1 and any(d in cols[0] for d in DELIMITERS if d != delimiter):
+        seen = next(d for d in DELIMITERS if d in cols[0])
+        raise InputError(f"{path.name}: the header is one column {cols[0]!r} when read as {delimiter!r}-separated; "
+                         f"it looks {seen!r}-separated", hint=f"pass --delimiter {seen!r} (or leave it out to sniff)")
+    frm = f"read_csv('{_esc(duck_path(path))}', header=true, all_varchar=true, delim='{_esc(delimiter)}')"
+    try:
+        empty = not con.sql(f"SELECT 1 FROM {frm} LIMIT 1").fetchall()
+    except duckdb.Error as e:
+        raise csv_error(path, e, delimiter) from None
+    if empty:
         raise InputError(f"{path}: header only, no rows (columns: {', '.join(cols)})",
                          hint="give a file with at least one data row")
     return frm, dict.fromkeys(cols, "VARCHAR"), 2
@@ -85,6 +94,7 @@ def read_long(path: Path, cols: LongColumns, items: ItemTable | None = None) -> 
     try:
         frm, types, first = relation_sql(con, path, cols.delimiter)
         wanted = {"--user-col": cols.user, "--item-col": cols.item, "--time-col": cols.time, "--event-col": cols.event}
+        require_distinct(wanted)
         require_columns(path, list(types), wanted)
         require_scalar(path, types, wanted)
         event = f"CAST({quote_ident(cols.event)} AS VARCHAR)" if cols.event else "CAST(NULL AS VARCHAR)"
@@ -103,7 +113,9 @@ def read_long(path: Path, cols: LongColumns, items: ItemTable | None = None) -> 
             try:
                 table = con.sql(_select(cols, frm, ts, event)).to_arrow_table()
             except duckdb.Error as e:
-                raise InputError(f"{path}: cannot read ({first_line(e)})", hint="check the file's format") from None
+                if is_parquet(path):
+                    raise InputError(f"{path}: cannot read ({first_line(e)})", hint="check the file's format") from None
+                raise csv_error(path, e, _delim(frm)) from None
         item_table = read_item_table(con, items, default_id=cols.item) if items else None
     finally:
         con.close()
@@ -113,11 +125,16 @@ def read_long(path: Path, cols: LongColumns, items: ItemTable | None = None) -> 
         name=path.name,
         interactions=conform(table, INTERACTIONS_SCHEMA),
         has_timestamps=cols.time is not None,
-        locate=line_locator(path, first) if first > 1 else (lambda i: f"{path.name} row {i + 1}"),
+        locate=csv_line_locator(path, _delim(frm)) if first > 1 else (lambda i: f"{path.name} row {i + 1}"),
         items=item_table,
         items_name=items.path.name if items else None,
         columns={"user": cols.user, "item": cols.item, "ts": cols.time or "", "event": cols.event or ""},
     )
+
+
+def _delim(frm: str) -> str:
+    """The delimiter a CSV `FROM` clause of `relation_sql` reads with."""
+    return frm.split("delim='", 1)[1].split("')", 1)[0].replace("''", "'") if "delim='" in frm else ","
 
 
 def _select(cols: LongColumns, frm: str, ts: str, event: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mhr.data.source import (
     INTERACTIONS_SCHEMA,
@@ -113,8 +114,10 @@ def _read_ratings(con: duckdb.DuckDBPyConnection, path: Path, delim: str) -> tup
     try:
         table = con.sql(
             f"""SELECT trim("user") AS "user", trim(item) AS item, {ts_expr('ts')} AS ts,
-                   CASE WHEN {rating} = floor({rating}) THEN CAST(CAST({rating} AS BIGINT) AS VARCHAR)
-                        ELSE CAST({rating} AS VARCHAR) END AS event
+                   CASE WHEN NOT isfinite({rating}) THEN NULL
+                        WHEN {rating} = floor({rating}) THEN CAST(CAST({rating} AS BIGINT) AS VARCHAR)
+                        ELSE CAST({rating} AS VARCHAR) END AS event,
+                   coalesce(NOT isfinite({rating}), true) AS bad_rating, rating
             FROM read_csv(?, delim=?, header={str(header).lower()}, columns={cols}, quote='', escape='',
                           null_padding=false, auto_detect=false)""",
             params=[duck_path(path), delim],
@@ -126,7 +129,14 @@ def _read_ratings(con: duckdb.DuckDBPyConnection, path: Path, delim: str) -> tup
         ) from None
     if table.num_rows == 0:
         raise InputError(f"{path}: header only, no ratings", hint="give a ratings file with rows")
-    return conform(table, INTERACTIONS_SCHEMA), 2 if header else 1
+    first = 2 if header else 1
+    bad = table.column("bad_rating")
+    if pc.any(bad).as_py():
+        i = pc.index(bad, True).as_py()
+        raw = table.column("rating")[i].as_py()
+        raise InputError(f"{path.name} line {i + first}: rating {'missing' if raw is None else repr(raw)} is not a "
+                         "finite number", hint="each row must be user, item, rating, timestamp; fix or remove it")
+    return conform(table, INTERACTIONS_SCHEMA), first
 
 
 def _source(name: str, path: Path, inter: pa.Table, first: int, items: pa.Table | None,

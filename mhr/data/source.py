@@ -9,6 +9,7 @@ ingest reports problems in the data (missing or negative timestamps, duplicates)
 
 from __future__ import annotations
 
+import csv
 import difflib
 import hashlib
 import json
@@ -130,8 +131,69 @@ def csv_columns(con: duckdb.DuckDBPyConnection, path: Path, **options: Any) -> l
             params=[duck_path(path)],
         )
     except duckdb.Error as e:
-        raise InputError(f"{path}: cannot read as CSV ({first_line(e)})", hint="check the file format") from None
+        raise csv_error(path, e, options.get("delim") or ",") from None
     return list(rel.columns)
+
+
+DELIMITERS = (",", "\t", ";", "|")
+
+
+def sniff_delimiter(path: Path) -> str:
+    """The field separator of a CSV with a header: the candidate the header line holds most of.
+
+    Decided from the header alone (DuckDB's own sniffer gives up on a file with one ragged row and
+    then reports a missing column instead of the row)."""
+    with open(path, "rb") as f:
+        head = f.readline().decode("utf-8", errors="replace")
+    counts = {d: head.count(d) for d in DELIMITERS}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def csv_line_locator(path: Path, delimiter: str) -> Callable[[int], str]:
+    """Data row i of a CSV with a header -> its physical line, counting newlines inside quotes.
+    Scans the file, so it is only called for an error message."""
+
+    def locate(i: int) -> str:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            next(reader, None)
+            k, start = 0, reader.line_num + 1
+            for row in reader:
+                if row:
+                    if k == i:
+                        return f"{path.name} line {start}"
+                    k += 1
+                start = reader.line_num + 1
+        return f"{path.name} row {i + 1}"
+
+    return locate
+
+
+def csv_error(path: Path, error: BaseException, delimiter: str) -> InputError:
+    """What is really wrong with a CSV DuckDB refused: bytes that are not UTF-8, or a row whose
+    field count differs from the header's (often the wrong delimiter), each with its line."""
+    text = str(error).lower()
+    if "unicode" in text or "utf-8" in text or "encoding" in text:
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return InputError(f"{path.name} line {n}: not UTF-8 text (byte {line[e.start]:#04x})",
+                                      hint="re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`")
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, [])
+        start = reader.line_num + 1
+        for row in reader:
+            if row and len(row) != len(header):
+                return InputError(
+                    f"{path.name} line {start}: {len(row)} fields, the header has {len(header)} "
+                    f"(read as {delimiter!r}-separated)",
+                    hint="fix the row, or pass the right --delimiter")
+            start = reader.line_num + 1
+    return InputError(f"{path}: cannot read as CSV ({first_line(error)})", hint="check the file's format")
 
 
 def parquet_columns(con: duckdb.DuckDBPyConnection, path: Path) -> dict[str, str]:
@@ -145,6 +207,18 @@ def parquet_columns(con: duckdb.DuckDBPyConnection, path: Path) -> dict[str, str
             hint="the file is truncated or not parquet; re-export or re-download it",
         ) from None
     return {name: typ for name, typ, *_ in rows}
+
+
+def require_distinct(want: dict[str, str | None]) -> None:
+    """No column mapped to two roles (the same column as user and item makes every user buy itself)."""
+    seen: dict[str, str] = {}
+    for option, column in want.items():
+        if column is None:
+            continue
+        if column in seen:
+            raise InputError(f"{seen[column]} and {option} are both column {column!r}",
+                             hint="each role (user, item, time, event) needs its own column")
+        seen[column] = option
 
 
 def is_scalar_type(duck_type: str) -> bool:

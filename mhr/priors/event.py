@@ -47,6 +47,11 @@ def parse_buckets(text: str) -> list[tuple[str, float, float]]:
     names = [b[0] for b in out]
     if len(set(names)) != len(names):
         raise UsageError(f"--buckets repeats a name: {text!r}")
+    ordered = sorted(out, key=lambda b: (b[1], b[2]))
+    for (n1, lo1, hi1), (n2, lo2, hi2) in zip(ordered, ordered[1:], strict=False):
+        if lo2 <= hi1:  # ranges are inclusive: a value in both would silently go to the first
+            raise UsageError(f"--buckets {n1!r} ({lo1:g}-{hi1:g}) and {n2!r} ({lo2:g}-{hi2:g}) overlap",
+                             hint="give each event value one bucket, e.g. 'dislike:1-2,neutral:3,like:4,love:5'")
     return out
 
 
