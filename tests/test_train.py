@@ -59,8 +59,13 @@ def test_same_seed_same_weights_and_other_seed_differs(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_resume_is_bit_identical(tmp_path, monkeypatch):
-    p = TrainParams(priors=("item", "temporal"), compose="multiplicative", max_steps=8, negatives=5, **TINY)
+@pytest.mark.parametrize("extra", [
+    {},  # the original sampler: one shared draw of 5 per batch
+    {"negatives_per": "position", "in_batch_negatives": True, "logq": True, "router": True},
+], ids=["batch", "position-inbatch-logq-router"])
+def test_resume_is_bit_identical(tmp_path, monkeypatch, extra):
+    p = TrainParams(priors=("item", "temporal"), compose="multiplicative", max_steps=8, negatives=5, **TINY,
+                    **extra)
     ref_ds = make_dataset(tmp_path / "ref")
     build_windows(ref_ds, context=12, horizon=4)
     ref = train(ref_ds, p, name="r", show_progress=False)
