@@ -51,6 +51,7 @@ class Recommendation:
     score: float
     head: str | None  # max: the winning head; avg/learned/invvar: the largest term of the fused score
     heads_fused: int  # eligible heads the user may use for this item, whose scores were fused
+    route_p: float | None = None  # router fusion: p(k | h) of the winning head k
 
 
 QUERY_BATCH = 256  # histories per backbone pass and ranking batch: bounds activations and [b, N+1] buffers
@@ -65,6 +66,7 @@ class TopK:
     scores: np.ndarray  # [B, top] float32 fused scores
     heads: np.ndarray  # [B, top] int64 explaining head (`_explain`), -1 = none
     heads_fused: np.ndarray  # [B, top] int64 eligible heads fused for the item (0 when not explained)
+    route_p: np.ndarray | None = None  # [B, top] router fusion: p(k | h) of the explaining head (NaN = none)
 
     def filled(self) -> np.ndarray:
         """Bool [B, top]: the slots holding a recommended item (a prefix of each row)."""
@@ -109,10 +111,22 @@ def rank_histories(run: LoadedRun, histories: Sequence[tuple[np.ndarray, np.ndar
     items = torch.from_numpy(ranking.items)
     filled = torch.from_numpy(np.isfinite(ranking.scores)) & (items > 0)
     heads, n_fused = torch.full_like(items, -1), torch.zeros_like(items)
+    route_p = None
     if explain:
         heads, n_fused = _explain(run, split, items, torch.from_numpy(ranking.winners), filled, scoring)
+        if scoring.get("fusion") == "router":
+            route_p = _route_probabilities(run, split, heads.masked_fill(~filled, -1))
     return TopK(ranking.items, ranking.scores.astype(np.float32),
-                heads.masked_fill(~filled, -1).numpy(), n_fused.masked_fill(~filled, 0).numpy())
+                heads.masked_fill(~filled, -1).numpy(), n_fused.masked_fill(~filled, 0).numpy(), route_p)
+
+
+def _route_probabilities(run: LoadedRun, split: dict[str, np.ndarray], heads: torch.Tensor) -> np.ndarray:
+    """p(k | h) [B, M] of each item's explaining head under the joint router (NaN where none)."""
+    device = run.compat.omega.device
+    parts = [log_p.cpu() for _, _, _, log_p in iter_queries(run.model, run.compat, split, batch_size=QUERY_BATCH,
+                                                            device=device, route=True)]
+    p = torch.cat(parts).exp().gather(1, heads.clamp(min=0))
+    return p.masked_fill(heads < 0, float("nan")).numpy()
 
 
 def _as_split(histories: Sequence[tuple[np.ndarray, np.ndarray]], users: np.ndarray, T: int
@@ -162,6 +176,7 @@ def as_recommendations(ranked: TopK, row: int, meta: dict[int, tuple[str, str | 
         out.append(Recommendation(
             rank=r + 1, item_id=i, raw_id=meta[i][0], title=meta[i][1], score=float(ranked.scores[row, r]),
             head=names[head] if head >= 0 else None, heads_fused=int(ranked.heads_fused[row, r]),
+            route_p=None if ranked.route_p is None or head < 0 else float(ranked.route_p[row, r]),
         ))
     return out
 

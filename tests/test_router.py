@@ -189,3 +189,15 @@ def test_frontier_points_and_plot(routed_runs, tmp_path):
         plain, reranked = dict((p[0], p) for p in pts)[0.0], dict((p[0], p) for p in pts)[0.5]
         assert reranked[2] >= plain[2] - 1e-9  # re-ranking for diversity never lowers H@10 here
     assert plot_frontier(curves, tmp_path / "f.png") and (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_recommend_router_explains_head_and_its_probability(routed_runs, cli):
+    import json as _json
+
+    out = cli("--dataset", "tiny", "recommend", "routed", "--user", "u3", "--top", "4", "--fusion", "router",
+              "--explain", workspace=routed_runs.dir.parent)
+    lines = [_json.loads(x) for x in out.stdout.splitlines() if x.strip()]
+    assert len(lines) == 4
+    for rec in lines:
+        assert rec["head"] and 0.0 < rec["p_head"] <= 1.0
+    assert "p(head | user)" in out.stderr

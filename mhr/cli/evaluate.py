@@ -203,19 +203,24 @@ def register(app: typer.Typer) -> None:
             return
         err.print(f"user {user}: {info['history_length']} interactions; recently: "
                   + "; ".join(t or "?" for t in info["recent_titles"][:3]))
-        fused = fusion != "max"
         table = Table(title=f"fusion {fusion}" + (" (fitted on valid)" if info.get("fitted_on") else ""),
                       title_justify="left")
         table.add_column("#", justify="right")
         table.add_column("item")
         table.add_column("title")
         table.add_column("score", justify="right")
+        routed = fusion == "router"
+        fused = fusion not in ("max", "router")
         if explain:
             table.add_column("largest contribution (of heads fused)" if fused else "recommended by")
+            if routed:
+                table.add_column("p(head | user)", justify="right")
         for r in recs:
             row = [str(r.rank), r.raw_id, r.title or "", f"{r.score:.3f}"]
             if explain:
                 row.append(f"{r.head} ({r.heads_fused})" if fused and r.head else r.head or "—")
+                if routed:
+                    row.append("—" if r.route_p is None else f"{r.route_p:.3f}")
             table.add_row(*row)
         err.print(table)
         for r in recs:
@@ -223,5 +228,7 @@ def register(app: typer.Typer) -> None:
                 emit(r.raw_id)
             elif fused:
                 emit(json.dumps({"item": r.raw_id, "head": r.head, "heads_fused": r.heads_fused}))
+            elif routed:
+                emit(json.dumps({"item": r.raw_id, "head": r.head, "p_head": r.route_p}))
             else:
                 emit(json.dumps({"item": r.raw_id, "head": r.head}))
