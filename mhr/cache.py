@@ -224,6 +224,17 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _only_copy(folder: Path, name: str, m: re.Match) -> bool:
+    """An `.old-PID` whose replacement never landed (the writer died between its two renames) is
+    the artifact's only intact version: not a leftover (`atomic_dir`'s `.X.old-PID`, a run's
+    `checkpoint.old-PID`, which `mhr train --resume` puts back)."""
+    if ".old-" not in m.group(0):
+        return False
+    final = name[: m.start()]
+    final = final[1:] if final.startswith(".") and not (folder / final).exists() else final
+    return not (folder / final).exists()
+
+
 def find_leftovers(root: Path) -> list[Leftover]:
     """Temporary files and folders under `root` left by processes that are gone (killed mid-write).
 
@@ -236,7 +247,7 @@ def find_leftovers(root: Path) -> list[Leftover]:
             if not m:
                 continue
             pid = int(m.group(1) or m.group(2))
-            if pid_alive(pid):
+            if pid_alive(pid) or _only_copy(Path(folder), name, m):
                 continue
             path = Path(folder) / name
             found.append(Leftover(path, pid, _size(path)))

@@ -445,6 +445,14 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generat
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _recover_checkpoint(path: Path) -> None:
+    """A trainer killed between `_save_checkpoint`'s two renames left its previous checkpoint as
+    `checkpoint.old-PID` and none in place: put that one back (the newest, if several)."""
+    olds = sorted(path.parent.glob(f"{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and (olds[-1] / "state.json").is_file():
+        os.replace(olds[-1], path)
+
+
 def _load_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generator) -> dict:
     hint = "start the run over with --force"
     try:
@@ -701,6 +709,8 @@ def _train(
     }
     state = {"step": 0, "best_ndcg": -1.0, "best_step": -1, "bad_evals": 0, "stopped": False}
     ckpt = run_dir / "checkpoint"
+    if resume and not ckpt.is_dir():
+        _recover_checkpoint(ckpt)
     if resume and ckpt.is_dir():
         state = _load_checkpoint(ckpt, model, optimizer, scheduler, gen)
     elif rank == 0:

@@ -336,3 +336,21 @@ def test_deterministic_mode_fixes_the_thread_dependent_gather_backward():
         assert all(torch.equal(ref, grad()) for _ in range(3))
     assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
+
+
+def test_checkpoint_caught_between_its_renames_is_kept_by_gc_and_resumed(tmp_path, monkeypatch):
+    p = TrainParams(priors=("item",), max_steps=6, **TINY)
+    ref_ds = make_dataset(tmp_path / "ref")
+    build_windows(ref_ds, context=12, horizon=4)
+    ref = train(ref_ds, p, name="r", show_progress=False)
+    ds = make_dataset(tmp_path / "ws")
+    build_windows(ds, context=12, horizon=4)
+    interrupt_at_batch(monkeypatch, 5, lambda: train(ds, p, name="r", show_progress=False))
+    ckpt = ds.runs_dir / "r" / "checkpoint"
+    old = ckpt.with_name(f"checkpoint.old-{_dead_pid()}")
+    os.replace(ckpt, old)  # killed after moving the previous checkpoint aside, before the new one landed
+    assert find_leftovers(ds.root) == []  # the only copy: not garbage
+    resumed = train(ds, p, name="r", resume=True, show_progress=False)
+    assert not old.exists()
+    a, b = load_file(ref.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
