@@ -170,8 +170,10 @@ def locked(path: Path, holder: str, what: str) -> Iterator[None]:
 
 
 def lock_path(artifact: Path) -> Path:
-    """The lock of an artifact directory: beside it, not in it (a rebuild removes the directory)."""
-    return artifact.parent / f".{artifact.name}.lock"
+    """The lock of an artifact directory `<dataset>/<kind>/<name>`: `<dataset>/.locks/<kind>-<name>.lock`,
+    outside the artifact (a rebuild removes it) and outside its kind's folder (taking the lock writes
+    the holder, and a cached rerun must leave that folder untouched)."""
+    return artifact.parent.parent / ".locks" / f"{artifact.parent.name}-{artifact.name}.lock"
 
 
 def lock_holder(path: Path) -> str | None:
