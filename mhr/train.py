@@ -170,6 +170,8 @@ class TrainParams:
             raise UsageError("--temperature must be positive; --warmup-steps, --eval-every and --patience >= 0")
         if self.negatives is not None and self.negatives < 1:
             raise UsageError(f"--negatives {self.negatives} must be 'full' or a positive count")
+        if self.clip < 0 or self.weight_decay < 0:
+            raise UsageError("--clip and --weight-decay must be >= 0", hint="--clip 0 turns clipping off")
         twice = sorted({n for n in self.priors if self.priors.count(n) > 1})
         if twice:
             raise UsageError(f"--priors names {', '.join(twice)} more than once", hint="list each prior once")
