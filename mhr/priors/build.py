@@ -24,6 +24,7 @@ import duckdb
 
 from mhr.cache import file_sha256, stage_key
 from mhr.errors import UsageError
+from mhr.priors.coengagement import RESOLUTION_SEARCH
 from mhr.priors.event import EventParams, build_event_prior
 from mhr.priors.graph import GraphParams, build_graph_prior
 from mhr.priors.groups import PriorGroups, delete_prior, write_groups
@@ -78,9 +79,12 @@ def make_params(kind: str, options: dict[str, Any]) -> Any:
 
 
 def key_params(kind: str, params: Any) -> dict[str, Any]:
-    """What the stage key covers: the kind, every parameter, and for LLM consolidation the
-    endpoint (without credentials) and model — never the API key."""
+    """What the stage key covers: the kind, every parameter, the resolution search's version when
+    graph/user communities are searched for a count, and for LLM consolidation the endpoint (without
+    credentials) and model — never the API key."""
     out = {"kind": kind, **dataclasses.asdict(params)}
+    if kind in ("graph", "user") and params.clusters is not None:
+        out["search"] = RESOLUTION_SEARCH  # another search finds other communities: another key
     if kind == "item":
         if params.map_file:
             path = Path(params.map_file)

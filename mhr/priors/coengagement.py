@@ -26,6 +26,9 @@ import scipy.sparse as sp
 
 from mhr.errors import InputError
 
+# version of `search_resolution`, in the key of priors built with --clusters (1: the reference search)
+RESOLUTION_SEARCH = 2
+
 
 def training_pairs(
     con: duckdb.DuckDBPyConnection, holdout: int, cap: int | None = None
