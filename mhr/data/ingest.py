@@ -30,6 +30,8 @@ import pyarrow.compute as pc
 
 from mhr.cache import stage_key
 from mhr.console import err
+from mhr.data import dense
+from mhr.data.dense import normalise_ids
 from mhr.data.source import ITEMS_SCHEMA, TS_INVALID, USERS_SCHEMA, Source, conform
 from mhr.errors import InputError, MhrError, UsageError
 from mhr.store import connect, get_meta, new_store, record_stage_run, set_meta
@@ -203,6 +205,101 @@ def ingest(con: duckdb.DuckDBPyConnection, src: Source, dedupe: str = "keep", mi
     dropped (first kept); users with fewer than `min_history` interactions are dropped and counted;
     item-table rows for items that never occur and interactions whose item has no metadata are
     counted, not errors.
+
+    The fast path (`mhr.data.dense`: one hash pass per id column, one sort); `ingest_sql` is the
+    reference it must agree with.
+    """
+    inter = src.interactions
+    n_read = inter.num_rows
+    if n_read == 0:
+        raise InputError(f"{src.name}: no interactions", hint="give a file with at least one interaction row")
+    users = dense.encode_ids(inter.column("user"), src, "user")
+    items = dense.encode_ids(inter.column("item"), src, "item")
+    ts_col = inter.column("ts")
+    ts_null = pc.is_null(ts_col).to_numpy(zero_copy_only=False) if ts_col.null_count else None
+    ts = np.asarray(ts_col.fill_null(0).to_numpy(), np.int64)
+    dense.check_rows(users, items, ts, ts_null, src)
+
+    report: dict[str, Any] = {"rows_read": n_read}
+    user_rank, item_rank = dense.rank_ids(con, users), dense.rank_ids(con, items)
+    uid, iid = user_rank[users.codes], item_rank[items.codes]
+    order = dense.chronological(uid, ts)
+    dup_rows = dense.duplicates(order, uid, iid, ts) if src.has_timestamps else np.empty(0, np.int64)
+    report["duplicates"] = dup = len(dup_rows)
+    keep = None
+    if dup and dedupe == "drop":
+        keep = np.ones(n_read, bool)
+        keep[dup_rows] = False
+    report["duplicates_dropped"] = dup if dedupe == "drop" else 0
+    counts = np.bincount(uid if keep is None else uid[keep], minlength=len(user_rank) + 1)
+    short = (counts > 0) & (counts < min_history)
+    short_users = int(short.sum())
+    report["short_users_dropped"] = short_users
+    report["short_user_rows_dropped"] = int(counts[short].sum())
+    if short_users:
+        keep = ~short[uid] if keep is None else keep & ~short[uid]
+    if keep is not None:
+        order = order[keep[order]]
+    if len(order) == 0:
+        raise InputError(
+            f"{src.name}: no user has at least {min_history} interactions ({short_users} users dropped)",
+            hint="lower --min-history",
+        )
+    user_map = dense.dense_map(np.bincount(uid[order], minlength=len(user_rank) + 1) > 0)
+    item_map = dense.dense_map(np.bincount(iid[order], minlength=len(item_rank) + 1) > 0)
+    user_id = user_map[uid[order]]
+    pos = dense.user_positions(user_id)
+    rows = pa.table({
+        "user_id": user_id, "item_id": item_map[iid[order]], "ts": ts[order] if src.has_timestamps else pos.astype(np.int64),
+        "event": _take_text(inter.column("event"), order), "pos": pos,
+    })
+    del uid, iid, ts, order
+    con.register("dense_rows", rows)
+    con.execute("INSERT INTO interactions SELECT * FROM dense_rows")
+    con.unregister("dense_rows")
+    _id_table(con, "umap", users.values, user_rank, user_map)
+    _id_table(con, "imap", items.values, item_rank, item_map)
+    return _finish(con, src, report)
+
+
+def _take_text(column: pa.ChunkedArray, order: np.ndarray) -> pa.Array:
+    """`column[order]` for a low-cardinality text column (events): gathers codes, not strings."""
+    if column.null_count == len(column):
+        return pa.nulls(len(order), pa.string())
+    enc = pc.dictionary_encode(column.combine_chunks())
+    return pa.DictionaryArray.from_arrays(enc.indices.take(pa.array(order)), enc.dictionary)
+
+
+def _id_table(con: duckdb.DuckDBPyConnection, table: str, values: pa.Array, rank: np.ndarray,
+              id_map: np.ndarray) -> None:
+    """The temp table (raw_id, id) `_write_items`/`_write_users` read: kept ids, renumbered."""
+    by_rank = values.take(pa.array(np.argsort(rank)))  # raw id of old id 1, 2, …
+    kept = id_map[1:] > id_map[:-1]
+    con.register("id_rows", pa.table({"raw_id": by_rank.filter(pa.array(kept)),
+                                      "id": np.arange(1, int(kept.sum()) + 1, dtype=np.int32)}))
+    con.execute(f"CREATE TEMP TABLE {table} AS SELECT * FROM id_rows")
+    con.unregister("id_rows")
+
+
+def _finish(con: duckdb.DuckDBPyConnection, src: Source, report: dict[str, Any]) -> dict[str, Any]:
+    """Items, users and the counts, once interactions, `umap` and `imap` are written."""
+    report.update(_write_items(con, src))
+    report.update(_write_users(con, src))
+    for name in ("users", "items", "interactions"):
+        report[name] = con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0]
+    report["notes"] = list(src.notes)
+    return report
+
+
+def ingest_sql(con: duckdb.DuckDBPyConnection, src: Source, dedupe: str = "keep", min_history: int = 1) -> dict[str, Any]:
+    """The reference for `ingest` (same store, same report): plain SQL over the text ids — a join
+    per id column, a DISTINCT for duplicates, a window for `pos`. Kept for the tests.
+
+    Raises InputError (naming the file and row) for missing user/item ids and for missing,
+    unparseable or negative timestamps. Duplicated (user, item, ts) rows are counted and kept or
+    dropped (first kept); users with fewer than `min_history` interactions are dropped and counted;
+    item-table rows for items that never occur and interactions whose item has no metadata are
+    counted, not errors.
     """
     inter = src.interactions
     n_read = inter.num_rows
@@ -262,21 +359,7 @@ def ingest(con: duckdb.DuckDBPyConnection, src: Source, dedupe: str = "keep", mi
                    CAST(row_number() OVER (PARTITION BY uid ORDER BY ts, src) - 1 AS INTEGER) AS pos FROM j)
     """)
     con.execute("DROP TABLE j")
-    report.update(_write_items(con, src))
-    report.update(_write_users(con, src))
-    for name in ("users", "items", "interactions"):
-        report[name] = con.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0]
-    report["notes"] = list(src.notes)
-    return report
-
-
-def normalise_ids(ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """Raw ids as one text whichever way a source wrote them: surrounding whitespace trimmed, and
-    an integer written with a zero fraction ("1.0", as float columns export) as the integer ("1")."""
-    ids = pc.utf8_trim_whitespace(ids)
-    if pc.any(pc.match_substring(ids, ".0")).as_py():
-        ids = pc.replace_substring_regex(ids, r"^(-?[0-9]+)\.0+$", r"\1")
-    return ids
+    return _finish(con, src, report)
 
 
 def _clean_ids(inter: pa.Table, src: Source) -> pa.Table:
