@@ -261,7 +261,7 @@ def loss_from_sampling(q: torch.Tensor, item_vecs: torch.Tensor, pos: Positives,
         neg_ids, rows, neg_offset, batch_ids, batch_offset = head_negatives(
             sampler, k, len(queries), positions, length, in_batch)
         return sampled_head_lse(queries, local, target, rows, neg_ids, item_vecs, neg_offset, batch_ids,
-                                batch_offset, beta)
+                                batch_offset, beta, table=sampler.table(k))
 
     beside = torch.zeros(len(pos), dtype=torch.bool, device=q.device)
     return _per_head(q, item_vecs, dot_scores, pos, head_lse, beside, gamma, head_weights, per_positive=True)
