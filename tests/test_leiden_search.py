@@ -90,3 +90,16 @@ def test_count_near_the_largest_reachable(graph):
     g, weights, active, _ = graph
     new = search_resolution(g, weights, active, 90, min_size=5, seed=0)
     assert _relabel(new.raw, active, 5)[1] == 90
+
+
+def test_count_beyond_a_plateau_of_planted_communities():
+    """Six dense, almost separate blocks: the count stays 6 over a wide range of resolutions before the
+    blocks split; the search must step on through the plateau (the reference reaches 12 too)."""
+    rng = np.random.default_rng(1)
+    block = np.repeat(np.arange(6), 120)
+    i, j = np.triu_indices(len(block), 1)
+    keep = rng.random(len(i)) < np.where(block[i] == block[j], 0.3, 0.0005)
+    g = ig.Graph(n=len(block), edges=np.column_stack([i[keep], j[keep]]).tolist(), directed=False)
+    active = np.ones(len(block), dtype=bool)
+    new = search_resolution(g, None, active, 12, min_size=5, seed=0)
+    assert new.tried[1][1] == 6 and _relabel(new.raw, active, 5)[1] == 12

@@ -285,12 +285,13 @@ def search_resolution(graph: ig.Graph, weights: list[float] | None, active: np.n
     lo: tuple[float, int] | None = None
     hi = (1.0, lei.count(raw))
     while hi[1] < clusters and len(parts) < max_fine:
-        res = hi[0] * min(4.0, max(1.5, 1.5 * clusters / max(hi[1], 1)))
+        plateau = lo is not None and hi[1] == lo[1]  # e.g. planted communities that split only much later
+        res = hi[0] * (4.0 if plateau else min(4.0, max(1.5, 1.5 * clusters / max(hi[1], 1))))
         raw = lei.improve(lei.partition(res))
         parts.append(raw)
         lo, hi = hi, (res, lei.count(raw))
-        if hi[1] <= lo[1]:
-            break  # saturated: no resolution reaches `clusters`; the search finds the closest
+        if hi[1] < lo[1]:
+            break  # past the peak (communities fall below min_size): the search finds the closest
     if hi[1] == clusters:
         res, raw = hi[0], parts[-1]
     else:
