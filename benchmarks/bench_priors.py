@@ -8,6 +8,11 @@ same data key), then runs `mhr priors build --kind graph --clusters 20` and `mhr
 --kind user --clusters 8` as child processes, each timed and measured (peak RSS of that child,
 from /usr/bin/time -v). Goal: ≤ 10 min and ≤ 12 GB each on a 2-core machine. With planted
 truth, it also reports the NMI of the recovered communities against `items.attrs.community`.
+
+    python benchmarks/bench_priors.py --ratio-store WS/toys/store.duckdb --holdout 2 --reference
+
+times, in one process, one Leiden call against the whole `--clusters` resolution search (the new
+one, and with --reference the first one) on the graph prior's graph of an existing store (issue 15).
 """
 
 from __future__ import annotations
@@ -50,15 +55,70 @@ def nmi(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * mi / h) if h > 0 else 1.0
 
 
+def search_ratio(store: Path, kind: str, clusters: list[int], holdout: int, reference: bool) -> list[dict]:
+    """In this process, on the prior's own graph: one Leiden call (resolution 1) against the whole
+    resolution search for each requested count (CPU and wall seconds), with the reference search too."""
+    import igraph as ig
+
+    from mhr.priors.coengagement import _leiden, binary_matrix, communities, knn_edges, training_pairs
+    from mhr.priors.user import sample_per_item
+
+    con = duckdb.connect(str(store), read_only=True)
+    n_items = con.execute("SELECT max(item_id) FROM items").fetchone()[0]
+    n_users = con.execute("SELECT max(user_id) FROM users").fetchone()[0]
+    users, items = training_pairs(con, holdout, 1000 if kind == "graph" else None)
+    con.close()
+    if kind == "user":  # as the user prior samples (defaults: 2000 users per item, seed 0)
+        order = np.lexsort((items, users))
+        users, items = users[order], items[order]
+        keep = sample_per_item(users, items, 2000, 0)
+        users, items = users[keep], items[keep]
+    m = (binary_matrix(items, users, (n_items + 1, n_users + 1)) if kind == "graph"
+         else binary_matrix(users, items, (n_users + 1, n_items + 1)))
+    src, dst, w = knn_edges(m, 50)
+    graph = ig.Graph(n=m.shape[0], edges=np.column_stack([src, dst]).tolist(), directed=False)
+
+    def timed(fn, *args, **kwargs):
+        cpu, wall = time.process_time(), time.perf_counter()
+        out = fn(*args, **kwargs)
+        return out, time.process_time() - cpu, time.perf_counter() - wall
+
+    _, one_cpu, one_wall = timed(_leiden, graph, w.tolist(), 1.0, 0)
+    print(f"{kind} graph: {m.shape[0]:,} nodes, {len(src):,} edges; one Leiden call {one_cpu:.2f} s CPU "
+          f"({one_wall:.2f} s wall)", flush=True)
+    rows = []
+    for k in clusters:
+        for ref in (False, True) if reference else (False,):
+            found, cpu, wall = timed(communities, m.shape[0], src, dst, w, clusters=k, min_size=5, seed=0,
+                                     reference=ref)
+            row = {"search": "reference" if ref else "new", "clusters": k, "got": found.n_clusters,
+                   "modularity": round(found.info["modularity"], 4), "cpu_s": round(cpu, 2),
+                   "wall_s": round(wall, 2), "ratio_cpu": round(cpu / one_cpu, 2),
+                   "ratio_wall": round(wall / one_wall, 2), "steps": len(found.info["tried"]),
+                   "full_passes": found.info["full_passes"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dir", required=True)
+    ap.add_argument("--ratio-store", type=Path, default=None,
+                    help="Only time the resolution search against one Leiden call on this store's graph.")
+    ap.add_argument("--kind", choices=("graph", "user"), default="graph")
+    ap.add_argument("--clusters", default="20,40,100", help="With --ratio-store: requested counts.")
+    ap.add_argument("--holdout", type=int, default=16, help="With --ratio-store: the prior's --holdout.")
+    ap.add_argument("--reference", action="store_true", help="With --ratio-store: also the first search.")
+    ap.add_argument("--dir")
     ap.add_argument("--users", type=int, default=45_000)
     ap.add_argument("--items", type=int, default=25_000)
     ap.add_argument("--interactions", type=int, default=30_000_000)
     ap.add_argument("--communities", type=int, default=20)
     ap.add_argument("--only", choices=("graph", "user"), default=None)
     a = ap.parse_args()
+    if a.ratio_store:
+        search_ratio(a.ratio_store, a.kind, [int(k) for k in a.clusters.split(",")], a.holdout, a.reference)
+        return
     ws = Path(a.dir) / "ws"
     base = ["--workspace", str(ws), "--dataset", "news"]
     s, rss, _ = child(base[:2] + ["data", "synth", "--name", "news", "--users", str(a.users), "--items",
