@@ -515,7 +515,7 @@ def find_windows(dataset: Dataset, ref: str | None = None) -> tuple[Path, dict]:
         raise NotFoundError(
             f"the current windows windows:{recorded[:12]} (from the last `mhr windows build`) are missing or "
             f"damaged in {dataset.windows_dir}; built: {_listing(candidates)}",
-            hint="rebuild them with `mhr windows build …`, or pick one with --windows KEY",
+            hint="rebuild them with `mhr windows build …`, or name them: --windows KEY (`mhr windows show KEY`)",
         )
     if not candidates:
         raise NotFoundError(f"no windows built for dataset {dataset.name!r}", hint=hint)
@@ -532,7 +532,8 @@ def find_windows(dataset: Dataset, ref: str | None = None) -> tuple[Path, dict]:
         )
     raise UsageError(
         f"several windows for dataset {dataset.name} and none chosen: {_listing(fresh)}",
-        hint="run the `mhr windows build …` you mean (cached builds are instant), or pass --windows KEY",
+        hint="run the `mhr windows build …` you mean (cached builds are instant), or name them: "
+             "--windows KEY (`mhr windows show KEY`)",
     )
 
 
