@@ -2,6 +2,7 @@
 
     python benchmarks/bench_data.py import --rows 10000000     # writes the CSV first, then times
     python benchmarks/bench_data.py synth --interactions 50000000
+    python benchmarks/bench_data.py profile --rows 10000000  # where the import's time goes, per step
 
 `import` generates a long CSV (user, item, ts, event) with DuckDB, then times in this process a
 baseline — DuckDB `read_csv` of the same file with the same explicit column types plus `count(*)`
@@ -9,6 +10,8 @@ baseline — DuckDB `read_csv` of the same file with the same explicit column ty
 process (the CLI, cold start included). It reports interactions/s for both and their ratio.
 `synth` runs `mhr data synth` as a child process and reports interactions/s and the child's peak
 RSS (`getrusage(RUSAGE_CHILDREN).ru_maxrss`, the same number `/usr/bin/time -v` prints).
+`profile` runs the import's steps in this process (`--reference`: the SQL reference `ingest_sql`)
+and prints the seconds of each: input hash, CSV read, each `mhr.data.dense` step, each SQL statement.
 """
 
 from __future__ import annotations
@@ -85,6 +88,65 @@ def bench_synth(a: argparse.Namespace) -> None:
           f"peak RSS {rss:.2f} GiB, store {size:.2f} GiB")
 
 
+def bench_profile(a: argparse.Namespace) -> None:
+    """Per-step seconds of one in-process import (same steps as `mhr data import`, no CLI)."""
+    from collections import defaultdict
+
+    import mhr.data.dense as dense
+    import mhr.data.ingest as ingest
+    from mhr.data.long import LongColumns, read_long
+    from mhr.data.source import files_sha256
+    from mhr.store import new_store
+
+    work = Path(a.dir or tempfile.mkdtemp(prefix="bench-data-"))
+    work.mkdir(parents=True, exist_ok=True)
+    csv = work / f"long-{a.rows}.csv"
+    if not csv.is_file():
+        make_csv(csv, a.rows, a.users, a.items)
+    seconds: dict[str, float] = defaultdict(float)
+
+    def timed(label: str, fn):
+        def wrapper(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                seconds[label] += time.perf_counter() - t
+        return wrapper
+
+    class Timed:  # a connection whose execute() is timed per statement
+        def __init__(self, con):
+            self._con = con
+
+        def execute(self, sql, *args):
+            return timed("sql: " + " ".join(str(sql).split())[:70], self._con.execute)(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._con, name)
+
+    for name in ("encode_ids", "check_rows", "rank_ids", "chronological", "duplicates", "user_positions"):
+        setattr(dense, name, timed(f"dense.{name}", getattr(dense, name)))
+    for name in ("_take_text", "_write_items", "_write_users"):
+        setattr(ingest, name, timed(name, getattr(ingest, name)))
+    fill = ingest.ingest_sql if a.reference else ingest.ingest
+    t0 = time.perf_counter()
+    timed("sha256 of the input (stage key)", files_sha256)([csv])
+    src = timed("read_long: CSV -> Arrow", read_long)(csv, LongColumns(event="event"))
+    store = work / "profile.duckdb"
+    t = time.perf_counter()
+    with new_store(store) as con:
+        timed("ingest (total)", fill)(Timed(con), src)
+        t_ckpt = time.perf_counter()
+    seconds["store: checkpoint + close"] = time.perf_counter() - t_ckpt
+    seconds["store: total"] = time.perf_counter() - t
+    total = time.perf_counter() - t0
+    print(f"{'reference ingest_sql' if a.reference else 'fast ingest'}: {a.rows:,} rows in {total:.2f}s "
+          f"= {a.rows / total:,.0f} interactions/s (in process, no CLI start)")
+    for label, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        print(f"{s:8.2f}s  {label}")
+    store.unlink(missing_ok=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -98,8 +160,14 @@ def main() -> None:
     s.add_argument("--users", type=int, default=500_000)
     s.add_argument("--items", type=int, default=100_000)
     s.add_argument("--dir", default=None)
+    f = sub.add_parser("profile")
+    f.add_argument("--rows", type=int, default=10_000_000)
+    f.add_argument("--users", type=int, default=200_000)
+    f.add_argument("--items", type=int, default=50_000)
+    f.add_argument("--dir", default=None)
+    f.add_argument("--reference", action="store_true", help="profile the SQL reference ingest_sql instead")
     a = p.parse_args()
-    bench_import(a) if a.what == "import" else bench_synth(a)
+    {"import": bench_import, "synth": bench_synth, "profile": bench_profile}[a.what](a)
 
 
 if __name__ == "__main__":
