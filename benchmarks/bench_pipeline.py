@@ -142,6 +142,7 @@ def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None) ->
             stage.note = f"{size.steps} steps × {size.batch}; wall includes one full validation"
         elif name == "eval":
             users = json.loads(out)["metrics"].get("users") if out.strip().startswith("{") else None
+            stage.throughput = users / seconds if users else None
             stage.note = f"whole test split ({users} users with targets), full catalogue of {size.items:,}"
         elif name == "recommend":
             stage.note = f"top 10 for all {size.users:,} users"

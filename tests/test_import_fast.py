@@ -100,3 +100,13 @@ def test_chronological_order_packed_and_lexsort_agree():
     uid = rng.integers(1, 50, 5000)
     for ts in (rng.integers(0, 20, 5000), np.sort(rng.integers(0, 20, 5000)), rng.integers(0, 2**60, 5000)):
         assert np.array_equal(dense.chronological(uid, ts), np.lexsort((ts, uid)))
+
+
+def test_dictionary_codes_rebuild_the_column():
+    import pyarrow as pa
+
+    col = pa.chunked_array([pa.array(["b", None, "a"]), pa.array([], pa.string()), pa.array(["a", "c", None, "b"])])
+    values, codes = dense._dictionary(col)
+    got = [None if c < 0 else values[int(c)].as_py() for c in codes]
+    assert got == col.to_pylist() and sorted(values.to_pylist()) == ["a", "b", "c"]
+    assert dense.user_positions(np.array([1, 1, 1, 3, 3, 4], np.int32)).tolist() == [0, 1, 2, 0, 1, 0]

@@ -48,14 +48,15 @@ class DenseIds:
 def encode_ids(ids: pa.ChunkedArray | pa.Array, src: Source, name: str) -> DenseIds:
     """Dictionary-encode an id column and normalise its distinct values (`normalise_ids`); a value
     holding a control character is an error naming its first row, as in `_clean_ids`."""
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    enc = pc.dictionary_encode(ids)
-    codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-    norm = pc.dictionary_encode(normalise_ids(enc.dictionary))  # " 1" and "1.0" become one value "1"
-    remap = np.append(norm.indices.to_numpy(zero_copy_only=False).astype(np.int32), np.int32(-1))
-    codes = remap[codes]  # -1 (null) indexes the appended -1
-    values = norm.dictionary
+    raw, codes = _dictionary(ids)
+    trimmed = normalise_ids(raw)
+    if pc.all(pc.equal(trimmed, raw)).as_py():  # the usual case: nothing to trim, no "1.0"
+        values = raw
+    else:  # " 1" and "1.0" become one value "1": renumber the codes
+        norm = pc.dictionary_encode(trimmed)
+        remap = np.append(norm.indices.to_numpy(zero_copy_only=False).astype(np.int32), np.int32(-1))
+        codes = remap[codes]  # -1 (null) indexes the appended -1
+        values = norm.dictionary
     if not pc.all(pc.ascii_is_printable(values)).as_py():
         bad = pc.match_substring_regex(values, r"[\x00-\x1f\x7f]").to_numpy(zero_copy_only=False)
         if bad.any():
@@ -66,6 +67,23 @@ def encode_ids(ids: pa.ChunkedArray | pa.Array, src: Source, name: str) -> Dense
                 hint="remove NUL, tab and other control bytes from the ids (or fix the delimiter)",
             )
     return DenseIds(codes, values)
+
+
+def _dictionary(ids: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """(distinct values, int32 code of each row, -1 for null) from one hash pass."""
+    enc = pc.dictionary_encode(ids)
+    chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
+    if not chunks:
+        return pa.array([], pa.string()), np.empty(0, np.int32)
+    first = chunks[0].dictionary
+    shared = [b.address for b in first.buffers() if b is not None]
+    if any([b.address for b in c.dictionary.buffers() if b is not None] != shared for c in chunks[1:]):
+        # chunks with dictionaries of their own: encode the column as one array
+        enc = pc.dictionary_encode(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids)
+        chunks, first = [enc], enc.dictionary
+    parts = [c.indices.fill_null(-1) if c.indices.null_count else c.indices for c in chunks]
+    codes = np.concatenate([p.to_numpy(zero_copy_only=False) for p in parts]).astype(np.int32, copy=False)
+    return first, codes
 
 
 def check_rows(users: DenseIds, items: DenseIds, ts: np.ndarray, ts_null: np.ndarray | None, src: Source) -> None:
@@ -158,9 +176,7 @@ def dense_map(used: np.ndarray) -> np.ndarray:
 
 
 def user_positions(uid_sorted: np.ndarray) -> np.ndarray:
-    """0-based position within each user's run, for rows sorted by user."""
-    n = len(uid_sorted)
-    start = np.ones(n, bool)
-    start[1:] = uid_sorted[1:] != uid_sorted[:-1]
-    first = np.maximum.accumulate(np.where(start, np.arange(n), 0))
-    return (np.arange(n) - first).astype(np.int32)
+    """0-based position within each user's run, for rows sorted by user (ids >= 0)."""
+    counts = np.bincount(uid_sorted)
+    first = (np.cumsum(counts) - counts).astype(np.int32)  # the row where each user's run starts
+    return np.arange(len(uid_sorted), dtype=np.int32) - first[uid_sorted]
