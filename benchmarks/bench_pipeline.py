@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,15 +82,24 @@ class Stage:
     ok: bool = True
 
 
-def run_child(argv: list[str], log: Path) -> tuple[float, float, int, str]:
-    """(wall s, the child's peak RSS GiB, exit code, stdout); stderr appended to `log`."""
+def run_child(argv: list[str], log: Path, stop_when=None) -> tuple[float, float, int, str]:
+    """(wall s, the child's peak RSS GiB, exit code, stdout); stderr appended to `log`.
+    `stop_when()`, polled every 2 s, ends the child (SIGTERM) once it returns true."""
     t = time.perf_counter()
     with open(log, "ab") as err:
         err.write(("\n$ " + " ".join(argv) + "\n").encode())
         err.flush()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err)
-        out = proc.stdout.read().decode() if proc.stdout else ""
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL if stop_when else subprocess.PIPE, stderr=err)
+        out, done = "", None
+        if stop_when:
+            while (done := os.wait4(proc.pid, os.WNOHANG))[0] == 0 and not stop_when():
+                time.sleep(2)
+            if done[0] == 0:
+                proc.send_signal(signal.SIGTERM)
+                done = None
+        else:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+        _, status, usage = done or os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     return time.perf_counter() - t, usage.ru_maxrss / 2**20, proc.returncode, out
 
@@ -104,7 +114,13 @@ def train_seq_per_s(ws: Path, run: str) -> float | None:
     return plain[-1].get("seq_per_s") if plain else None
 
 
-def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None) -> list[Stage]:
+def _logged_steps(ws: Path, run: str) -> int:
+    logs = list(ws.glob(f"*/runs/{run}/log.jsonl"))
+    return len(logs[0].read_text().splitlines()) if logs else 0
+
+
+def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None,
+             stop_before_validation: bool = False) -> list[Stage]:
     ws = work / "ws"
     mhr = [sys.executable, "-m", "mhr", "--workspace", str(ws)]
     on = [*mhr, "--dataset", "pipe"]
@@ -133,9 +149,17 @@ def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None) ->
         if only and name not in only:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name} …", file=sys.stderr, flush=True)
-        seconds, rss, code, out = run_child(argv, log)
-        stage = Stage(name, seconds, rss, amount / seconds if amount else None, unit, ok=code == 0)
-        if code != 0:
+        stop = None
+        if name == "train" and stop_before_validation:
+            stop = lambda: _logged_steps(ws, run) >= size.steps - 1  # noqa: E731
+        seconds, rss, code, out = run_child(argv, log, stop)
+        stopped = stop is not None and code == -signal.SIGTERM
+        stage = Stage(name, seconds, rss, amount / seconds if amount else None, unit, ok=code == 0 or stopped)
+        if stopped:
+            stage.throughput = train_seq_per_s(ws, run)
+            stage.note = (f"{_logged_steps(ws, run)} of {size.steps} steps × {size.batch}; stopped before the "
+                          "final validation (no weights saved)")
+        elif code != 0:
             stage.note = f"exit {code} (see {log})"
         elif name == "train":
             stage.throughput = train_seq_per_s(ws, run)
@@ -147,7 +171,7 @@ def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None) ->
         elif name == "recommend":
             stage.note = f"top 10 for all {size.users:,} users"
         stages.append(stage)
-        print(f"    {seconds:.1f}s, peak RSS {rss:.2f} GiB{'' if code == 0 else ' FAILED'}", file=sys.stderr, flush=True)
+        print(f"    {seconds:.1f}s, peak RSS {rss:.2f} GiB{'' if stage.ok else ' FAILED'}", file=sys.stderr, flush=True)
     return stages
 
 
@@ -168,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="work folder (default: a new temp dir)")
     p.add_argument("--json", default=None, help="also write the stages as JSON here")
     p.add_argument("--only", default=None, help="comma-separated stages (each needs the earlier ones' outputs)")
+    p.add_argument("--stop-before-validation", action="store_true",
+                   help="end the train child once its second-to-last step is logged: the step rate and "
+                        "peak RSS of training without the final validation over every user (no weights "
+                        "are saved, so eval and recommend cannot follow)")
     a = p.parse_args(argv)
     kind = "tiny" if a.tiny else "quick" if a.quick else "full"
     size = SIZES[kind]
@@ -175,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "stderr.log"
     print(f"{kind}: {size} in {work} (child stderr: {log})", file=sys.stderr, flush=True)
-    stages = pipeline(size, work, log, set(a.only.split(",")) if a.only else None)
+    stages = pipeline(size, work, log, set(a.only.split(",")) if a.only else None, a.stop_before_validation)
     print(table(stages))
     if a.json:
         Path(a.json).write_text(json.dumps({"mode": kind, "size": asdict(size), "cpus": os.cpu_count(),
