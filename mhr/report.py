@@ -78,15 +78,17 @@ def frontier_points(dataset: Dataset, groups: list[RunGroup], split: str = "test
     evaluations are left out."""
     curves: dict[str, list[tuple]] = {}
     for g in groups:
-        acc: dict[tuple[str, float], list[tuple[float, float]]] = {}
+        acc: dict[tuple[str, float], dict[str, tuple[float, float]]] = {}
         for run in g.runs:
             for ev in _evals(dataset.runs_dir / run, split):
                 p = ev.get("params", {})
                 ndcg, ent = _metric(ev, "ndcg@10"), _metric(ev, "H@10")
                 if ev.get("oracle") or ndcg is None or ent is None:
                     continue
-                acc.setdefault((p.get("fusion", "max"), float(p.get("diversity", 0.0))), []).append((ndcg, ent))
-        for (fusion, lam), vals in sorted(acc.items()):
+                # one point per run (evaluations differing only in, e.g., cut-offs agree here)
+                acc.setdefault((p.get("fusion", "max"), float(p.get("diversity", 0.0))), {})[run] = (ndcg, ent)
+        for (fusion, lam), by_run in sorted(acc.items()):
+            vals = list(by_run.values())
             if len(vals) == len(g.runs):
                 label = g.label if fusion == "max" else f"{g.label} · {fusion}"
                 curves.setdefault(label, []).append(
