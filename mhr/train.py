@@ -105,9 +105,11 @@ class TrainParams:
     negatives: int | None = None
     negatives_from: str = "group"
     global_ratio: float = 0.0
-    negatives_per: str = "batch"
+    # the sampled softmax chosen on validation (README "Large catalogues"): one uniform draw per
+    # position, logQ-corrected; runs keyed before these fields existed read back as LEGACY_VALUES
+    negatives_per: str = "position"
     in_batch_negatives: bool = False
-    logq: bool = False
+    logq: bool = True
     router: bool = False
     router_weight: float = 1.0
     head_weights: str = "frequency"
@@ -139,6 +141,13 @@ class TrainParams:
     max_text_len: int = 256
     pooling: str = "mean"
     train_item_llm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.train_item_llm and self.negatives is not None:
+            # a fine-tuned item LLM encodes exactly one shared draw per batch (see `_LossStep`)
+            object.__setattr__(self, "negatives_per", "batch")
+            object.__setattr__(self, "logq", False)
+            object.__setattr__(self, "in_batch_negatives", False)
 
     def check(self) -> None:
         if self.backbone not in BACKBONES:
@@ -193,12 +202,9 @@ class TrainParams:
             raise UsageError("--routing-reg must be >= 0")
         if self.negatives_per not in ("batch", "sequence", "position"):
             raise UsageError(f"unknown --negatives-per {self.negatives_per!r}", hint="use batch, sequence or position")
-        if self.negatives is None and (self.in_batch_negatives or self.logq):
-            raise UsageError("--in-batch-negatives and --logq shape a sampled softmax",
+        if self.negatives is None and self.in_batch_negatives:
+            raise UsageError("--in-batch-negatives shapes a sampled softmax",
                              hint="add --negatives N, e.g. --negatives 256")
-        if self.train_item_llm and (self.in_batch_negatives or self.logq or self.negatives_per != "batch"):
-            raise UsageError("--train-item-llm encodes one shared draw of negatives per batch",
-                             hint="drop --negatives-per / --in-batch-negatives / --logq")
         if self.router and self.decoder != "heads":
             raise UsageError("--router routes between prior heads", hint="drop --router or use --decoder heads")
         if self.router and not self.priors:

@@ -114,7 +114,7 @@ def test_max_steps_zero_is_a_usage_error():
     (dict(priors=("item", "item")), "--priors names item more than once"),
     (dict(clip=-1.0), "--clip and --weight-decay must be >= 0"),
     (dict(negatives=64, negatives_per="everywhere"), "unknown --negatives-per"),
-    (dict(logq=True), "shape a sampled softmax"),
+    (dict(in_batch_negatives=True), "shapes a sampled softmax"),
     (dict(router=True), "--router needs heads"),
     (dict(router=True, priors=("item",), router_weight=-1.0), "--router-weight"),
 ])

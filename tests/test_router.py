@@ -24,11 +24,15 @@ GOLDEN = {
     "base": ({}, "86507277e685c0f2b72fc09ce03949a1b41a1063329aeb6ad8ec3027353b11ce"),
     "both_full": ({"priors": ("temporal", "item"), "compose": "hierarchical", "epochs": 6, "lr": 0.002},
                   "66d2e7d075fdcb5c3c57381c5ef62b804e3e43f707872aa8de938e931944d966"),
-    "sampled256": ({"negatives": 256, "epochs": 8, "lr": 0.002},
+    # runs with sampled negatives were trained before the sampler had options: one shared draw per
+    # batch, uncorrected (today's defaults differ, so the historical setting is spelled out)
+    "sampled256": ({"negatives": 256, "epochs": 8, "lr": 0.002, "negatives_per": "batch", "logq": False},
                    "7daa5092d41f37dfb95a8d5d145089db64df462f4203abf98e92ff4557a99dad"),
-    "heads_sampled_global": ({"priors": ("item",), "negatives": 128, "negatives_from": "global"},
+    "heads_sampled_global": ({"priors": ("item",), "negatives": 128, "negatives_from": "global",
+                              "negatives_per": "batch", "logq": False},
                              "f84e19793bd05f28d9474e2f31d0936cafc6bc0784bfab0efe4c44eff5298b41"),
-    "remi": ({"decoder": "remi", "interests": 8, "negatives": 256, "beta": 1.0},
+    "remi": ({"decoder": "remi", "interests": 8, "negatives": 256, "beta": 1.0, "negatives_per": "batch",
+              "logq": False},
              "75506e39c016163429bc016bd3e450e98a326f912e91fa874305f75060a9a6c1"),
     "hllm": ({"backbone": "hllm", "priors": ("item",)},
              "46cfba711654e108ffa637b628b90c1a839dac6c6f811d5128f0b62fab8cfd95"),
@@ -43,14 +47,30 @@ def test_run_keys_of_earlier_configurations_are_unchanged(name):
     assert stage_key("train", TrainParams(**config).as_dict(), {"windows": "w" * 64}) == key
 
 
+def test_a_historical_record_reads_back_with_its_key():
+    """A run config written before the sampler options existed loads as what it was trained with."""
+    from mhr.train import _params_from_record
+
+    config, key = GOLDEN["sampled256"]
+    old = TrainParams(**config).as_dict()
+    assert "negatives_per" not in old and "logq" not in old  # as the old code wrote it
+    back = _params_from_record({"params": old})
+    assert back.negatives_per == "batch" and back.logq is False
+    assert stage_key("train", back.as_dict(), {"windows": "w" * 64}) == key
+
+
 def test_new_fields_enter_the_key_only_when_used():
-    base = TrainParams(negatives=256).as_dict()
-    assert "negatives_per" not in base and "router" not in base and "router_weight" not in base
-    assert TrainParams(negatives=256, negatives_per="position").as_dict()["negatives_per"] == "position"
+    legacy = TrainParams(negatives=256, negatives_per="batch", logq=False).as_dict()
+    assert "negatives_per" not in legacy and "router" not in legacy and "router_weight" not in legacy
+    default = TrainParams(negatives=256).as_dict()  # today's sampler: per position, logQ
+    assert default["negatives_per"] == "position" and default["logq"] is True
+    hllm_ft = TrainParams(backbone="hllm", negatives=256, train_item_llm=True)
+    assert hllm_ft.negatives_per == "batch" and not hllm_ft.logq  # one shared draw is what it encodes
     routed = TrainParams(priors=("item",), router=True).as_dict()
     assert routed["router"] is True and routed["router_weight"] == 1.0
     # a full softmax ignores how negatives would be drawn
-    assert "negatives_per" not in TrainParams(negatives_per="position").as_dict()
+    full = TrainParams().as_dict()
+    assert "negatives_per" not in full and "logq" not in full
 
 
 def reference_router_loss(logits, targets, compat, gamma):

@@ -26,13 +26,13 @@ def register(app: typer.Typer) -> None:
         negatives_from: str = typer.Option("group", help="Draw negatives from the head's group or the global pool."),
         global_negatives_ratio: float = typer.Option(0.0, help="Share of each head's negatives from the whole catalogue."),
         negatives_per: str = typer.Option(
-            "batch", help="Sampled negatives: one draw per batch (shared by all positions), per sequence, "
+            "position", help="Sampled negatives: one draw per batch (shared by all positions), per sequence, "
             "or per position (HSTU's reference sampler)."),
         in_batch_negatives: bool = typer.Option(
             False, "--in-batch-negatives/--no-in-batch-negatives",
             help="Sampled negatives: also use the batch's own targets as negatives (popularity-shaped)."),
         logq: bool = typer.Option(
-            False, "--logq/--no-logq",
+            True, "--logq/--no-logq",
             help="Sampled negatives: correct each negative's logit by -log(expected copies), so the "
             "sampled sum estimates the full softmax (needed with --in-batch-negatives)."),
         router: bool = typer.Option(
