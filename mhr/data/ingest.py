@@ -223,28 +223,7 @@ def ingest(con: duckdb.DuckDBPyConnection, src: Source, dedupe: str = "keep", mi
     report: dict[str, Any] = {"rows_read": n_read}
     user_rank, item_rank = dense.rank_ids(con, users), dense.rank_ids(con, items)
     uid, iid = user_rank[users.codes], item_rank[items.codes]
-    order = dense.chronological(uid, ts)
-    dup_rows = dense.duplicates(order, uid, iid, ts) if src.has_timestamps else np.empty(0, np.int64)
-    report["duplicates"] = dup = len(dup_rows)
-    keep = None
-    if dup and dedupe == "drop":
-        keep = np.ones(n_read, bool)
-        keep[dup_rows] = False
-    report["duplicates_dropped"] = dup if dedupe == "drop" else 0
-    counts = np.bincount(uid if keep is None else uid[keep], minlength=len(user_rank) + 1)
-    short = (counts > 0) & (counts < min_history)
-    short_users = int(short.sum())
-    report["short_users_dropped"] = short_users
-    report["short_user_rows_dropped"] = int(counts[short].sum())
-    if short_users:
-        keep = ~short[uid] if keep is None else keep & ~short[uid]
-    if keep is not None:
-        order = order[keep[order]]
-    if len(order) == 0:
-        raise InputError(
-            f"{src.name}: no user has at least {min_history} interactions ({short_users} users dropped)",
-            hint="lower --min-history",
-        )
+    order = _kept_order(uid, iid, ts, src, dedupe, min_history, report)
     user_map = dense.dense_map(np.bincount(uid[order], minlength=len(user_rank) + 1) > 0)
     item_map = dense.dense_map(np.bincount(iid[order], minlength=len(item_rank) + 1) > 0)
     user_id = user_map[uid[order]]
@@ -260,6 +239,34 @@ def ingest(con: duckdb.DuckDBPyConnection, src: Source, dedupe: str = "keep", mi
     _id_table(con, "umap", users.values, user_rank, user_map)
     _id_table(con, "imap", items.values, item_rank, item_map)
     return _finish(con, src, report)
+
+
+def _kept_order(uid: np.ndarray, iid: np.ndarray, ts: np.ndarray, src: Source, dedupe: str, min_history: int,
+                report: dict[str, Any]) -> np.ndarray:
+    """Rows in (user, ts, source row) order, less dropped duplicates and short users; counts both."""
+    order = dense.chronological(uid, ts)
+    dup_rows = dense.duplicates(order, uid, iid, ts) if src.has_timestamps else np.empty(0, np.int64)
+    report["duplicates"] = dup = len(dup_rows)
+    keep = None
+    if dup and dedupe == "drop":
+        keep = np.ones(len(uid), bool)
+        keep[dup_rows] = False
+    report["duplicates_dropped"] = dup if dedupe == "drop" else 0
+    counts = np.bincount(uid if keep is None else uid[keep])
+    short = (counts > 0) & (counts < min_history)
+    short_users = int(short.sum())
+    report["short_users_dropped"] = short_users
+    report["short_user_rows_dropped"] = int(counts[short].sum())
+    if short_users:
+        keep = ~short[uid] if keep is None else keep & ~short[uid]
+    if keep is not None:
+        order = order[keep[order]]
+    if len(order) == 0:
+        raise InputError(
+            f"{src.name}: no user has at least {min_history} interactions ({short_users} users dropped)",
+            hint="lower --min-history",
+        )
+    return order
 
 
 def _take_text(column: pa.ChunkedArray, order: np.ndarray) -> pa.Array:
