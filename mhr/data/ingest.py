@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,8 +214,9 @@ def ingest(con: duckdb.DuckDBPyConnection, src: Source, dedupe: str = "keep", mi
     n_read = inter.num_rows
     if n_read == 0:
         raise InputError(f"{src.name}: no interactions", hint="give a file with at least one interaction row")
-    users = dense.encode_ids(inter.column("user"), src, "user")
-    items = dense.encode_ids(inter.column("item"), src, "item")
+    with ThreadPoolExecutor(2) as pool:  # Arrow's hashing releases the GIL: both columns at once
+        encoded = [pool.submit(dense.encode_ids, inter.column(name), src, name) for name in ("user", "item")]
+        users, items = (f.result() for f in encoded)  # a bad user id is reported before a bad item id
     ts_col = inter.column("ts")
     ts_null = pc.is_null(ts_col).to_numpy(zero_copy_only=False) if ts_col.null_count else None
     ts = np.asarray(ts_col.fill_null(0).to_numpy(), np.int64)
