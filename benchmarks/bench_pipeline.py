@@ -120,7 +120,7 @@ def _logged_steps(ws: Path, run: str) -> int:
 
 
 def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None,
-             stop_before_validation: bool = False) -> list[Stage]:
+             stop_before_validation: bool = False, priors: str = "graph") -> list[Stage]:
     ws = work / "ws"
     mhr = [sys.executable, "-m", "mhr", "--workspace", str(ws)]
     on = [*mhr, "--dataset", "pipe"]
@@ -138,7 +138,7 @@ def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None,
         ("graph", [*on, "priors", "build", "--kind", "graph", "--clusters", str(size.communities), "--force"],
          size.interactions, "interactions/s"),
         ("windows", [*on, "windows", "build", "--force"], size.interactions, "interactions/s"),
-        ("train", [*on, "train", "--backbone", "hstu", "--size", size.backbone_size, "--priors", "graph",
+        ("train", [*on, "train", "--backbone", "hstu", "--size", size.backbone_size, "--priors", priors,
                    "--negatives", str(size.negatives), "--negatives-per", "position", "--max-steps", str(size.steps),
                    "--batch-size", str(size.batch), "--name", run], 0, "seq/s"),
         ("eval", [*on, "eval", run, "--json", "--force"], size.users, "users/s"),
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="work folder (default: a new temp dir)")
     p.add_argument("--json", default=None, help="also write the stages as JSON here")
     p.add_argument("--only", default=None, help="comma-separated stages (each needs the earlier ones' outputs)")
+    p.add_argument("--train-priors", default="graph", help="--priors of the train stage ('' = plain backbone)")
     p.add_argument("--stop-before-validation", action="store_true",
                    help="end the train child once its second-to-last step is logged: the step rate and "
                         "peak RSS of training without the final validation over every user (no weights "
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "stderr.log"
     print(f"{kind}: {size} in {work} (child stderr: {log})", file=sys.stderr, flush=True)
-    stages = pipeline(size, work, log, set(a.only.split(",")) if a.only else None, a.stop_before_validation)
+    stages = pipeline(size, work, log, set(a.only.split(",")) if a.only else None, a.stop_before_validation,
+                      a.train_priors)
     print(table(stages))
     if a.json:
         Path(a.json).write_text(json.dumps({"mode": kind, "size": asdict(size), "cpus": os.cpu_count(),
