@@ -109,14 +109,16 @@ def bench_profile(a: argparse.Namespace) -> None:
     if not csv.is_file():
         make_csv(csv, a.rows, a.users, a.items)
     seconds: dict[str, float] = defaultdict(float)
+    cpu: dict[str, float] = defaultdict(float)  # process CPU (all threads) in the step
 
     def timed(label: str, fn):
         def wrapper(*args, **kw):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kw)
             finally:
                 seconds[label] += time.perf_counter() - t
+                cpu[label] += time.process_time() - c
         return wrapper
 
     class Timed:  # a connection whose execute() is timed per statement
@@ -148,8 +150,9 @@ def bench_profile(a: argparse.Namespace) -> None:
     print(f"{'reference ingest_sql' if a.reference else 'fast ingest'}: {a.rows:,} rows in {total:.2f}s "
           f"= {a.rows / total:,.0f} interactions/s (in process, no CLI start); "
           f"CPU {time.process_time() - cpu0:.1f}s (all threads)")
+    print("  wall s   CPU s  step")
     for label, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
-        print(f"{s:8.2f}s  {label}")
+        print(f"{s:8.2f} {cpu.get(label, float('nan')):7.2f}  {label}")
     store.unlink(missing_ok=True)
 
 
