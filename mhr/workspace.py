@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mhr.errors import BusyError, DiskError, NotFoundError, UsageError
+from mhr.errors import DiskError, NotFoundError, UsageError
 
 STORE_FILE = "store.duckdb"
 CURRENT_FILE = "current.json"
@@ -120,33 +120,19 @@ def writing(dataset: Dataset, stage: str) -> Iterator[None]:
     corrupting the store. The lock is an `flock` on `<dataset>/.lock`, released by the kernel if the
     process dies, so a killed stage never leaves the dataset locked.
     """
+    from mhr.cache import locked
+
     path = dataset.dir / ".lock"
     try:
         dataset.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
     except OSError as e:
         raise DiskError(
             f"cannot write {e.filename or path}: {e.strerror or e}",
             hint=f"the workspace {dataset.root} must be a writable folder (--workspace / MHR_WORKSPACE)",
         ) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another stage"
-            raise BusyError(
-                f"busy: {holder} is writing {dataset.name}",
-                hint="wait for it to finish (or stop it) and run this again",
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{stage} (pid {os.getpid()})".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with locked(path, f"{stage} (pid {os.getpid()})", dataset.name):
+        yield
 
 
 def read_current(dataset: Dataset) -> dict[str, str]:

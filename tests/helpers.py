@@ -121,3 +121,13 @@ def interrupt_at_batch(monkeypatch, n: int, run) -> None:
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(mt, "_batch", real_batch)
+
+
+def weighted_head_means(sums: list, counts: list[int], head_weights: str):
+    """The loss references' last step: per-head mean cross-entropies combined with frequency
+    (w_k ∝ |Y_k|) or uniform weights over the heads that have a positive."""
+    present = [k for k in range(len(counts)) if counts[k]]
+    total = sum(counts)
+    if head_weights == "frequency":
+        return sum(counts[k] / total * sums[k] / counts[k] for k in present)
+    return sum(sums[k] / counts[k] for k in present) / len(present)

@@ -12,6 +12,7 @@ import mhr.loss as loss_mod
 from mhr.heads import Compatibility, PriorHeads, Scorer, build_layout
 from mhr.loss import candidate_sets, multihead_loss, sample_negatives
 from mhr.priors.spec import PriorSpec
+from tests.helpers import weighted_head_means
 from tests.test_heads import (
     EVENT_VOCAB,
     N_ITEMS,
@@ -47,11 +48,7 @@ def reference_loss(q, item_vecs, scorer, targets, compat, gamma, head_weights, c
                     ce = torch.logsumexp(s[members], dim=0) - s[y]
                     sums[k] = sums[k] + gamma**j * ce
                     counts[k] += 1
-    present = [k for k in range(K) if counts[k]]
-    total = sum(counts)
-    if head_weights == "frequency":
-        return sum(counts[k] / total * sums[k] / counts[k] for k in present)
-    return sum(sums[k] / counts[k] for k in present) / len(present)
+    return weighted_head_means(sums, counts, head_weights)
 
 
 def setup(compose, names, global_head, seed=0, score="cosine"):

@@ -11,6 +11,7 @@ import mhr.sampling as sampling_mod
 from mhr.heads import Compatibility, Scorer, dot_scores
 from mhr.loss import multihead_loss
 from mhr.sampling import HeadSampler, InBatch, Sampling
+from tests.helpers import weighted_head_means
 from tests.test_heads import EVENT_VOCAB, N_ITEMS, TAU, layouts, make_layout, random_batch
 
 D = 8
@@ -83,11 +84,7 @@ def reference_loss(q, item_vecs, targets, compat, omega, sampling: Sampling, gen
                 ce = torch.logsumexp(torch.stack(terms), dim=0) - s[y]
                 sums[k] = sums[k] + gamma**j * ce
                 counts[k] += 1
-    present = [k for k in range(K) if counts[k]]
-    total = sum(counts)
-    if head_weights == "frequency":
-        return sum(counts[k] / total * sums[k] / counts[k] for k in present)
-    return sum(sums[k] / counts[k] for k in present) / len(present)
+    return weighted_head_means(sums, counts, head_weights)
 
 
 MODES = [
