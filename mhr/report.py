@@ -96,6 +96,13 @@ def frontier_points(dataset: Dataset, groups: list[RunGroup], split: str = "test
     return {k: v for k, v in curves.items() if len(v) > 1}
 
 
+def _save(fig, path: Path) -> None:
+    """Write a figure as the report's PNGs are written, and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+
+
 def plot_frontier(curves: dict[str, list[tuple]], path: Path) -> bool:
     """NDCG@10 against H@10 along the re-ranking strength, one curve per variant."""
     if not curves:
@@ -111,9 +118,7 @@ def plot_frontier(curves: dict[str, list[tuple]], path: Path) -> bool:
     ax.set_ylabel("NDCG@10 (%)")
     ax.set_title("Accuracy-diversity frontier (labels: re-ranking λ)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -217,9 +222,7 @@ def plot_training(groups: list[RunGroup], path: Path) -> None:
     ax.set_ylabel("validation NDCG@10 (%)")
     ax.set_title("Validation NDCG@10 during training")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_bars(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> bool:
@@ -239,9 +242,7 @@ def plot_bars(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -
     pad = max(1e-6, 0.15 * (hi - lo))
     ax.set_ylim(max(0, lo - pad * 3), hi + pad)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -271,9 +272,7 @@ def plot_user_groups(groups: list[RunGroup], path: Path) -> bool:
     ax.set_ylabel("NDCG@10 (%)")
     ax.set_title(f"NDCG@10 per user group ({prior_name})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -316,9 +315,7 @@ def plot_projection(dataset: Dataset, run_name: str, path: Path, user: str | Non
         ax.scatter(xy[pts, 0], xy[pts, 1], s=30, color=f"C{i}", label=f"top-20 via {h}")
     ax.set_title(f"{run_name}: user {user} (PCA of item vectors)")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
