@@ -16,8 +16,8 @@ Stages, each a child process `python -m mhr --workspace <dir>/ws …` on dataset
 6. train     HSTU size 1 with the graph heads, 256 sampled negatives per position, a fixed
              number of steps; seq/s is the trainer's own figure at the step before the last (the
              last step also validates on the whole valid split, which the wall time includes);
-7. eval      `mhr eval` — there is no user-subset option, so the whole test split (every user)
-             over the full catalogue;
+7. eval      `mhr eval --sample-users 10000`: a seeded sample of 10k test users (100 in --tiny),
+             each ranked over the full catalogue;
 8. recommend `mhr recommend RUN --all --out recs.parquet` for every user.
 
 Wall time is the child's; peak RSS is the child's own `ru_maxrss` from `os.wait4`. This process
@@ -50,13 +50,14 @@ class Size:
     batch: int = 64
     negatives: int = 256
     backbone_size: str = "1"
+    eval_users: int = 10_000  # `mhr eval --sample-users`: a seeded sample of the test split
 
 
 SIZES = {
     "full": Size(20_000_000, 200_000, 500_000, 10_000_000, communities=20, categories=20, steps=200),
     "quick": Size(1_000_000, 20_000, 50_000, 1_000_000, communities=10, categories=12, steps=20),
     "tiny": Size(20_000, 400, 1_000, 10_000, communities=4, categories=6, steps=2, batch=16, negatives=32,
-                 backbone_size="tiny"),
+                 backbone_size="tiny", eval_users=100),
 }
 RSS_GOAL_GIB = 8.0
 
@@ -141,7 +142,8 @@ def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None,
         ("train", [*on, "train", "--backbone", "hstu", "--size", size.backbone_size, "--priors", priors,
                    "--negatives", str(size.negatives), "--negatives-per", "position", "--max-steps", str(size.steps),
                    "--batch-size", str(size.batch), "--name", run], 0, "seq/s"),
-        ("eval", [*on, "eval", run, "--json", "--force"], size.users, "users/s"),
+        ("eval", [*on, "eval", run, "--sample-users", str(size.eval_users), "--json", "--force"], size.users,
+         "users/s"),
         ("recommend", [*on, "recommend", run, "--all", "--out", str(recs)], size.users, "users/s"),
     ]
     stages = []
@@ -167,7 +169,7 @@ def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None,
         elif name == "eval":
             users = json.loads(out)["metrics"].get("users") if out.strip().startswith("{") else None
             stage.throughput = users / seconds if users else None
-            stage.note = f"whole test split ({users} users with targets), full catalogue of {size.items:,}"
+            stage.note = f"{size.eval_users:,}-user sample of the test split ({users} with targets), full catalogue of {size.items:,}"
         elif name == "recommend":
             stage.note = f"top 10 for all {size.users:,} users"
         stages.append(stage)

@@ -48,6 +48,7 @@ from mhr.metrics import (
 )
 from mhr.priors.spec import PriorSpec
 from mhr.train import LoadedRun, load_run
+from mhr.windows import subset_split
 from mhr.workspace import Dataset
 
 FUSIONS = fusion_mod.FUSIONS  # max, avg, learned, invvar
@@ -66,6 +67,7 @@ class EvalParams:
     entropy_prior: str | None = None  # item-kind prior whose categories H@K counts; default: first item prior
     diversity: float = 0.0  # λ of ComiRec's greedy category-diversity re-ranking (0 = off)
     oracle_group: str | None = None  # ORACLE: rank only inside the first target's group(s) of this prior
+    sample_users: int | None = None  # score a seeded sample of this many users of the split (None = all)
 
     def check(self) -> None:
         if self.fusion not in FUSIONS:
@@ -81,6 +83,8 @@ class EvalParams:
             raise UsageError("--oracle-group and --oracle-event are two different oracles", hint="use one")
         if self.diversity < 0:
             raise UsageError("--diversity must be >= 0", hint="0 is the plain ranking; ComiRec used 0..1")
+        if self.sample_users is not None and self.sample_users < 1:
+            raise UsageError("--sample-users must be ≥ 1", hint="leave it out to score every user of the split")
 
 
 def _horizons(params: EvalParams, tau: int, holdout: int | None = None) -> list[int]:
@@ -230,6 +234,9 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
     if params.fusion in FITTED and fit is None:
         fit = fit_fusion(run, params.fusion, device=device)
     split = run.windows.read_split(params.split)
+    n_split = len(split["user"])
+    if params.sample_users is not None and params.sample_users < n_split:
+        split = subset_split(split, _subsample(n_split, params.sample_users))
     targets = split["targets"]
     user_mask = _oracle_event_mask(run, split) if params.oracle_event else None
     allowed = _oracle_group_items(run, dataset, params.oracle_group, split) if params.oracle_group else None
@@ -258,6 +265,8 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
         "split": params.split,
         "params": _jsonable(params),
         "oracle": bool(params.oracle_event or params.oracle_group),
+        "split_users": n_split,
+        "scored_users": int(len(split["user"])),
         "horizons": hs,
         "ks": ks,
         "metrics": _metrics(ranking, targets, ks, hs),
@@ -330,6 +339,8 @@ def _jsonable(params: EvalParams) -> dict[str, Any]:
         d.pop("diversity")
     if params.oracle_group is None:
         d.pop("oracle_group")
+    if params.sample_users is None:
+        d.pop("sample_users")
     return d
 
 
@@ -353,7 +364,8 @@ def fusion_key(run: LoadedRun, kind: str) -> str:
 
 
 def _subsample(n: int, cap: int) -> np.ndarray:
-    """All of 0..n-1, or a sorted seeded subsample of `cap` of them (deterministic)."""
+    """All of 0..n-1, or a sorted seeded subsample of `cap` of them (deterministic: the same users
+    for every run of the dataset's windows, so sampled evaluations of two runs are paired)."""
     if n <= cap:
         return np.arange(n)
     rng = np.random.default_rng(fusion_mod.FIT_SEED)

@@ -588,3 +588,16 @@ def describe_windows(dataset: Dataset, ref: str | None = None) -> dict[str, Any]
         "stats": manifest.get("stats", {}),
         "files": {name: info["size"] for name, info in manifest["files"].items()},
     }
+
+
+def subset_split(split: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The users at `rows` (sorted indices) of a valid/test split from `read_split`, same layout:
+    per-user arrays taken, the CSR history re-pointed."""
+    out = {k: v[rows] for k, v in split.items() if k not in ("history_ptr", "history_items")}
+    ptr = split["history_ptr"]
+    starts, ends = ptr[rows], ptr[rows + 1]
+    n = ends - starts
+    out["history_ptr"] = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+    take = np.repeat(starts - out["history_ptr"][:-1], n) + np.arange(int(n.sum()))
+    out["history_items"] = split["history_items"][take]
+    return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from mhr.errors import NotFoundError, StaleError, UsageError
@@ -362,3 +364,38 @@ def test_recommend_cli_learned_explain(trained, cli):
     bad = cli("--dataset", trained.name, "recommend", "run:both-s0", "--user", "u1", "--fusion", "median",
               workspace=trained.root, check=False)
     assert bad.returncode == 2 and "unknown fusion 'median'" in bad.stderr and not bad.stdout
+
+
+def test_subset_split_matches_a_loop(trained):
+    from mhr.windows import load_windows, subset_split
+
+    split = load_windows(trained).read_split("test")
+    rows = np.array([0, 3, 4, 17, 39])
+    sub = subset_split(split, rows)
+    for j, r in enumerate(rows):
+        a, b = split["history_ptr"][r], split["history_ptr"][r + 1]
+        c, d = sub["history_ptr"][j], sub["history_ptr"][j + 1]
+        np.testing.assert_array_equal(sub["history_items"][c:d], split["history_items"][a:b])
+        for key in ("user", "items", "targets", "length"):
+            np.testing.assert_array_equal(sub[key][j], split[key][r])
+    assert sub["history_ptr"][-1] == len(sub["history_items"])
+
+
+def test_eval_on_a_user_sample_equals_the_full_ranking_on_those_users(trained):
+    from mhr.evaluate import _metrics, _subsample
+    from mhr.inference import rank_split
+
+    run = load_run(trained, "both-s0")
+    _, full, _ = evaluate(trained, "both-s0", EvalParams(ks=(10,)))
+    _, part, _ = evaluate(trained, "both-s0", EvalParams(ks=(10,), sample_users=15))
+    assert full["scored_users"] == full["split_users"] == 40
+    assert part["scored_users"] == 15 and part["split_users"] == 40
+    assert part["params"]["sample_users"] == 15 and "sample_users" not in full["params"]
+    split = run.windows.read_split("test")
+    ranking = rank_split(run.model, run.compat, split, k=10)
+    rows = _subsample(40, 15)
+    expect = _metrics(ranking, split["targets"], [10], part["horizons"], rows)
+    assert part["metrics"] == pytest.approx(expect)
+    assert part["metrics"] != pytest.approx(full["metrics"])  # a different set of users
+    with pytest.raises(UsageError, match="sample-users"):
+        evaluate(trained, "both-s0", EvalParams(sample_users=0))

@@ -47,6 +47,8 @@ def print_eval(result: dict) -> None:
         group = result["params"].get("oracle_group")
         what = f"ranked inside the first target's {group} group" if group else "true next event type used"
         title += f" · [bold red]ORACLE ({what})[/]"
+    if result.get("scored_users", result.get("split_users")) != result.get("split_users"):
+        title += f" · sample of {result['scored_users']:,} of {result['split_users']:,} users"
     table = Table(title=title, title_justify="left")
     table.add_column("horizon")
     for k in ks:
@@ -123,6 +125,9 @@ def register(app: typer.Typer) -> None:
         diversity: float = typer.Option(
             0.0, help="λ of ComiRec's greedy category-diversity re-ranking over the top 2K fused items "
             "(categories of --entropy-prior; 0 = plain ranking)."),
+        sample_users: int = typer.Option(
+            None, help="Score a seeded sample of this many users of the split (the same users for every run "
+            "on these windows, so runs stay paired); default: every user. For quick looks at big logs."),
         device: str = typer.Option("cpu", help="cpu or cuda."),
         as_json: bool = typer.Option(False, "--json", help="Print the result JSON on stdout."),
         force: bool = typer.Option(False, help="Recompute even if cached."),
@@ -137,7 +142,7 @@ def register(app: typer.Typer) -> None:
             fusion=fusion, ks=tuple(parse_list(k, int)), horizons=tuple(parse_list(horizons, int)),
             split=split, keep_history=keep_history, oracle_event=oracle_event,
             baseline=_strip(baseline), entropy_prior=entropy_prior, diversity=diversity,
-            oracle_group=oracle_group,
+            oracle_group=oracle_group, sample_users=sample_users,
         )
         path, result, cached = evaluate(ds, name, params, force=force, device=device)
         if cached:

@@ -26,6 +26,11 @@ import scipy.sparse as sp
 
 from mhr.errors import InputError
 
+# cells of the dense [rows × n] co-count block one kNN chunk scores (per thread; ≈ 230 MB at the peak)
+CHUNK_CELLS = 1 << 23
+# edges handed to igraph per `add_edges` call: Python lists of that many pairs at a time, not all
+IGRAPH_EDGES_PER_CALL = 1 << 18
+
 # version of `search_resolution`, in the key of priors built with --clusters (1: the reference search)
 RESOLUTION_SEARCH = 2
 
@@ -85,6 +90,10 @@ def knn_edges(
     n = m.shape[0]
     mt = m.T.tocsr()
     deg = np.asarray(m.sum(axis=1), dtype=np.float64).ravel()
+    # a chunk's rows are scored densely against every row (≈ 28 bytes a cell at the peak: counts,
+    # cosine and its temporaries), so fewer rows per chunk on big graphs; each row's selection is
+    # independent of the chunk it is in, so the edges are the same for any chunk size
+    chunk = max(1, min(chunk, CHUNK_CELLS // max(n, 1)))
     spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     threads = threads or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -303,6 +312,17 @@ def search_resolution(graph: ig.Graph, weights: list[float] | None, active: np.n
     return Search(raw, res, lei.tried, lei.full_passes)
 
 
+def edge_graph(n_nodes: int, src: np.ndarray, dst: np.ndarray) -> ig.Graph:
+    """The undirected igraph graph with edges (src[e], dst[e]) in that order. The pairs reach igraph
+    as Python lists (≈ 130 bytes an edge), so a slice at a time: memory beyond igraph's own ≈ 32
+    bytes an edge stays bounded (`IGRAPH_EDGES_PER_CALL`) on graphs of tens of millions of edges."""
+    graph = ig.Graph(n=n_nodes, directed=False)
+    for start in range(0, len(src), IGRAPH_EDGES_PER_CALL):
+        stop = start + IGRAPH_EDGES_PER_CALL
+        graph.add_edges(np.column_stack([src[start:stop], dst[start:stop]]).tolist())
+    return graph
+
+
 def communities(
     n_nodes: int,
     src: np.ndarray,
@@ -323,7 +343,7 @@ def communities(
             "the co-engagement graph has no edges (no two training interactions share a user or item)",
             hint="lower --holdout, or use a prior that needs no graph (--kind item / event / temporal)",
         )
-    graph = ig.Graph(n=n_nodes, edges=np.column_stack([src, dst]).tolist(), directed=False)
+    graph = edge_graph(n_nodes, src, dst)
     weights = None if weight is None else weight.tolist()
     active = np.zeros(n_nodes, dtype=bool)
     active[src] = True
