@@ -1,0 +1,30 @@
+"""Every committed recipe in stages/ parses, and each variant (and [train]) names only settings
+`mhr run` knows — caught here instead of hours into a run (a TOML key like `gamma-0.9` written
+without quotes is a nested table, not a variant)."""
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from mhr.recipe import WINDOW_KEYS, load_recipe
+from mhr.train import TrainParams
+
+STAGES = sorted((Path(__file__).resolve().parents[1] / "stages").glob("*.toml"))
+KNOWN = {f.name for f in fields(TrainParams)} | set(WINDOW_KEYS)
+
+
+def test_there_are_recipes():
+    assert len(STAGES) >= 10
+
+
+@pytest.mark.parametrize("path", STAGES, ids=lambda p: p.stem)
+def test_recipe_settings_are_known(path):
+    recipe = load_recipe(path)
+    assert set(recipe.get("train", {})) <= KNOWN, set(recipe["train"]) - KNOWN
+    for name, variant in recipe["variants"].items():
+        grid = variant.get("grid", {})
+        unknown = (set(variant) - {"grid"} | set(grid)) - KNOWN
+        assert not unknown, f"[variants.{name}] has unknown settings {sorted(unknown)}"
+        assert all(not isinstance(v, dict) for k, v in variant.items() if k != "grid"), name
+    assert path.read_text().startswith(f"# mhr run stages/{path.name}")
