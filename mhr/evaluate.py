@@ -282,6 +282,7 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
             "prior": cat.name,
             **{f"H@{k}": float(np.mean(entropy_at_k(ranking.items, groups, k))) for k in ks},
         }
+        result["target_groups"] = _per_target_group(cat, ranking, targets, ks, hs)
         new = new_interest_mask(split["history_ptr"], split["history_items"], targets, groups)
         rows = np.flatnonzero(new)
         result["new_interest"] = {"prior": cat.name, "share": float(new.mean()) if len(new) else 0.0,
@@ -307,6 +308,26 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
         total = max(1, int(counts.sum()))
         result["head_usage@10"] = {run.layout.names[i]: counts[i] / total for i in range(len(counts))}
     return result
+
+
+def _per_target_group(cat: PriorSpec, ranking: Ranking, targets: np.ndarray, ks: list[int],
+                      hs: list[int]) -> dict[str, Any]:
+    """Metrics of the users whose first target is in each category of `cat` (multi-label: a user
+    counts in each of its first target's categories), with the category's share of the catalogue
+    and of those users: where a prior helps, it should show in its small categories."""
+    first = targets[:, 0] if targets.shape[1] else np.zeros(len(targets), dtype=np.int64)
+    member = cat.item_groups[:, first] & (first > 0)[None, :]  # [G, U]
+    n_items = max(1, int(cat.item_groups[:, 1:].any(axis=0).sum()))
+    n_users = max(1, int(member.any(axis=0).sum()))
+    out: dict[str, Any] = {"prior": cat.name, "groups": {}}
+    for g, name in enumerate(cat.group_names):
+        rows = np.flatnonzero(member[g])
+        out["groups"][name] = {
+            "item_share": float(cat.item_groups[g, 1:].sum() / n_items),
+            "user_share": float(len(rows) / n_users),
+            "metrics": _metrics(ranking, targets, ks, hs, rows),
+        }
+    return out
 
 
 def _per_user_group(run: LoadedRun, dataset: Dataset, ranking: Ranking, targets: np.ndarray,

@@ -399,3 +399,36 @@ def test_eval_on_a_user_sample_equals_the_full_ranking_on_those_users(trained):
     assert part["metrics"] != pytest.approx(full["metrics"])  # a different set of users
     with pytest.raises(UsageError, match="sample-users"):
         evaluate(trained, "both-s0", EvalParams(sample_users=0))
+
+
+def test_per_target_group_metrics_match_a_loop(trained):
+    from mhr.inference import rank_split
+    from mhr.metrics import ndcg_at_k
+
+    _, result, _ = evaluate(trained, "both-s0", EvalParams(ks=(10,)))
+    tg = result["target_groups"]
+    assert tg["prior"] == result["entropy"]["prior"] == "item"
+    run = load_run(trained, "both-s0")
+    split = run.windows.read_split("test")
+    ranking = rank_split(run.model, run.compat, split, k=10)
+    from mhr.priors.spec import load_prior
+    from mhr.store import connect
+    con = connect(trained.store_path, read_only=True)
+    cat = load_prior(con, "item")
+    con.close()
+    h = result["horizons"][-1]
+    counted = 0
+    for g, name in enumerate(cat.group_names):
+        scores = []
+        for u in range(len(split["user"])):
+            first = split["targets"][u, 0]
+            if first > 0 and cat.item_groups[g, first]:
+                t = split["targets"][u : u + 1, :h]
+                scores.append(float(ndcg_at_k(ranking.items[u : u + 1], t, 10)[0]))
+        got = tg["groups"][name]
+        assert got["metrics"]["users"] == len(scores)
+        counted += len(scores)
+        if scores:
+            assert got["metrics"][f"ndcg@10/h{h}"] == pytest.approx(np.mean(scores))
+        assert 0 < got["item_share"] <= 1
+    assert counted >= 40  # every user with a categorised first target counts at least once

@@ -92,6 +92,11 @@ def print_eval(result: dict) -> None:
         if "ce_learned" in info:
             line += f"; valid CE {info['ce_avg']:.3f} (avg) → {info['ce_learned']:.3f}"
         extra.append(line)
+    if "target_groups" in result and 10 in ks:
+        tg = result["target_groups"]
+        cells = [(n, g["item_share"], g["metrics"].get(f"ndcg@10/h{hs[-1]}")) for n, g in tg["groups"].items()]
+        extra.append(f"N@10 by the first target's {tg['prior']} group (share of items): " + ", ".join(
+            f"{n} ({100 * share:.0f}%) {100 * v:.2f}" for n, share, v in cells if v is not None))
     if "head_usage@10" in result and len(result["head_usage@10"]) > 1:
         top = sorted(result["head_usage@10"].items(), key=lambda kv: -kv[1])[:6]
         extra.append("heads winning top-10: " + ", ".join(f"{n} {100 * v:.0f}%" for n, v in top))
