@@ -6,7 +6,7 @@ once its inputs exist).
     python benchmarks/bench_graph_memory.py --quick    # 2M edges over 50k nodes
 
 1. igraph hand-over: `ig.Graph(edges=<all pairs as one Python list>)` (before) against
-   `coengagement.edge_graph` (pairs in slices of `IGRAPH_EDGES_PER_CALL`);
+   `coengagement.edge_graph` (an edge-list file read by igraph's C reader);
 2. one kNN chunk: the dense co-count block of 256 rows (the fixed chunk before) against the rows
    `CHUNK_CELLS` allows at this node count, scored against every node (what each of the kNN
    threads holds at once).
@@ -84,7 +84,7 @@ def main() -> None:
     print("| step | way | s | peak RSS MiB | above inputs MiB |\n|---|---|---|---|---|")
     res = {}
     for step, way, task, r in [("igraph hand-over", "one list (before)", "graph-list", 0),
-                               ("igraph hand-over", "edge_graph slices", "graph-slices", 0),
+                               ("igraph hand-over", "edge_graph (edge-list file)", "graph-file", 0),
                                ("one kNN chunk", "256 rows (before)", "knn", 256),
                                ("one kNN chunk", f"{rows} rows", "knn", rows)]:
         s, peak, base = run(task, n, e, r)

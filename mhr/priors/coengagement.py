@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,14 +23,14 @@ import duckdb
 import igraph as ig
 import leidenalg
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import scipy.sparse as sp
 
 from mhr.errors import InputError
 
 # cells of the dense [rows × n] co-count block one kNN chunk scores (per thread; ≈ 230 MB at the peak)
 CHUNK_CELLS = 1 << 23
-# edges handed to igraph per `add_edges` call: Python lists of that many pairs at a time, not all
-IGRAPH_EDGES_PER_CALL = 1 << 18
 
 # version of `search_resolution`, in the key of priors built with --clusters (1: the reference search)
 RESOLUTION_SEARCH = 2
@@ -313,13 +314,21 @@ def search_resolution(graph: ig.Graph, weights: list[float] | None, active: np.n
 
 
 def edge_graph(n_nodes: int, src: np.ndarray, dst: np.ndarray) -> ig.Graph:
-    """The undirected igraph graph with edges (src[e], dst[e]) in that order. The pairs reach igraph
-    as Python lists (≈ 130 bytes an edge), so a slice at a time: memory beyond igraph's own ≈ 32
-    bytes an edge stays bounded (`IGRAPH_EDGES_PER_CALL`) on graphs of tens of millions of edges."""
-    graph = ig.Graph(n=n_nodes, directed=False)
-    for start in range(0, len(src), IGRAPH_EDGES_PER_CALL):
-        stop = start + IGRAPH_EDGES_PER_CALL
-        graph.add_edges(np.column_stack([src[start:stop], dst[start:stop]]).tolist())
+    """The undirected igraph graph with edges (src[e], dst[e]) in that order.
+
+    Handing igraph the pairs from Python (a list, or a numpy array it walks row by row) costs
+    ≈ 200 bytes an edge in Python objects — 5 GB above the arrays at 25M edges
+    (benchmarks/bench_graph_memory.py). Instead the pairs go through a temporary edge-list file,
+    written by Arrow's CSV writer and read by igraph's C reader: only igraph's own ≈ 40 bytes an
+    edge, and the same graph."""
+    with tempfile.TemporaryDirectory(prefix="mhr-edges-") as tmp:
+        path = os.path.join(tmp, "edges.txt")
+        table = pa.table({"src": np.asarray(src, dtype=np.int64), "dst": np.asarray(dst, dtype=np.int64)})
+        pacsv.write_csv(table, path, pacsv.WriteOptions(include_header=False, delimiter=" "))
+        del table
+        graph = ig.Graph.Read_Edgelist(path, directed=False)
+    if graph.vcount() < n_nodes:  # the reader stops at the highest node with an edge
+        graph.add_vertices(n_nodes - graph.vcount())
     return graph
 
 
