@@ -108,7 +108,7 @@ def test_max_steps_zero_is_a_usage_error():
     (dict(lr=0.0), "must be positive"),
     (dict(lr=-1e-3), "must be positive"),
     (dict(temperature=float("nan")), "--temperature nan"),
-    (dict(global_ratio=float("nan")), "--global-negatives-ratio"),
+    (dict(global_ratio=float("nan")), "--global-ratio"),  # the flag (--global-negatives-ratio: its alias)
     (dict(gamma=float("inf")), "--gamma inf is not a finite"),
     (dict(seed=-1), "--seed -1"),
     (dict(priors=("item", "item")), "--priors names item more than once"),
