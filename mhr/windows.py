@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from rich.table import Table
 
 from mhr.cache import MANIFEST, build_artifact, is_done, read_manifest, stage_key
 from mhr.console import err
@@ -615,3 +616,39 @@ def describe_windows(dataset: Dataset, ref: str | None = None) -> dict[str, Any]
         "stats": manifest.get("stats", {}),
         "files": {name: info["size"] for name, info in manifest["files"].items()},
     }
+
+
+def summary_table(info: dict[str, Any]) -> Table:
+    """What `mhr windows show` prints: parameters, users and rows per split, users too short."""
+    s, p = info["stats"], info["params"]
+    held = f", H = {p['holdout']}" if "holdout" in p else ""
+    mark = " (current: used by train and eval without --windows)" if info.get("default") else ""
+    table = Table(title=f"{info['reference']}  T = {p['context']}, τ = {p['horizon']}{held}, protocol {p['protocol']}"
+                  f"{mark}", title_justify="left")
+    table.add_column("")
+    table.add_column("users", justify="right")
+    table.add_column("rows", justify="right")
+    table.add_row("train", f"{s['n_users_train']:,}", f"{s['n_train_windows']:,} windows")
+    table.add_row("valid", f"{s['n_users_valid']:,}", f"{s['n_users_valid']:,}")
+    table.add_row("test", f"{s['n_users_test']:,}", f"{s['n_users_test']:,}")
+    table.add_row(f"too short (< {s['min_interactions']})", f"{s['n_users_too_short']:,}", "left out")
+    table.caption = (
+        f"{s['n_train_positions']:,} input positions, {s['n_train_targets']:,} training targets; "
+        f"{s['n_store_items']:,} items (max id {s['max_item_id']:,}), {s['n_events']} event types"
+        + ("" if info["current"] else "; [red]stale: built from another version of the dataset[/]")
+    )
+    return table
+
+
+def log_build(dataset: Dataset, key: str, cached: bool) -> str:
+    """What `mhr windows build` (or a recipe's windows step) tells on stderr; returns the reference."""
+    info = describe_windows(dataset, key)
+    if cached:
+        err.print(f"cached: {info['reference']} (key {key[:12]}), now the current windows")
+        return info["reference"]
+    err.print(summary_table(info))
+    short = info["stats"]["n_users_too_short"]
+    if short:
+        err.print(f"[yellow]{short:,} users have fewer than {info['stats']['min_interactions']} "
+                  "interactions and were left out[/]")
+    return info["reference"]
