@@ -163,10 +163,9 @@ def _import(ds: Dataset, positional: list[str], options: dict[str, Any]) -> Any:
         raise InputError("a recipe's [data] import needs the input path in args and options = { format = … }",
                          hint='e.g. args = ["events.csv"], options = { format = "long" }')
     fields = [f.name for f in dataclasses.fields(ImportOptions)]
-    rest = ("dedupe", "min_history", "force", "discard_priors")
-    _typed(import_data, options, (*fields, *rest), "mhr data import")  # unknown names
     opts = ImportOptions(**_typed(ImportOptions, {k: v for k, v in options.items() if k in fields}, fields, ""))
-    kw = _typed(import_data, {k: v for k, v in options.items() if k in rest}, rest, "")
+    kw = _typed(import_data, {k: v for k, v in options.items() if k not in fields},
+                ("dedupe", "min_history", "force", "discard_priors"), "mhr data import")
     return import_data(ds, Path(positional[0]), str(fmt), opts, **kw)
 
 

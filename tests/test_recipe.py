@@ -223,3 +223,42 @@ def test_a_recipe_step_and_its_command_share_defaults(command, function):
     assert shared
     for key in shared:
         assert options[key] == library[key].default, f"mhr {' '.join(command)} --{key}"
+
+
+def test_an_import_step_with_flags_in_its_args_builds_what_its_command_builds(tmp_path, capsys, cli):
+    """`args = [path, "--items", path]` (as stages/router_toys.toml has it): the paths are read
+    relative to the recipe, the flags become the library's options, the data key is the CLI's."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = ["user_id,item_id,timestamp"] + [f"u{u},i{rng.integers(30)},{1000 + 10 * t}"
+                                            for u in range(20) for t in range(15)]
+    (data / "events.csv").write_text("\n".join(rows) + "\n")
+    (data / "items.csv").write_text("item_id,title,genre\n" + "".join(f"i{i},Item {i},g{i % 3}\n" for i in range(30)))
+    recipe = tmp_path / "recipes" / "r.toml"
+    recipe.parent.mkdir()
+    recipe.write_text("""
+[recipe]
+dataset = "ev"
+[data]
+command = "import"
+args = ["../data/events.csv", "--items", "../data/items.csv", "--tag-col", "genre"]
+options = { format = "long", min_history = 5 }
+[windows]
+context = 5
+[variants]
+""")
+    ws = tmp_path / "ws"
+    run_recipe(recipe, Workspace(ws))
+    [command] = _commands(capsys.readouterr().err)
+    assert command == (f"data import {data / 'events.csv'} --items {data / 'items.csv'} --tag-col genre "
+                       "--name ev --format long --min-history 5")
+    cli(*shlex.split(command), workspace=tmp_path / "by-hand")
+    keys = []
+    for root in (ws, tmp_path / "by-hand"):
+        con = connect(Workspace(root).dataset("ev").store_path, read_only=True)
+        keys.append((data_key(con), con.execute("SELECT count(*) FROM items WHERE len(tags) > 0").fetchone()))
+        con.close()
+    assert keys[0] == keys[1] and keys[0][1] == (30,)
