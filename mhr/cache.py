@@ -17,15 +17,16 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mhr.errors import BusyError
 
 FORMAT_VERSION = 1
+T = TypeVar("T")
 MANIFEST = "manifest.json"
 
 
@@ -156,8 +157,10 @@ def locked(path: Path, holder: str, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             other = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            pid = re.search(r"\(pid (\d+)\)", other)
             raise BusyError(f"busy: {other} is writing {what}",
-                            hint="wait for it to finish (or stop it) and run this again") from None
+                            hint="wait for it to finish (or stop it) and run this again",
+                            holder=other, pid=int(pid.group(1)) if pid else None) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         try:
@@ -167,6 +170,25 @@ def locked(path: Path, holder: str, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def wait_while_busy(call: Callable[[], T], timeout: float, poll: float = 1.0) -> T:
+    """`call()`, tried again while a lock it needs is held by another live process: one line names
+    the holder ("waiting for priors build (pid 12)"), then a new try every `poll` seconds for at most
+    `timeout` seconds, after which the BusyError stands. A lock this process holds is not waited for."""
+    from mhr.console import err
+
+    deadline, shown = time.monotonic() + timeout, None
+    while True:
+        try:
+            return call()
+        except BusyError as e:
+            if e.pid == os.getpid() or time.monotonic() + poll > deadline:
+                raise
+            if e.holder != shown:
+                err.print(f"[yellow]waiting for {e.holder}[/] ({e.message}; for up to {timeout:.0f} s)")
+                shown = e.holder
+            time.sleep(poll)
 
 
 def lock_path(artifact: Path) -> Path:

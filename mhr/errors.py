@@ -1,7 +1,7 @@
 """Every error a user can cause, in one place.
 
 Each carries a one-line message naming the file, row or column at fault and a hint saying how to
-fix it; `mhr.cli.main` prints them as one red line plus the hint and exits non-zero.
+fix it; the command line's `main` prints them as one red line plus the hint and exits non-zero.
 """
 
 from __future__ import annotations
@@ -40,9 +40,16 @@ class NotFoundError(MhrError):
 
 
 class BusyError(MhrError):
-    """Another process is writing the same dataset."""
+    """Another process is writing the same dataset (or run). `holder` says who ("priors build (pid
+    12)"), `pid` is its process id when known."""
 
     exit_code = 4
+
+    def __init__(self, message: str, hint: str | None = None, holder: str = "another process",
+                 pid: int | None = None) -> None:
+        super().__init__(message, hint)
+        self.holder = holder
+        self.pid = pid
 
 
 class StaleError(MhrError):

@@ -17,28 +17,40 @@ A recipe is a TOML file:
                oracle_group = ["PRIOR"] adds the labelled group-oracle evaluation of every run;
                diversity = [0.25, 0.5] adds re-ranked evaluations (the accuracy-diversity frontier)
 
-Data, priors and windows run through the same command-line interface a user types (so a recipe is
-exactly a script of documented commands); training, evaluation and the report call the library.
-Each stage skips itself when its key is unchanged, so running a recipe twice does nothing new, and a
-run interrupted in an earlier `mhr run` continues from its last checkpoint.
+Every step calls the library function its command calls, and logs that command (`$ mhr …`, what a
+user copies to run the step alone). Each stage skips itself when its key is unchanged, so running a
+recipe twice does nothing new, and a run interrupted in an earlier `mhr run` continues from its last
+checkpoint. Recipes running side by side on one dataset share it: a step that needs a lock another
+live process holds (the dataset's write lock, a run's lock, the store) waits for it — a "waiting
+for …" line, then a new try every second, for up to `wait` seconds — instead of failing; a cached
+data or priors step needs no write lock at all.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import dataclasses
 import itertools
 import json
+import shlex
 import tomllib
-from dataclasses import dataclass, fields
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from rich.markup import escape
+
+from mhr.cache import wait_while_busy
 from mhr.console import err
 from mhr.errors import InputError, UsageError
-from mhr.workspace import Workspace
+from mhr.workspace import Dataset, Workspace
 
 WINDOW_KEYS = ("context", "horizon", "protocol")
+DATA_COMMANDS = ("fetch", "import", "synth")
+WAIT = 1800.0  # seconds a step waits for a lock another process holds
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,16 +89,187 @@ def _flags(options: dict[str, Any]) -> list[str]:
     return out
 
 
-def _cli(workspace: Workspace, dataset: str, args: list[str]) -> str:
-    """Run one `mhr` command in-process; returns what it printed on stdout (its reference)."""
-    from mhr.cli import app
+def _step(command: list[str], call: Callable[[], T], wait: float) -> T:
+    """Log the command a user would type for this step, then do it (waiting out other writers)."""
+    err.print(f"[dim]$ mhr {escape(shlex.join(command))}[/]", soft_wrap=True)  # one line, to copy whole
+    return wait_while_busy(call, wait)
 
-    buf = io.StringIO()
-    full = ["--workspace", str(workspace.root), "--dataset", dataset, *args]
-    err.print(f"[dim]$ mhr {' '.join(args)}[/]")
-    with contextlib.redirect_stdout(buf):
-        app(args=full, prog_name="mhr", standalone_mode=False)
-    return buf.getvalue().strip()
+
+# ---------------------------------------------------------------------------------------------
+# recipe values → library arguments
+
+
+def _split_args(args: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """A command's words as (positional, options): `--x-y V` → x_y = V, a lone `--x` → x = True."""
+    positional: list[str] = []
+    options: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word.startswith("--"):
+            key = word[2:].replace("-", "_")
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                options[key], i = args[i + 1], i + 2
+                continue
+            options[key] = True
+        else:
+            positional.append(word)
+        i += 1
+    return positional, options
+
+
+def _cast(value: Any, hint: Any) -> Any:
+    """A recipe value (a TOML value, or text from `args`) as the type `hint` a library function takes,
+    the way the command line reads it: lists from comma-separated text, numbers from text."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if value is None:
+        return None
+    if typing.get_origin(hint) is tuple:
+        items = value if isinstance(value, list | tuple) else [v.strip() for v in str(value).split(",") if v.strip()]
+        return tuple(_cast(v, typing.get_args(hint)[0]) for v in items)
+    if hint is bool:
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+    if hint in (int, float, str, Path):
+        return hint(value)
+    return value
+
+
+def _typed(target: Any, options: dict[str, Any], names: typing.Iterable[str], what: str,
+           strict: bool = True) -> dict[str, Any]:
+    """`options` cast to the parameter types of `target` (a function or a dataclass), for the
+    parameters `names`; another name is an InputError (or, not `strict`, passed on as it is)."""
+    hints, names = typing.get_type_hints(target), set(names)
+    unknown = sorted(set(options) - names)
+    if unknown and strict:
+        raise InputError(f"{what} has no option {', '.join('--' + k.replace('_', '-') for k in unknown)}",
+                         hint=f"its options: {', '.join(sorted(names))}")
+    return {k: _cast(v, hints[k]) if k in names else v for k, v in options.items()}
+
+
+def _fetch(ds: Dataset, positional: list[str], options: dict[str, Any]) -> Any:
+    from mhr.data.fetch import fetch
+
+    kw = _typed(fetch, options, ("route", "timeout", "force", "discard_priors"), "mhr data fetch")
+    return fetch(ds, *positional[:1], **kw)
+
+
+def _import(ds: Dataset, positional: list[str], options: dict[str, Any]) -> Any:
+    from mhr.data.imports import ImportOptions, import_data
+
+    options = dict(options)
+    fmt = options.pop("format", None)
+    if not positional or fmt is None:
+        raise InputError("a recipe's [data] import needs the input path in args and options = { format = … }",
+                         hint='e.g. args = ["events.csv"], options = { format = "long" }')
+    fields = [f.name for f in dataclasses.fields(ImportOptions)]
+    opts = ImportOptions(**_typed(ImportOptions, {k: v for k, v in options.items() if k in fields}, fields, ""))
+    kw = _typed(import_data, {k: v for k, v in options.items() if k not in fields},
+                ("dedupe", "min_history", "force", "discard_priors"), "mhr data import")
+    return import_data(ds, Path(positional[0]), str(fmt), opts, **kw)
+
+
+def _synth(ds: Dataset, positional: list[str], options: dict[str, Any]) -> Any:
+    from mhr.data.synth import synth_store
+
+    names = [n for n in typing.get_type_hints(synth_store) if n not in ("dataset", "return")]
+    return synth_store(ds, **_typed(synth_store, options, names, "mhr data synth"))
+
+
+_DATA: dict[str, Callable[[Dataset, list[str], dict[str, Any]], Any]] = {
+    "fetch": _fetch, "import": _import, "synth": _synth}
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps
+
+
+def _data_step(path: Path, workspace: Workspace, dataset_name: str, data: dict[str, Any], wait: float) -> None:
+    """`mhr data fetch|import|synth …` into the recipe's dataset."""
+    from mhr.data.show import log_result
+
+    command = data.get("command", "fetch")
+    if command not in DATA_COMMANDS:
+        raise InputError(f"{path}: [data] command {command!r} is not fetch, import or synth")
+    args = [str(a) for a in data.get("args", [])]
+    if command == "import":  # paths in a recipe are relative to the recipe file
+        args = [str((path.parent / a).resolve()) if (path.parent / a).exists() else a for a in args]
+    options = dict(data.get("options", {}))
+    positional, given = _split_args(args)
+    ds = workspace.dataset(dataset_name)
+    result = _step(["data", command, *args, "--name", dataset_name, *_flags(options)],
+                   lambda: _DATA[command](ds, positional, {**given, **options}), wait)
+    log_result(result)
+
+
+def _prior_step(dataset: Dataset, prior: dict[str, Any], wait: float) -> None:
+    """`mhr priors build --kind KIND …`."""
+    from mhr.priors.build import BUILDERS, FLAG_FIELDS, build_prior, log_result, make_params
+
+    prior = dict(prior)
+    kind = prior.pop("kind")
+    command = ["priors", "build", "--kind", kind, *_flags(prior)]
+    name, force = prior.pop("name", None), bool(prior.pop("force", False))
+    options = {FLAG_FIELDS.get(k, k): v for k, v in prior.items()}
+    if kind in BUILDERS:  # an unknown kind, or an option of another kind: make_params says which
+        cls = BUILDERS[kind][0]
+        options = _typed(cls, options, [f.name for f in dataclasses.fields(cls)], "", strict=False)
+    result = _step(command, lambda: build_prior(dataset, kind, make_params(kind, options), name=name, force=force),
+                   wait)
+    log_result(result)
+
+
+def _windows_step(dataset: Dataset, settings: dict[str, Any], wait: float) -> str:
+    """`mhr windows build …`; returns the windows' key."""
+    from mhr.windows import build_windows, log_build
+
+    names = [n for n in typing.get_type_hints(build_windows) if n not in ("dataset", "return", "force")]
+    kw = _typed(build_windows, settings, names, "mhr windows build")
+    key, _, cached = _step(["windows", "build", *_flags(settings)], lambda: build_windows(dataset, **kw), wait)
+    log_build(dataset, key, cached)
+    return key
+
+
+def _train_step(dataset: Dataset, params: Any, windows: str, run_name: str, device: str, force: bool,
+                wait: float) -> Any:
+    """`mhr train …` (an interrupted run continues from its checkpoint, as `--resume` would)."""
+    from mhr.train import train
+
+    extra = (["--device", device] if device != "cpu" else []) + (["--force"] if force else [])
+    command = ["train", *params.flags(), "--windows", f"windows:{windows[:12]}", "--name", run_name, *extra]
+    result = _step(command, lambda: train(dataset, params, windows=windows, name=run_name, device=device,
+                                          force=force, resume=not force), wait)
+    err.print(f"{'cached' if result.cached else 'trained'}: {run_name} "
+              f"(valid NDCG@10 {result.best.get('valid_ndcg@10', float('nan')):.4f})")
+    return result
+
+
+def _eval_step(dataset: Dataset, run_name: str, params: Any, device: str, force: bool, wait: float) -> Path:
+    """`mhr eval RUN …`."""
+    from mhr.evaluate import EvalParams, evaluate
+
+    command = ["eval", run_name]
+    for f in dataclasses.fields(EvalParams):
+        value = getattr(params, f.name)
+        if value == f.default:
+            continue
+        flag = "--k" if f.name == "ks" else "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            command.append(flag)
+        else:
+            command += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    command += (["--device", device] if device != "cpu" else []) + (["--force"] if force else [])
+    out, _, _ = _step(command, lambda: evaluate(dataset, run_name, params, force=force, device=device), wait)
+    return out
+
+
+def _report_step(dataset: Dataset, runs: list[str], out: Path, split: str, fusion: str, title: str,
+                 wait: float) -> Path:
+    """`mhr report RUN… --out DIR …`."""
+    from mhr.report import build_report
+
+    command = ["report", *runs, "--out", str(out), "--split", split, "--fusion", fusion, "--title", title]
+    return _step(command, lambda: build_report(dataset, runs, out, split=split, fusion=fusion, title=title), wait)
 
 
 def _resolve_refs(path: Path, variant: str, merged: dict[str, Any], chosen: dict[str, dict[str, Any]]) -> dict:
@@ -125,74 +308,72 @@ def _select_on_validation(path: Path, variant: str, merged: dict[str, Any], grid
 
 
 def run_recipe(path: Path, workspace: Workspace, force: bool = False, only: list[str] | None = None,
-               seeds: list[int] | None = None, device: str = "cpu") -> RecipeResult:
-    from mhr.evaluate import EvalParams, evaluate
-    from mhr.report import build_report
-    from mhr.train import TrainParams, train
-
+               seeds: list[int] | None = None, device: str = "cpu", wait: float = WAIT) -> RecipeResult:
     recipe = load_recipe(path)
     meta = recipe["recipe"]
     name = meta.get("name", path.stem)
     dataset_name = meta["dataset"]
     seeds = seeds or list(meta.get("seeds", [0]))
 
-    data = recipe.get("data")
-    if data:
-        command = data.get("command", "fetch")
-        if command not in ("fetch", "import", "synth"):
-            raise InputError(f"{path}: [data] command {command!r} is not fetch, import or synth")
-        args = [str(a) for a in data.get("args", [])]
-        if command == "import":  # paths in a recipe are relative to the recipe file
-            args = [str((path.parent / a).resolve()) if (path.parent / a).exists() else a for a in args]
-        _cli(workspace, dataset_name, ["data", command, *args, "--name", dataset_name,
-                                       *_flags(data.get("options", {}))])
-    for prior in recipe.get("priors", []):
-        prior = dict(prior)
-        kind = prior.pop("kind")
-        _cli(workspace, dataset_name, ["priors", "build", "--kind", kind, *_flags(prior)])
-
+    if recipe.get("data"):
+        _data_step(path, workspace, dataset_name, recipe["data"], wait)
     dataset = workspace.dataset(dataset_name).require()
+    for prior in recipe.get("priors", []):
+        _prior_step(dataset, prior, wait)
+    variants = _chosen_variants(path, recipe["variants"], only)
+    run_names, chosen = _train_variants(path, recipe, name, dataset, variants, seeds, device, force, wait)
+    evals = _evaluate_runs(recipe, dataset, run_names, chosen, device, force, wait)
+    report = None
+    if run_names:
+        splits = _as_list(recipe.get("eval", {}).get("split", "test"))
+        fusions = _as_list(recipe.get("eval", {}).get("fusion", ["max"]))
+        report = _report_step(dataset, list(run_names.values()), dataset.reports_dir / name, splits[-1], fusions[0],
+                              meta.get("title", name), wait)
+    return RecipeResult(list(run_names.values()), evals, report)
+
+
+def _as_list(value: Any) -> list:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _chosen_variants(path: Path, variants: dict[str, dict[str, Any]], only: list[str] | None) -> dict:
+    if not only:
+        return variants
+    unknown = set(only) - set(variants)
+    if unknown:
+        raise UsageError(f"no variants {sorted(unknown)} in {path}", hint=f"choose from {', '.join(variants)}")
+    return {k: v for k, v in variants.items() if k in only}
+
+
+def _train_variants(path: Path, recipe: dict[str, Any], name: str, dataset: Dataset, variants: dict[str, Any],
+                    seeds: list[int], device: str, force: bool, wait: float
+                    ) -> tuple[dict[tuple[str, int], str], dict[str, dict[str, Any]]]:
+    """Every variant × seed (grids selected on validation first); returns the run names by
+    (variant, seed) and each variant's settings after selection."""
+    from mhr.train_params import TrainParams
+
     base_windows = dict(recipe["windows"])
-    windows_refs: dict[tuple, str] = {}
+    windows_keys: dict[tuple, str] = {}
 
     def windows_for(overrides: dict[str, Any]) -> str:
         wp = {**base_windows, **{k: overrides[k] for k in WINDOW_KEYS if k in overrides}}
         key = tuple(sorted(wp.items()))
-        if key not in windows_refs:
-            ref = _cli(workspace, dataset_name, ["windows", "build", *_flags(wp)])
-            windows_refs[key] = ref.split(":", 1)[-1]
-        return windows_refs[key]
+        if key not in windows_keys:
+            windows_keys[key] = _windows_step(dataset, wp, wait)
+        return windows_keys[key]
 
-    train_fields = {f.name for f in fields(TrainParams)}
+    train_fields = {f.name for f in dataclasses.fields(TrainParams)}
     defaults = dict(recipe.get("train", {}))
-    variants: dict[str, dict[str, Any]] = recipe["variants"]
-    if only:
-        unknown = set(only) - set(variants)
-        if unknown:
-            raise UsageError(f"no variants {sorted(unknown)} in {path}", hint=f"choose from {', '.join(variants)}")
-        variants = {k: v for k, v in variants.items() if k in only}
-    eval_cfg = dict(recipe.get("eval", {}))
-    fusions = eval_cfg.pop("fusion", ["max"])
-    fusions = [fusions] if isinstance(fusions, str) else list(fusions)
-    baseline_variant = eval_cfg.pop("baseline", None)
-    splits = eval_cfg.pop("split", "test")
-    splits = [splits] if isinstance(splits, str) else list(splits)
+
+    def run_one(merged: dict[str, Any], seed: int, run_name: str):
+        values = {k: v for k, v in merged.items() if k in train_fields}
+        values["priors"] = tuple(values.get("priors", ()))
+        values["seed"] = seed
+        return _train_step(dataset, TrainParams(**values), windows_for(merged), run_name, device, force, wait)
 
     run_names: dict[tuple[str, int], str] = {}
     chosen: dict[str, dict[str, Any]] = {}  # variant -> its settings after grid selection
     selections: dict[str, Any] = {}
-
-    def run_one(variant: str, merged: dict[str, Any], seed: int, run_name: str):
-        values = {k: v for k, v in merged.items() if k in train_fields}
-        values["priors"] = tuple(values.get("priors", ()))
-        values["seed"] = seed
-        # resume=True: a run interrupted in an earlier `mhr run` continues from its checkpoint
-        result = train(dataset, TrainParams(**values), windows=windows_for(merged), name=run_name,
-                       device=device, force=force, resume=not force)
-        err.print(f"{'cached' if result.cached else 'trained'}: {run_name} "
-                  f"(valid NDCG@10 {result.best.get('valid_ndcg@10', float('nan')):.4f})")
-        return result
-
     for variant, overrides in variants.items():
         overrides = dict(overrides)
         grid = overrides.pop("grid", {})
@@ -204,19 +385,30 @@ def run_recipe(path: Path, workspace: Workspace, force: bool = False, only: list
         tag = ""
         if grid:
             def run_point(m: dict[str, Any], t: str, v: str = variant):
-                return run_one(v, m, seeds[0], f"{name}-{v}-{t}-s{seeds[0]}")
+                return run_one(m, seeds[0], f"{name}-{v}-{t}-s{seeds[0]}")
 
             merged, tag, selections[variant] = _select_on_validation(path, variant, merged, grid, run_point)
         chosen[variant] = merged
         for seed in seeds:
             run_name = f"{name}-{variant}-{tag}-s{seed}" if tag else f"{name}-{variant}-s{seed}"
-            run_one(variant, merged, seed, run_name)
+            run_one(merged, seed, run_name)
             run_names[(variant, seed)] = run_name
     if selections:
         out_dir = dataset.reports_dir / name
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "selection.json").write_text(json.dumps(selections, indent=2))
+    return run_names, chosen
 
+
+def _evaluate_runs(recipe: dict[str, Any], dataset: Dataset, run_names: dict[tuple[str, int], str],
+                   chosen: dict[str, dict[str, Any]], device: str, force: bool, wait: float) -> list[Path]:
+    """Every run × split × fusion (+ the oracle and diversity extras the [eval] section asks for)."""
+    from mhr.evaluate import EvalParams
+
+    eval_cfg = dict(recipe.get("eval", {}))
+    fusions = _as_list(eval_cfg.pop("fusion", ["max"]))
+    baseline_variant = eval_cfg.pop("baseline", None)
+    splits = _as_list(eval_cfg.pop("split", "test"))
     evals = []
     for (variant, seed), run_name in run_names.items():
         baseline = None
@@ -235,10 +427,5 @@ def run_recipe(path: Path, workspace: Workspace, force: bool = False, only: list
                         ks=tuple(eval_cfg.get("k", (5, 10, 50, 200))),
                         horizons=tuple(eval_cfg.get("horizons", ())), **extra,
                     )
-                    out, _, cached = evaluate(dataset, run_name, params, force=force, device=device)
-                    evals.append(out)
-    report = None
-    if run_names:
-        report = build_report(dataset, list(run_names.values()), dataset.reports_dir / name,
-                              split=splits[-1], fusion=fusions[0], title=meta.get("title", name))
-    return RecipeResult(list(run_names.values()), evals, report)
+                    evals.append(_eval_step(dataset, run_name, params, device, force, wait))
+    return evals

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -127,8 +128,11 @@ def _open_error(path: Path, e: duckdb.Error, read_only: bool) -> MhrError:
     text = str(e)
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     if "lock" in text.lower():
-        return BusyError(f"busy: another process is writing {path.parent.name}",
-                         hint="wait for it to finish and run this again")
+        pid = re.search(r"\(PID (\d+)\)", text)  # DuckDB names the process holding the file
+        holder = f"process {pid.group(1)}" if pid else "another process"
+        return BusyError(f"busy: {holder} is writing {path.parent.name}",
+                         hint="wait for it to finish and run this again",
+                         holder=holder, pid=int(pid.group(1)) if pid else None)
     if "Permission denied" in text or "Read-only file system" in text:
         what = "read" if read_only else "open for writing"
         return DiskError(f"cannot {what} {path}: permission denied",

@@ -1,4 +1,4 @@
-"""One training loop for every backbone and head layout (DESIGN §6).
+"""One training loop for every backbone and head layout (docs/ARCHITECTURE.md, "Runs").
 
 `train()` is the stage: windows + priors + parameters → `runs/<name>/` holding `config.json`
 (everything needed to rebuild the model), `model.safetensors` (the best weights on validation
@@ -8,8 +8,16 @@ last checkpoint and ends bit-identical to an uninterrupted run on CPU, because e
 randomness (batch order, dropout, negative sampling) is either derived from (seed, epoch) or
 restored from the checkpoint.
 
-Distributed: under `torchrun --nproc_per_node N` (WORLD_SIZE > 1) each process takes every N-th
-row of the same global batch and DistributedDataParallel averages gradients; only rank 0 writes.
+`train()` runs in phases, one function each: `_resolve_inputs` (windows, priors, item texts → the
+run key), `_prepare_run_dir` (cached, conflicting, resumable or new), `_setup_distributed`,
+`_build` (model, optimizer, loss and this process's data), `_start` (a fresh run folder or the
+last checkpoint), `_loop` (`_step` and `_validate_and_stop` per step) and `_finish`.
+
+Distributed: under `torchrun` (WORLD_SIZE > 1) each process reads only its shard of the training
+windows — a contiguous 1/N slice, so per-process memory falls with N. The global batches are those
+of a single process: each process fills in the batch's windows it holds and a sum over processes
+(one all-reduce of B × (3(T+τ)+1) integers per step) completes the batch, of which each process
+trains on every N-th row. DistributedDataParallel averages gradients; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -22,34 +30,24 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from mhr.cache import file_sha256, is_done, lock_path, locked, stage_key, write_manifest
+from mhr import checkpoint
+from mhr.cache import is_done, lock_path, locked, stage_key, write_manifest
 from mhr.console import err, progress
 from mhr.errors import InputError, NotFoundError, StaleError, TrainingError, UsageError
-from mhr.heads import (
-    COMPOSITIONS,
-    Compatibility,
-    HeadLayout,
-    PriorHeads,
-    SelectedQueries,
-    build_layout,
-    dot_scores,
-)
+from mhr.heads import Compatibility, HeadLayout, PriorHeads, SelectedQueries, build_layout, dot_scores
 from mhr.inference import rank_split
 from mhr.loss import multihead_loss, router_loss, sample_negatives
 from mhr.metrics import ndcg_at_k
 from mhr.model import (
     BACKBONES,
-    DECODERS,
-    DecoderOptions,
     MultiHeadRecommender,
     backbone_config,
     build_model,
@@ -59,188 +57,14 @@ from mhr.model import (
 from mhr.priors.spec import PriorSpec, load_prior
 from mhr.priors.synthetic import is_synthetic, synthetic_prior
 from mhr.store import connect, data_key
+from mhr.train_params import RUN_KEY_RULES, TrainParams, default_run_name
 from mhr.windows import WindowsRef, horizon_targets, load_windows
 from mhr.workspace import Dataset, check_name
 
+__all__ = ["RUN_KEY_RULES", "LoadedRun", "TrainParams", "TrainResult", "check_device", "default_run_name",
+           "load_run", "make_layout", "resume_params", "run_lock_path", "train"]
+
 RUN_FORMAT = 1
-HLLM_FIELDS = ("item_llm", "user_llm", "text_cols", "max_text_len", "pooling", "train_item_llm")
-# decoder settings, each kept in the run key only for the decoders that read it
-DECODER_FIELDS = {
-    "interests": ("comirec", "remi", "dualvae"),
-    "routing_reg": ("comirec", "remi"),
-    "beta": ("comirec", "remi", "dualvae"),
-    "kl_weight": ("dualvae",),
-    "kl_anneal_steps": ("dualvae",),
-    "contrast_weight": ("dualvae",),
-}
-
-
-_DECODER = DecoderOptions()
-
-# Fields added after runs had been keyed: each is left out of the run key while it holds the value
-# every earlier run had, so no cached run changes key, and a config written before the field
-# existed is read back with that value (not with a newer default).
-LEGACY_VALUES: dict[str, Any] = {
-    "negatives_per": "batch",
-    "in_batch_negatives": False,
-    "logq": False,
-    "router": False,
-}
-# ... and these only mean something with sampled negatives: left out of a full-softmax run's key
-SAMPLED_ONLY = ("negatives_per", "in_batch_negatives", "logq")
-_FLAGS = {"global_ratio": "global_negatives_ratio", "pooling": "item_pooling"}  # field -> CLI option
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """Everything that decides the trained weights (and so the run's key)."""
-
-    backbone: str = "hstu"
-    size: str = "1"
-    priors: tuple[str, ...] = ()
-    compose: str = "hierarchical"
-    global_head: bool = False
-    score: str = "cosine"
-    temperature: float = 0.05
-    negatives: int | None = None
-    negatives_from: str = "group"
-    global_ratio: float = 0.0
-    # the sampled softmax chosen on validation (README "Large catalogues"): one uniform draw per
-    # position, logQ-corrected; runs keyed before these fields existed read back as LEGACY_VALUES
-    negatives_per: str = "position"
-    in_batch_negatives: bool = False
-    logq: bool = True
-    router: bool = False
-    router_weight: float = 1.0
-    head_weights: str = "frequency"
-    gamma: float = 0.99
-    epochs: int = 20
-    max_steps: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    clip: float = 1.0
-    eval_every: int = 0
-    patience: int = 3
-    seed: int = 0
-    dropout: float | None = None
-    # baselines (`decoder` other than "heads"; left out of the key of the prior heads); the
-    # defaults are DecoderOptions' own, so they are written once
-    decoder: str = _DECODER.name
-    interests: int = _DECODER.interests
-    routing_reg: float | None = _DECODER.routing_reg
-    beta: float = 0.0
-    kl_weight: float = _DECODER.kl_weight
-    kl_anneal_steps: int = _DECODER.kl_anneal_steps
-    contrast_weight: float = _DECODER.contrast_weight
-    # HLLM only (left out of the key of other backbones)
-    item_llm: str = "minilm"
-    user_llm: str = "tiny"
-    text_cols: tuple[str, ...] = ("title", "tags", "text")
-    max_text_len: int = 256
-    pooling: str = "mean"
-    train_item_llm: bool = False
-
-    def __post_init__(self) -> None:
-        if self.train_item_llm and self.negatives is not None:
-            # a fine-tuned item LLM encodes exactly one shared draw per batch (see `_LossStep`)
-            object.__setattr__(self, "negatives_per", "batch")
-            object.__setattr__(self, "logq", False)
-            object.__setattr__(self, "in_batch_negatives", False)
-
-    def check(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise UsageError(f"unknown backbone {self.backbone!r}", hint=f"use one of {', '.join(BACKBONES)}")
-        if self.compose not in COMPOSITIONS:
-            raise UsageError(f"unknown composition {self.compose!r}", hint=f"use one of {', '.join(COMPOSITIONS)}")
-        if self.compose == "flat" and len(self.priors) > 1:
-            raise UsageError("--compose flat takes one prior", hint="use additive, multiplicative or hierarchical")
-        if self.head_weights not in ("frequency", "uniform"):
-            raise UsageError(f"unknown --head-weights {self.head_weights!r}", hint="use frequency or uniform")
-        if self.negatives_from not in ("group", "global"):
-            raise UsageError(f"unknown --negatives-from {self.negatives_from!r}", hint="use group or global")
-        if self.score not in ("cosine", "dot"):
-            raise UsageError(f"unknown --score {self.score!r}", hint="use cosine or dot")
-        if not 0.0 <= self.global_ratio <= 1.0:
-            raise UsageError("--global-negatives-ratio must be in [0, 1]")
-        for f in dataclasses.fields(self):  # nan/inf slip past every comparison below
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UsageError(f"--{_FLAGS.get(f.name, f.name).replace('_', '-')} {value} is not a finite number")
-        if self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
-            raise UsageError("--batch-size, --epochs and --lr must be positive")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UsageError(f"--max-steps {self.max_steps} must be at least 1",
-                             hint="leave --max-steps out to train for --epochs")
-        if not 0 <= self.seed < 2**63:
-            raise UsageError(f"--seed {self.seed} must be in [0, 2^63)")
-        if self.temperature <= 0 or self.warmup_steps < 0 or self.eval_every < 0 or self.patience < 0:
-            raise UsageError("--temperature must be positive; --warmup-steps, --eval-every and --patience >= 0")
-        if self.negatives is not None and self.negatives < 1:
-            raise UsageError(f"--negatives {self.negatives} must be 'full' or a positive count")
-        if self.clip < 0 or self.weight_decay < 0:
-            raise UsageError("--clip and --weight-decay must be >= 0", hint="--clip 0 turns clipping off")
-        twice = sorted({n for n in self.priors if self.priors.count(n) > 1})
-        if twice:
-            raise UsageError(f"--priors names {', '.join(twice)} more than once", hint="list each prior once")
-        if self.decoder not in DECODERS:
-            raise UsageError(f"unknown --decoder {self.decoder!r}", hint=f"use one of {', '.join(DECODERS)}")
-        if self.decoder != "heads":
-            if self.priors:
-                raise UsageError(f"--decoder {self.decoder} learns its own interests and takes no --priors",
-                                 hint="drop --priors (or use --decoder heads)")
-            if self.global_head:
-                raise UsageError(f"--decoder {self.decoder} has no global head", hint="drop --global-head")
-            if self.interests < 1:
-                raise UsageError("--interests must be at least 1")
-        if self.beta < 0:
-            raise UsageError("--beta must be >= 0")
-        if self.kl_weight < 0 or self.contrast_weight < 0 or self.kl_anneal_steps < 0:
-            raise UsageError("--kl-weight, --contrast-weight and --kl-anneal-steps must be >= 0")
-        if self.routing_reg is not None and self.routing_reg < 0:
-            raise UsageError("--routing-reg must be >= 0")
-        if self.negatives_per not in ("batch", "sequence", "position"):
-            raise UsageError(f"unknown --negatives-per {self.negatives_per!r}", hint="use batch, sequence or position")
-        if self.negatives is None and self.in_batch_negatives:
-            raise UsageError("--in-batch-negatives shapes a sampled softmax",
-                             hint="add --negatives N, e.g. --negatives 256")
-        if self.router and self.decoder != "heads":
-            raise UsageError("--router routes between prior heads", hint="drop --router or use --decoder heads")
-        if self.router and not self.priors:
-            raise UsageError("--router needs heads to route between", hint="add --priors (e.g. --priors item)")
-        if not (self.router_weight >= 0 and math.isfinite(self.router_weight)):
-            raise UsageError("--router-weight must be a finite number >= 0")
-        if self.beta and self.in_batch_negatives:
-            raise UsageError("--beta reweights uniform negatives only", hint="drop --in-batch-negatives")
-        if self.beta and self.negatives is None:
-            raise UsageError("--beta reweights sampled negatives (REMI's hard negatives)",
-                             hint="add --negatives N, e.g. --negatives 256")
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["priors"] = list(self.priors)
-        d["text_cols"] = list(self.text_cols)
-        if self.backbone != "hllm":
-            for k in HLLM_FIELDS:
-                d.pop(k)
-        elif not self.train_item_llm:
-            d.pop("train_item_llm")  # the frozen default keeps the keys runs had before the flag
-        for k, legacy in LEGACY_VALUES.items():
-            if d[k] == legacy or (k in SAMPLED_ONLY and self.negatives is None):
-                d.pop(k)
-        if not self.router:
-            d.pop("router_weight")
-        if self.decoder == "heads":
-            d.pop("decoder")
-        for k, users in DECODER_FIELDS.items():
-            if self.decoder not in users and not (k == "beta" and self.beta):
-                d.pop(k)
-        return d
-
-    def decoder_options(self) -> DecoderOptions:
-        return DecoderOptions(self.decoder, self.interests, self.routing_reg, self.kl_weight,
-                              self.kl_anneal_steps, self.contrast_weight)
 
 
 @dataclass
@@ -270,19 +94,9 @@ class LoadedRun:
 # pieces
 
 
-def default_run_name(p: TrainParams) -> str:
-    priors = "_".join(n.replace(":", "") for n in p.priors) if p.priors else "base"
-    if p.decoder != "heads":
-        priors = f"{p.decoder}{p.interests}"
-    comp = f"-{p.compose[:4]}" if len(p.priors) > 1 else ""
-    glob = "-g" if p.global_head else ""
-    ft = "-ft" if p.train_item_llm else ""
-    return f"{p.backbone}{p.size}{ft}-{priors}{comp}{glob}-s{p.seed}"
-
-
 def _load_priors(dataset: Dataset, names: tuple[str, ...], n_items: int, seed: int) -> tuple[PriorSpec, ...]:
     """The named priors: built ones from the store; `random:K` / `all:K` made here (their
-    assignment drawn from the run's seed)."""
+    assignment drawn from the run's seed). Training and `load_run` both read them here."""
     con = connect(dataset.store_path, read_only=True)
     try:
         return tuple(synthetic_prior(n, n_items, seed) if is_synthetic(n) else load_prior(con, n) for n in names)
@@ -382,6 +196,47 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def _batch_rows(seed: int, step: int, batch_size: int, n_windows: int) -> np.ndarray:
+    """The windows (indices over all of them) of the global batch of `step`."""
+    epoch, offset = divmod(step, math.ceil(n_windows / batch_size))
+    return _epoch_order(seed, epoch, n_windows)[offset * batch_size : (offset + 1) * batch_size]
+
+
+def shard_bounds(n_windows: int, rank: int, world: int) -> tuple[int, int]:
+    """Windows [lo, hi) that process `rank` of `world` holds: a contiguous slice, the sizes
+    differing by at most one."""
+    return rank * n_windows // world, (rank + 1) * n_windows // world
+
+
+def held_rows(shard: dict[str, np.ndarray], lo: int, rows: np.ndarray) -> np.ndarray:
+    """The global batch's windows this process holds (its shard starts at window `lo`), packed as
+    int64 [len(rows), 3·W + 1] (items, ts, events, user), zeros for rows other processes hold: summed
+    over the processes they give the whole batch."""
+    n, width = shard["items"].shape
+    held = (rows >= lo) & (rows < lo + n)
+    local = rows[held] - lo
+    packed = np.zeros((len(rows), 3 * width + 1), np.int64)
+    packed[held, :width] = shard["items"][local]
+    packed[held, width : 2 * width] = shard["ts"][local]
+    packed[held, 2 * width : 3 * width] = shard["events"][local]
+    packed[held, -1] = shard["user"][local]
+    return packed
+
+
+def unpack_rows(packed: np.ndarray) -> dict[str, np.ndarray]:
+    """`held_rows`' packing back to the arrays of `WindowsRef.read_split("train")`."""
+    width = (packed.shape[1] - 1) // 3
+    return {"items": packed[:, :width], "ts": packed[:, width : 2 * width],
+            "events": packed[:, 2 * width : 3 * width].astype(np.int16), "user": packed[:, -1]}
+
+
+def _gather_batch(shard: dict[str, np.ndarray], lo: int, rows: np.ndarray, device: str) -> dict[str, np.ndarray]:
+    """Under torchrun: the whole global batch, each process contributing the windows it holds."""
+    packed = torch.from_numpy(held_rows(shard, lo, rows)).to(device)
+    torch.distributed.all_reduce(packed)
+    return unpack_rows(packed.cpu().numpy())
+
+
 def _batch(train: dict[str, np.ndarray], rows: np.ndarray, context: int, horizon: int, device) -> dict:
     items = train["items"][rows]
     events = train["events"][rows]
@@ -404,96 +259,6 @@ def _validate(model, compat, valid, k: int, device) -> float:
     refresh_eligibility(model, compat)
     ranking = rank_split(model, compat, valid, k=k, fusion="max", device=device)
     return float(np.mean(ndcg_at_k(ranking.items, valid["targets"], k)))
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints: safetensors + JSON, never pickles; each file's sha256 recorded when written and
-# checked before use, so damaged weights fail loudly instead of scoring everything 0
-
-
-def _verify_file(path: Path, digest: str, size: int | None, hint: str) -> None:
-    if not path.is_file():
-        raise InputError(f"{path} is missing", hint=hint)
-    if (size is not None and path.stat().st_size != size) or file_sha256(path) != digest:
-        raise InputError(f"{path} is damaged: its sha256 differs from the one recorded when it was written",
-                         hint=hint)
-
-
-def _read_tensors(path: Path, hint: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors' own error for a bad header, OSError, …: all mean damaged
-        raise InputError(f"{path} is damaged or truncated ({type(e).__name__}: {e})", hint=hint) from None
-
-
-def _save_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generator, state: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # the pid tells `mhr gc` whose it is
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    opt_tensors, opt_meta = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state": {}}
-    for pid, st in optimizer.state_dict()["state"].items():
-        meta = {}
-        for name, value in st.items():
-            if torch.is_tensor(value):
-                opt_tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                meta[name] = value
-        opt_meta["state"][str(pid)] = meta
-    opt_tensors["__rng_torch"] = torch.get_rng_state()
-    opt_tensors["__rng_gen"] = gen.get_state()
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    full = {**state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-            "sha256": {f: file_sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")}}
-    (tmp / "state.json").write_text(json.dumps(full, indent=1, default=float))
-    old = path.with_name(f"{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _recover_checkpoint(path: Path) -> None:
-    """A trainer killed between `_save_checkpoint`'s two renames left its previous checkpoint as
-    `checkpoint.old-PID` and none in place: put that one back (the newest, if several)."""
-    olds = sorted(path.parent.glob(f"{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds and (olds[-1] / "state.json").is_file():
-        os.replace(olds[-1], path)
-
-
-def _load_checkpoint(path: Path, model, optimizer, scheduler, gen: torch.Generator) -> dict:
-    hint = "start the run over with --force"
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"checkpoint {path / 'state.json'} is damaged ({e})", hint=hint) from None
-    for file, digest in state.get("sha256", {}).items():  # checkpoints written before hashes: none
-        _verify_file(path / file, digest, None, hint)
-    weights = _read_tensors(path / "model.safetensors", hint)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise TrainingError(
-            f"checkpoint {path} does not fit this model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})",
-            hint="resume with the run's own config, or train anew with --force",
-        )
-    tensors = _read_tensors(path / "optimizer.safetensors", hint)
-    opt_state: dict[int, dict] = {}
-    for pid, meta in state["optimizer"]["state"].items():
-        opt_state[int(pid)] = dict(meta)
-    for name, value in tensors.items():
-        if name.startswith("__"):
-            continue
-        pid, key = name.split(".", 1)
-        opt_state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["__rng_torch"])
-    gen.set_state(tensors["__rng_gen"])
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
-# the stage
 
 
 def _dist_info() -> tuple[int, int]:
@@ -556,6 +321,9 @@ def _recorded(run_dir: Path) -> dict[str, Any]:
         return {}
     return record if isinstance(record, dict) else {}
 
+# ---------------------------------------------------------------------------------------------
+# the stage, phase by phase
+
 
 def train(
     dataset: Dataset,
@@ -579,245 +347,355 @@ def train(
     params.check()
     check_device(device)
     name = check_name(name or default_run_name(params), "run")
-    if resume and not deterministic:  # a resumed run keeps the mode it was started in
-        deterministic = _recorded(dataset.runs_dir / name).get("deterministic") is True
-    holder = f"mhr train (pid {os.getpid()})"
-    lock = locked(run_lock_path(dataset, name), holder, f"run {name}") if _dist_info()[1] == 0 else _nullcontext()
-    with lock, _deterministic(deterministic, device):
-        return _train(dataset, params, windows, name, device, force, resume, checkpoint_every, show_progress,
-                      deterministic)
-
-
-def _train(
-    dataset: Dataset,
-    params: TrainParams,
-    windows: str | None,
-    name: str,
-    device: str,
-    force: bool,
-    resume: bool,
-    checkpoint_every: int,
-    show_progress: bool,
-    deterministic: bool,
-) -> TrainResult:
-    params.check()
-    name = check_name(name or default_run_name(params), "run")
     run_dir = dataset.runs_dir / name
+    if resume and not deterministic:  # a resumed run keeps the mode it was started in
+        deterministic = _recorded(run_dir).get("deterministic") is True
+    holder = f"mhr train (pid {os.getpid()})"
+    lock = locked(run_lock_path(dataset, name), holder, f"run {name}") if _dist_info()[1] == 0 else nullcontext()
+    with lock, _deterministic(deterministic, device):
+        inputs = _resolve_inputs(dataset, params, windows, device, show_progress)
+        cached = _prepare_run_dir(run_dir, inputs.key, force, resume)
+        if cached is not None:
+            return cached
+        dist = _setup_distributed(device, params.batch_size)
+        run = _build(dataset, params, inputs, dist, name, run_dir)
+        state = _start(run, resume, deterministic)
+        _announce(run, show_progress)
+        step = _loop(run, state, checkpoint_every, show_progress)
+        return _finish(run, state, step)
+
+
+@dataclass
+class _Inputs:
+    """What a run is trained from, and so its key."""
+
+    windows: WindowsRef
+    specs: tuple[PriorSpec, ...]
+    n_items: int
+    keys: dict[str, str]  # input -> its key: the windows, each prior, HLLM's item encoder
+    key: str  # the run key
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # backbone settings beyond the size's
+    backbone_inputs: dict[str, Any] = field(default_factory=dict)  # tensors the backbone is built from
+
+
+def _resolve_inputs(dataset: Dataset, params: TrainParams, windows: str | None, device: str,
+                    show_progress: bool) -> _Inputs:
+    """Phase 1: the windows, the priors and (HLLM) the item texts or their embeddings → the run key."""
     wref = load_windows(dataset, windows)
-    backbone_inputs, overrides, n_items = {}, {}, int(wref.stats["max_item_id"])
-    inputs: dict[str, str] = {"windows": wref.key}
-    if params.backbone == "hllm" and params.train_item_llm:
+    inp = _Inputs(wref, (), int(wref.stats["max_item_id"]), {"windows": wref.key}, "")
+    if params.backbone == "hllm":
+        _hllm_inputs(dataset, params, device, show_progress, inp)
+    inp.specs = _load_priors(dataset, params.priors, inp.n_items, params.seed)
+    _check_horizon(inp.specs, wref)
+    inp.keys.update({f"prior:{s.name}": s.key for s in inp.specs})
+    inp.key = stage_key("train", params.as_dict(), inp.keys)
+    return inp
+
+
+def _hllm_inputs(dataset: Dataset, params: TrainParams, device: str, show_progress: bool, inp: _Inputs) -> None:
+    """HLLM reads the item texts (a fine-tuned item LLM) or their cached embeddings (a frozen one);
+    either way it covers the whole catalogue, so cold items keep their text vectors."""
+    common = dict(user_llm=params.user_llm, item_llm=params.item_llm, pooling=params.pooling,
+                  max_text_len=params.max_text_len)
+    if params.train_item_llm:
         from mhr.item_text import item_texts, model_identity
 
-        if params.negatives is None:
-            raise UsageError(
-                "--train-item-llm needs sampled negatives: a full softmax would re-encode every item each step",
-                hint="add --negatives N, e.g. --negatives 256",
-            )
         con = connect(dataset.store_path, read_only=True)
         try:
             texts = item_texts(con, params.text_cols)
         finally:
             con.close()
         identity = model_identity(params.item_llm)
-        inputs["item_llm"] = stage_key("item_llm", identity, {})
-        backbone_inputs["item_texts"] = texts
-        overrides = dict(user_llm=params.user_llm, item_dim=identity["dim"], item_llm=params.item_llm,
-                         pooling=params.pooling, train_item_llm=True, max_text_len=params.max_text_len)
-        n_items = len(texts)  # the whole catalogue: cold items keep their text vectors
-    elif params.backbone == "hllm":
-        from mhr.item_text import embed_items, load_item_embeddings
+        inp.keys["item_llm"] = stage_key("item_llm", identity, {})
+        inp.backbone_inputs["item_texts"] = texts
+        inp.config_overrides = dict(common, item_dim=identity["dim"], train_item_llm=True)
+        inp.n_items = len(texts)
+        return
+    from mhr.item_text import embed_items, load_item_embeddings
 
-        emb_key, _ = embed_items(dataset, params.item_llm, params.text_cols, params.max_text_len,
-                                 params.pooling, device=device, show_progress=show_progress)
-        table = load_item_embeddings(dataset, emb_key)
-        inputs["item_embeddings"] = emb_key
-        backbone_inputs["item_embeddings"] = table
-        overrides = dict(user_llm=params.user_llm, item_dim=table.shape[1], item_llm=params.item_llm,
-                         pooling=params.pooling, item_embeddings_key=emb_key, max_text_len=params.max_text_len)
-        n_items = table.shape[0] - 1  # the whole catalogue: cold items keep their text vectors
-    specs = _load_priors(dataset, params.priors, n_items, params.seed)
-    _check_horizon(specs, wref)
-    inputs.update({f"prior:{s.name}": s.key for s in specs})
-    key = stage_key("train", params.as_dict(), inputs)
+    emb_key, _ = embed_items(dataset, params.item_llm, params.text_cols, params.max_text_len,
+                             params.pooling, device=device, show_progress=show_progress)
+    table = load_item_embeddings(dataset, emb_key)
+    inp.keys["item_embeddings"] = emb_key
+    inp.backbone_inputs["item_embeddings"] = table
+    inp.config_overrides = dict(common, item_dim=table.shape[1], item_embeddings_key=emb_key)
+    inp.n_items = table.shape[0] - 1
 
+
+def _prepare_run_dir(run_dir: Path, key: str, force: bool, resume: bool) -> TrainResult | None:
+    """Phase 2: the finished run if its key matches (cached); otherwise refuse a folder holding
+    another run or an interrupted one not being resumed, and clear it under `force`."""
     if not force and is_done(run_dir, key):
         manifest = json.loads((run_dir / "manifest.json").read_text())
-        return TrainResult(name, run_dir, key, True, manifest.get("best", {}))
-    config_path = run_dir / "config.json"
+        return TrainResult(run_dir.name, run_dir, key, True, manifest.get("best", {}))
     if run_dir.exists() and not force:
-        old = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        if old.get("key") != key:
+        if _recorded(run_dir).get("key") != key:
             raise UsageError(
-                f"run {name!r} exists with other parameters or inputs",
+                f"run {run_dir.name!r} exists with other parameters or inputs",
                 hint="pass --force to retrain it, or --name for a new run",
             )
         if not resume:
             raise UsageError(
-                f"run {name!r} is incomplete (interrupted?)",
-                hint=f"continue it with `mhr train --resume {name}` or start over with --force",
+                f"run {run_dir.name!r} is incomplete (interrupted?)",
+                hint=f"continue it with `mhr train --resume {run_dir.name}` or start over with --force",
             )
     if force and run_dir.exists():
         shutil.rmtree(run_dir)
+    return None
 
+
+@dataclass(frozen=True)
+class _Dist:
+    world: int
+    rank: int
+    device: str  # this process's device (cuda:LOCAL_RANK under torchrun)
+
+
+def _setup_distributed(device: str, batch_size: int) -> _Dist:
+    """Phase 3: join the process group under torchrun (gloo on CPU, nccl on GPUs)."""
     world, rank = _dist_info()
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    if params.batch_size % world:
-        raise UsageError(f"--batch-size {params.batch_size} is not divisible by {world} processes")
+    if batch_size % world:
+        raise UsageError(f"--batch-size {batch_size} is not divisible by {world} processes")
+    return _Dist(world, rank, device)
 
+
+@dataclass
+class _Run:
+    """Everything the loop works with; built once by `_build`."""
+
+    name: str
+    dir: Path
+    params: TrainParams
+    inputs: _Inputs
+    dist: _Dist
+    config: Any
+    layout: HeadLayout
+    model: MultiHeadRecommender
+    compat: Compatibility
+    gen: torch.Generator
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loss_step: torch.nn.Module  # `_LossStep`, wrapped in DistributedDataParallel under torchrun
+    train: dict[str, np.ndarray]  # this process's shard of the training windows…
+    shard_start: int  # … from window `shard_start` on
+    valid: dict[str, np.ndarray]
+    context: int  # T
+    horizon: int  # τ
+    n_windows: int  # every process's windows together
+    steps_per_epoch: int
+    total: int  # steps
+    eval_every: int
+    dataset: str
+
+
+def _build(dataset: Dataset, params: TrainParams, inp: _Inputs, dist: _Dist, name: str, run_dir: Path) -> _Run:
+    """Phase 4: model, compatibility sets, optimizer, schedule, loss and this process's data."""
+    wref, n_items, device = inp.windows, inp.n_items, dist.device
     T, tau = int(wref.params["context"]), int(wref.params["horizon"])
-    config = backbone_config(params.backbone, params.size, n_items, T, dropout=params.dropout, **overrides)
+    config = backbone_config(params.backbone, params.size, n_items, T, dropout=params.dropout,
+                             **inp.config_overrides)
     _check_negatives(params, n_items)
     _check_memory(params, config, T, device, tau)
-    layout = make_layout(params, specs, n_items)
+    layout = make_layout(params, inp.specs, n_items)
 
     torch.manual_seed(params.seed)
     model = build_model(params.backbone, config, layout, params.score, params.temperature,
-                        params.decoder_options(), router=params.router, **backbone_inputs).to(device)
+                        params.decoder_options(), router=params.router, **inp.backbone_inputs).to(device)
     compat = Compatibility(layout, n_items, wref.event_vocab).to(device)
     gen = torch.Generator(device=device).manual_seed(params.seed + 1)
 
-    train_split = wref.read_split("train")
-    valid = wref.read_split("valid")
-    n_windows = len(train_split["user"])
+    n_windows = wref.count("train")
+    if n_windows < dist.world:
+        raise UsageError(f"{n_windows} training windows cannot be shared by {dist.world} processes",
+                         hint="use fewer processes")
+    shard = shard_bounds(n_windows, dist.rank, dist.world)
+    train_split = wref.read_split("train", rows=shard)
     steps_per_epoch = math.ceil(n_windows / params.batch_size)
     total = params.max_steps or steps_per_epoch * params.epochs
-    eval_every = params.eval_every or steps_per_epoch
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(params.warmup_steps, total))
     train_omega = compat.omega
     if params.backbone == "hllm":
         # items never seen in training are left out of the negatives, so cold items keep the
-        # text-derived vectors they are recommended by instead of being pushed down
+        # text-derived vectors they are recommended by instead of being pushed down (every
+        # process's windows counted, so all draw from the same sets)
         seen = torch.zeros(n_items + 1, dtype=torch.bool)
-        seen[torch.from_numpy(np.unique(train_split["items"]))] = True
+        seen[torch.from_numpy(wref.seen_items("train"))] = True
         train_omega = compat.omega & seen.to(device)
-    step_module = _LossStep(model, compat, params, gen, train_omega)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(step_module) if world > 1 else step_module
+    loss_step = _LossStep(model, compat, params, gen, train_omega)
+    if dist.world > 1:
+        loss_step = torch.nn.parallel.DistributedDataParallel(loss_step)
+    return _Run(name, run_dir, params, inp, dist, config, layout, model, compat, gen, optimizer, scheduler,
+                loss_step, train_split, shard[0], wref.read_split("valid"), T, tau, n_windows, steps_per_epoch, total,
+                params.eval_every or steps_per_epoch, dataset.name)
 
-    record = {
+
+def _start(run: _Run, resume: bool, deterministic: bool) -> dict[str, Any]:
+    """Phase 5: the training state — from the last checkpoint when resuming, else a fresh run
+    folder holding config.json and an empty log (written by rank 0)."""
+    state = {"step": 0, "best_ndcg": -1.0, "best_step": -1, "bad_evals": 0, "stopped": False}
+    ckpt = run.dir / "checkpoint"
+    if resume and not ckpt.is_dir():
+        checkpoint.recover(ckpt)
+    if resume and ckpt.is_dir():
+        state = checkpoint.load(ckpt, run.model, run.optimizer, run.scheduler, run.gen)
+    elif run.dist.rank == 0:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        (run.dir / "config.json").write_text(json.dumps(_record(run, deterministic), indent=2, sort_keys=True))
+        (run.dir / "log.jsonl").write_text("")
+    if run.dist.rank == 0:
+        checkpoint.trim_log(run.dir / "log.jsonl", state["step"])
+    return state
+
+
+def _record(run: _Run, deterministic: bool) -> dict[str, Any]:
+    """config.json: everything `load_run` rebuilds the model from, and how it was trained."""
+    wref, layout = run.inputs.windows, run.layout
+    return {
         "format": RUN_FORMAT,
-        "key": key,
-        "name": name,
-        "params": params.as_dict(),
-        "inputs": inputs,
-        "backbone_config": dataclasses.asdict(config),
+        "key": run.inputs.key,
+        "name": run.name,
+        "params": run.params.as_dict(),
+        "inputs": run.inputs.keys,
+        "backbone_config": dataclasses.asdict(run.config),
         "layout": {"names": list(layout.names), "compose": layout.compose, "global_head": layout.global_head},
         "windows": {"key": wref.key, "params": wref.params},
-        "dataset": dataset.name,
+        "dataset": run.dataset,
         "data_key": wref.data_key,
-        "device": device,
-        "world_size": world,
+        "device": run.dist.device,
+        "world_size": run.dist.world,
         "deterministic": deterministic,
         "threads": torch.get_num_threads(),
     }
-    state = {"step": 0, "best_ndcg": -1.0, "best_step": -1, "bad_evals": 0, "stopped": False}
-    ckpt = run_dir / "checkpoint"
-    if resume and not ckpt.is_dir():
-        _recover_checkpoint(ckpt)
-    if resume and ckpt.is_dir():
-        state = _load_checkpoint(ckpt, model, optimizer, scheduler, gen)
-    elif rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(record, indent=2, sort_keys=True))
-        (run_dir / "log.jsonl").write_text("")
-    if rank == 0:
-        _trim_log(run_dir / "log.jsonl", state["step"])
 
-    n_params = sum(p.numel() for p in model.parameters())
-    head_params = sum(p.numel() for p in model.heads.parameters())
-    if show_progress and rank == 0:
-        err.print(
-            f"[bold]{name}[/]: {params.backbone} size {params.size} ({n_params:,} parameters; "
-            f"{layout.n_heads} heads, {head_params:,} head parameters = {100 * head_params / n_params:.2f}%), "
-            f"{n_windows:,} windows, {steps_per_epoch} steps/epoch, up to {total} steps"
-        )
 
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _nullcontext()
+def _announce(run: _Run, show_progress: bool) -> None:
+    if not (show_progress and run.dist.rank == 0):
+        return
+    p, n_params, head_params = run.params, _n_parameters(run.model), _n_parameters(run.model.heads)
+    err.print(
+        f"[bold]{run.name}[/]: {p.backbone} size {p.size} ({n_params:,} parameters; "
+        f"{run.layout.n_heads} heads, {head_params:,} head parameters = {100 * head_params / n_params:.2f}%), "
+        f"{run.n_windows:,} windows, {run.steps_per_epoch} steps/epoch, up to {run.total} steps"
     )
-    model.train()
-    step = int(state["step"])
+
+
+def _n_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _loop(run: _Run, state: dict[str, Any], checkpoint_every: int, show_progress: bool) -> int:
+    """Phase 6: steps until the budget is spent or validation stops the run; returns the step reached.
+    Rank 0 logs every step and checkpoints at each validation (and every `checkpoint_every` steps)."""
+    step, rank = int(state["step"]), run.dist.rank
+    run.model.train()
     t0, seqs = time.time(), 0
     bar = progress() if show_progress and rank == 0 else None
     if bar:
         bar.start()
-        task = bar.add_task(name, total=total, completed=step, info="")
+        task = bar.add_task(run.name, total=run.total, completed=step, info="")
     try:
-        while step < total and not state["stopped"]:
-            epoch, offset = divmod(step, steps_per_epoch)
-            order = _epoch_order(params.seed, epoch, n_windows)
-            rows = order[offset * params.batch_size : (offset + 1) * params.batch_size]
-            rows = rows[rank::world]
-            b = _batch(train_split, rows, T, tau, device)
-            with autocast:
-                loss, stats = ddp_model(b["items"], b["ts"], b["targets"], b["target_events"], b["users"])
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {loss.item()} at step {step} of run {name}",
-                    hint="lower --lr or raise --temperature; the last good checkpoint is kept in "
-                    f"{ckpt} (resume with --resume {name})",
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if params.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), params.clip)
-            optimizer.step()
-            scheduler.step()
+        while step < run.total and not state["stopped"]:
+            entry, rows = _step(run, step)
             step += 1
-            seqs += len(rows) * world
-            logged = loss.detach()
-            if world > 1:  # log the global batch's loss, not this process's half
-                torch.distributed.all_reduce(logged)
-                logged = logged / world
-            entry: dict[str, Any] = {"step": step, "epoch": epoch, "loss": round(float(logged.item()), 6),
-                                     "lr": scheduler.get_last_lr()[0]}
-            if step % eval_every == 0 or step == total:
-                ndcg = _validate(model, compat, valid, 10, device)
-                entry["valid_ndcg@10"] = ndcg
-                if ndcg > state["best_ndcg"]:
-                    state.update(best_ndcg=ndcg, best_step=step, bad_evals=0)
-                    if rank == 0:
-                        _save_weights(model, run_dir / "model.safetensors")
-                else:
-                    state["bad_evals"] += 1
-                    if params.patience and state["bad_evals"] >= params.patience:
-                        state["stopped"] = True
-                model.train()
+            seqs += rows * run.dist.world
+            if step % run.eval_every == 0 or step == run.total:
+                entry["valid_ndcg@10"] = _validate_and_stop(run, state, step)
             if rank == 0:
-                elapsed = max(time.time() - t0, 1e-9)
-                entry["seq_per_s"] = round(seqs / elapsed, 1)
-                with open(run_dir / "log.jsonl", "a") as f:
+                entry["seq_per_s"] = round(seqs / max(time.time() - t0, 1e-9), 1)
+                with open(run.dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(entry) + "\n")
                 if bar:
-                    info = f"loss {entry['loss']:.4f} · {entry['seq_per_s']:.0f} seq/s"
-                    if state["best_ndcg"] >= 0:
-                        info += f" · best NDCG@10 {state['best_ndcg']:.4f}"
-                    bar.update(task, completed=step, info=info)
+                    bar.update(task, completed=step, info=_progress_info(entry, state))
             state["step"] = step
-            if rank == 0 and (
-                (checkpoint_every and step % checkpoint_every == 0) or step % eval_every == 0
-            ):
-                _save_checkpoint(ckpt, model, optimizer, scheduler, gen, state)
+            if rank == 0 and ((checkpoint_every and step % checkpoint_every == 0) or step % run.eval_every == 0):
+                _save_checkpoint(run, state)
     finally:
         if bar:
             bar.stop()
+    return step
+
+
+def _step(run: _Run, step: int) -> tuple[dict[str, Any], int]:
+    """One optimisation step on this process's rows of the global batch; returns the log entry
+    (the global batch's loss) and how many rows this process trained on."""
+    p, dist = run.params, run.dist
+    rows, windows = _batch_rows(p.seed, step, p.batch_size, run.n_windows), run.train
+    if dist.world > 1:  # every N-th row of the global batch, whichever process holds it
+        windows = _gather_batch(run.train, run.shard_start, rows, dist.device)
+        rows = np.arange(len(rows))[dist.rank :: dist.world]
+    b = _batch(windows, rows, run.context, run.horizon, dist.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.startswith("cuda") else nullcontext()
+    with autocast:
+        loss, _ = run.loss_step(b["items"], b["ts"], b["targets"], b["target_events"], b["users"])
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"loss became {loss.item()} at step {step} of run {run.name}",
+            hint="lower --lr or raise --temperature; the last good checkpoint is kept in "
+            f"{run.dir / 'checkpoint'} (resume with --resume {run.name})",
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if p.clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), p.clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    logged = loss.detach()
+    if dist.world > 1:  # log the global batch's loss, not this process's share
+        torch.distributed.all_reduce(logged)
+        logged = logged / dist.world
+    entry = {"step": step + 1, "epoch": step // run.steps_per_epoch, "loss": round(float(logged.item()), 6),
+             "lr": run.scheduler.get_last_lr()[0]}
+    return entry, len(rows)
+
+
+def _validate_and_stop(run: _Run, state: dict[str, Any], step: int) -> float:
+    """Phase 6b: validation NDCG@10; a new best is kept (rank 0 writes its weights), and `patience`
+    validations without one stop the run."""
+    ndcg = _validate(run.model, run.compat, run.valid, 10, run.dist.device)
+    if ndcg > state["best_ndcg"]:
+        state.update(best_ndcg=ndcg, best_step=step, bad_evals=0)
+        if run.dist.rank == 0:
+            checkpoint.save_weights(run.model, run.dir / "model.safetensors")
+    else:
+        state["bad_evals"] += 1
+        if run.params.patience and state["bad_evals"] >= run.params.patience:
+            state["stopped"] = True
+    run.model.train()
+    return ndcg
+
+
+def _progress_info(entry: dict[str, Any], state: dict[str, Any]) -> str:
+    info = f"loss {entry['loss']:.4f} · {entry['seq_per_s']:.0f} seq/s"
+    if state["best_ndcg"] >= 0:
+        info += f" · best NDCG@10 {state['best_ndcg']:.4f}"
+    return info
+
+
+def _save_checkpoint(run: _Run, state: dict[str, Any]) -> None:
+    checkpoint.save(run.dir / "checkpoint", run.model, run.optimizer, run.scheduler, run.gen, state)
+
+
+def _finish(run: _Run, state: dict[str, Any], step: int) -> TrainResult:
+    """Phase 7: the last checkpoint, the weights (the last ones if validation never ran) and the
+    manifest, written last by rank 0; every process waits for it."""
     state["step"] = step
     best = {"valid_ndcg@10": state["best_ndcg"], "step": state["best_step"], "steps": step,
             "early_stopped": bool(state["stopped"])}
-    if rank == 0:
-        _save_checkpoint(ckpt, model, optimizer, scheduler, gen, state)
-        if not (run_dir / "model.safetensors").exists():
-            _save_weights(model, run_dir / "model.safetensors")
-        write_manifest(run_dir, "train", key, params.as_dict(), inputs, best=best,
-                       n_parameters=n_params, head_parameters=head_params)
-    if world > 1:
+    key, params = run.inputs.key, run.params
+    if run.dist.rank == 0:
+        _save_checkpoint(run, state)
+        if not (run.dir / "model.safetensors").exists():
+            checkpoint.save_weights(run.model, run.dir / "model.safetensors")
+        write_manifest(run.dir, "train", key, params.as_dict(), run.inputs.keys, best=best,
+                       n_parameters=_n_parameters(run.model), head_parameters=_n_parameters(run.model.heads))
+    if run.dist.world > 1:
         torch.distributed.barrier()
-    return TrainResult(name, run_dir, key, False, best)
+    return TrainResult(run.name, run.dir, key, False, best)
 
 
 class _LossStep(torch.nn.Module):
@@ -838,7 +716,7 @@ class _LossStep(torch.nn.Module):
 
     def forward(self, items, ts, targets, target_events, users):
         p = self.params
-        negs, step = None, _nullcontext()
+        negs, step = None, nullcontext()
         if getattr(self.model.backbone, "trains_item_llm", False):
             # a fine-tuned item LLM encodes only this step's items, once: the inputs, the targets and
             # the negatives, drawn first (from the same generator, so runs stay resumable)
@@ -897,26 +775,9 @@ class _LossStep(torch.nn.Module):
         return loss, stats
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
 
-    def __exit__(self, *exc):
-        return False
-
-
-def _save_weights(model, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint so the log reads as one uninterrupted run."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+# ---------------------------------------------------------------------------------------------
+# finished runs
 
 
 def resume_params(dataset: Dataset, name: str) -> tuple[TrainParams, str]:
@@ -929,11 +790,7 @@ def resume_params(dataset: Dataset, name: str) -> tuple[TrainParams, str]:
 
 
 def _params_from_record(record: dict[str, Any]) -> TrainParams:
-    p = {**LEGACY_VALUES, **record["params"]}
-    p["priors"] = tuple(p["priors"])
-    if "text_cols" in p:
-        p["text_cols"] = tuple(p["text_cols"])
-    return TrainParams(**p)
+    return TrainParams.from_record(record["params"])
 
 
 def _verify_run(run_dir: Path, hint: str) -> None:
@@ -947,7 +804,7 @@ def _verify_run(run_dir: Path, hint: str) -> None:
                          hint=hint) from None
     for file in ("config.json", "model.safetensors"):
         if file in files:
-            _verify_file(run_dir / file, files[file]["sha256"], files[file]["size"], hint)
+            checkpoint.verify_file(run_dir / file, files[file]["sha256"], files[file]["size"], hint)
 
 
 def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
@@ -971,12 +828,11 @@ def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
                 f"(data key {record['data_key'][:12]} ≠ {current[:12]})",
                 hint="retrain the run on the current data",
             )
-        params = _params_from_record(record)
-        n_items = int(record["backbone_config"]["n_items"])
-        specs = tuple(synthetic_prior(n, n_items, params.seed) if is_synthetic(n) else load_prior(con, n)
-                      for n in params.priors)
     finally:
         con.close()
+    params = _params_from_record(record)
+    n_items = int(record["backbone_config"]["n_items"])
+    specs = _load_priors(dataset, params.priors, n_items, params.seed)
     for spec in specs:
         if record["inputs"].get(f"prior:{spec.name}") != spec.key:
             raise StaleError(
@@ -990,7 +846,7 @@ def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
     model = build_model(params.backbone, config, layout, params.score, params.temperature, params.decoder_options(),
                         router=params.router)
     try:
-        model.load_state_dict(_read_tensors(run_dir / "model.safetensors", hint))
+        model.load_state_dict(checkpoint.read_tensors(run_dir / "model.safetensors", hint))
     except RuntimeError as e:  # names or shapes that do not fit the config
         raise InputError(f"{run_dir / 'model.safetensors'} does not fit {run_dir / 'config.json'} ({e})",
                          hint=hint) from None

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from rich.table import Table
 
 from mhr.cache import MANIFEST, build_artifact, is_done, read_manifest, stage_key
 from mhr.console import err
@@ -399,13 +400,40 @@ class WindowsRef:
         """H: validation/test targets per user (= τ unless built with `--holdout`)."""
         return holdout_of(self.params)
 
-    def table(self, split: str) -> pa.Table:
+    def _file(self, split: str) -> Path:
         if split not in SPLITS:
             raise UsageError(f"unknown split {split!r}", hint=f"use one of: {', '.join(SPLITS)}")
-        return pq.read_table(self.path / f"{split}.parquet")
+        return self.path / f"{split}.parquet"
 
-    def read_split(self, split: str) -> dict[str, np.ndarray]:
-        """One split as right-padded numpy arrays (padding: item 0, ts 0, event 0).
+    def table(self, split: str, rows: tuple[int, int] | None = None) -> pa.Table:
+        """The split's rows (`rows` = (lo, hi): only rows lo..hi-1, reading only the row groups that
+        hold them, so a process of a distributed run holds just its shard)."""
+        if rows is None:
+            return pq.read_table(self._file(split))
+        lo, hi = rows
+        file = pq.ParquetFile(self._file(split))
+        parts, start = [], 0
+        for i in range(file.num_row_groups):
+            n = file.metadata.row_group(i).num_rows
+            if start < hi and start + n > lo:
+                part = file.read_row_group(i)
+                parts.append(part.slice(max(lo - start, 0), min(hi, start + n) - max(lo, start)))
+            start += n
+        return pa.concat_tables(parts) if parts else file.schema_arrow.empty_table()
+
+    def count(self, split: str) -> int:
+        """Rows of a split (from the Parquet footer, nothing read)."""
+        return pq.ParquetFile(self._file(split)).metadata.num_rows
+
+    def seen_items(self, split: str = "train") -> np.ndarray:
+        """The distinct item ids in a split's `items`, read a row group at a time."""
+        file = pq.ParquetFile(self._file(split))
+        seen = [np.unique(pc.list_flatten(file.read_row_group(i, columns=["items"]).column("items"))
+                          .to_numpy(zero_copy_only=False)) for i in range(file.num_row_groups)]
+        return np.unique(np.concatenate(seen)).astype(np.int64) if seen else np.zeros(0, np.int64)
+
+    def read_split(self, split: str, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        """One split (or its rows lo..hi-1) as right-padded numpy arrays (padding: item 0, ts 0, event 0).
 
         train: items [W, T+τ] int64, ts [W, T+τ] int64, events [W, T+τ] int16, user [W] int64,
                length [W] int64.
@@ -414,7 +442,7 @@ class WindowsRef:
                target_events [U, H] int16 (H = `.holdout`, τ unless set), history_ptr [U+1] int64 and history_items [nnz] int64
                (CSR: user r's history is history_items[history_ptr[r]:history_ptr[r+1]]).
         """
-        table = self.table(split)
+        table = self.table(split, rows)
         T, tau, H = int(self.params["context"]), int(self.params["horizon"]), self.holdout
         width = T + tau if split == "train" else T
         out: dict[str, np.ndarray] = {"user": table.column("user_id").to_numpy().astype(np.int64)}
@@ -601,3 +629,39 @@ def subset_split(split: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np
     take = np.repeat(starts - out["history_ptr"][:-1], n) + np.arange(int(n.sum()))
     out["history_items"] = split["history_items"][take]
     return out
+
+
+def summary_table(info: dict[str, Any]) -> Table:
+    """What `mhr windows show` prints: parameters, users and rows per split, users too short."""
+    s, p = info["stats"], info["params"]
+    held = f", H = {p['holdout']}" if "holdout" in p else ""
+    mark = " (current: used by train and eval without --windows)" if info.get("default") else ""
+    table = Table(title=f"{info['reference']}  T = {p['context']}, τ = {p['horizon']}{held}, protocol {p['protocol']}"
+                  f"{mark}", title_justify="left")
+    table.add_column("")
+    table.add_column("users", justify="right")
+    table.add_column("rows", justify="right")
+    table.add_row("train", f"{s['n_users_train']:,}", f"{s['n_train_windows']:,} windows")
+    table.add_row("valid", f"{s['n_users_valid']:,}", f"{s['n_users_valid']:,}")
+    table.add_row("test", f"{s['n_users_test']:,}", f"{s['n_users_test']:,}")
+    table.add_row(f"too short (< {s['min_interactions']})", f"{s['n_users_too_short']:,}", "left out")
+    table.caption = (
+        f"{s['n_train_positions']:,} input positions, {s['n_train_targets']:,} training targets; "
+        f"{s['n_store_items']:,} items (max id {s['max_item_id']:,}), {s['n_events']} event types"
+        + ("" if info["current"] else "; [red]stale: built from another version of the dataset[/]")
+    )
+    return table
+
+
+def log_build(dataset: Dataset, key: str, cached: bool) -> str:
+    """What `mhr windows build` (or a recipe's windows step) tells on stderr; returns the reference."""
+    info = describe_windows(dataset, key)
+    if cached:
+        err.print(f"cached: {info['reference']} (key {key[:12]}), now the current windows")
+        return info["reference"]
+    err.print(summary_table(info))
+    short = info["stats"]["n_users_too_short"]
+    if short:
+        err.print(f"[yellow]{short:,} users have fewer than {info['stats']['min_interactions']} "
+                  "interactions and were left out[/]")
+    return info["reference"]

@@ -108,7 +108,7 @@ def test_max_steps_zero_is_a_usage_error():
     (dict(lr=0.0), "must be positive"),
     (dict(lr=-1e-3), "must be positive"),
     (dict(temperature=float("nan")), "--temperature nan"),
-    (dict(global_ratio=float("nan")), "--global-negatives-ratio"),
+    (dict(global_ratio=float("nan")), "--global-ratio"),  # the flag (--global-negatives-ratio: its alias)
     (dict(gamma=float("inf")), "--gamma inf is not a finite"),
     (dict(seed=-1), "--seed -1"),
     (dict(priors=("item", "item")), "--priors names item more than once"),
@@ -343,7 +343,9 @@ def test_deterministic_mode_fixes_the_thread_dependent_gather_backward():
     torch.set_num_threads(1)
 
 
-def test_checkpoint_caught_between_its_renames_is_kept_by_gc_and_resumed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("old_name", [".checkpoint.old-{pid}", "checkpoint.old-{pid}"],
+                         ids=["atomic_dir", "before-atomic_dir"])
+def test_checkpoint_caught_between_its_renames_is_kept_by_gc_and_resumed(tmp_path, monkeypatch, old_name):
     p = TrainParams(priors=("item",), max_steps=6, **TINY)
     ref_ds = make_dataset(tmp_path / "ref")
     build_windows(ref_ds, context=12, horizon=4)
@@ -352,7 +354,7 @@ def test_checkpoint_caught_between_its_renames_is_kept_by_gc_and_resumed(tmp_pat
     build_windows(ds, context=12, horizon=4)
     interrupt_at_batch(monkeypatch, 5, lambda: train(ds, p, name="r", show_progress=False))
     ckpt = ds.runs_dir / "r" / "checkpoint"
-    old = ckpt.with_name(f"checkpoint.old-{_dead_pid()}")
+    old = ckpt.with_name(old_name.format(pid=_dead_pid()))
     os.replace(ckpt, old)  # killed after moving the previous checkpoint aside, before the new one landed
     assert find_leftovers(ds.root) == []  # the only copy: not garbage
     resumed = train(ds, p, name="r", resume=True, show_progress=False)

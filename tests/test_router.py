@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -38,6 +40,23 @@ GOLDEN = {
              "46cfba711654e108ffa637b628b90c1a839dac6c6f811d5128f0b62fab8cfd95"),
     "sasrec": ({"backbone": "sasrec", "size": "1", "batch_size": 128},
                "c44aab41b3e8923d37e0ed9c75ea0f61f177f584ea06fdc29cf83e033c34576a"),
+    # keyed by the code before `RUN_KEY_RULES` replaced its hand-written omissions (commit b6a56fe)
+    "dualvae": ({"decoder": "dualvae", "interests": 3, "kl_weight": 0.4},
+                "f5ff45a2c8248ac6531a73a3a0120c7d31766c28045d20cceacda4549321851f"),
+    "comirec_inbatch": ({"decoder": "comirec", "routing_reg": 0.5, "negatives": 32, "negatives_per": "sequence",
+                         "in_batch_negatives": True},
+                        "28aaa5788d1bca26293a1a9e1f12fc4f738628071e067149a6a76eb885366226"),
+    "hllm_finetuned": ({"backbone": "hllm", "train_item_llm": True, "negatives": 64},
+                       "fbf76eab986531c01ad6db956251b8f59fd6d664f2580f185b36dee2fc438c67"),
+    "router_weighted": ({"priors": ("item",), "router": True, "router_weight": 0.5},
+                        "eee2361a3a769fd4ab62d854e277acbfff9346aae9cf0fc9849a8fc06ad3d8e5"),
+    "global_head_mixed": ({"global_head": True, "priors": ("item",), "negatives": 8, "negatives_from": "global",
+                           "global_ratio": 0.3},
+                          "f923cc30ae3e990e627d660f7b6d82f72f21757052440964a848ab4e78688b9d"),
+    "heads_beta": ({"beta": 1.0, "negatives": 10},
+                   "db1125dc3772f49181db7b00200ce7b32b05be7d8dd4af5842eecc73ce444aee"),
+    "additive_sampled": ({"priors": ("temporal", "item"), "compose": "additive", "negatives": 256},
+                         "6c8cdb135bbd3ba4e4f87f107a3d07b4c1c017fc292f0a94a310ecb54dc95171"),
 }
 
 
@@ -45,6 +64,18 @@ GOLDEN = {
 def test_run_keys_of_earlier_configurations_are_unchanged(name):
     config, key = GOLDEN[name]
     assert stage_key("train", TrainParams(**config).as_dict(), {"windows": "w" * 64}) == key
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_every_golden_record_reads_back_with_its_key(name):
+    """config.json's params (as `as_dict` wrote them) give back the parameters and the key."""
+    config, key = GOLDEN[name]
+    params = TrainParams(**config)
+    back = TrainParams.from_record(json.loads(json.dumps(params.as_dict())))
+    if params.negatives is None:  # the sampler's fields mean nothing then: read back at their historical values
+        params = dataclasses.replace(params, negatives_per="batch", logq=False, in_batch_negatives=False)
+    assert back == params
+    assert stage_key("train", back.as_dict(), {"windows": "w" * 64}) == key
 
 
 def test_a_historical_record_reads_back_with_its_key():

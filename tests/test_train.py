@@ -150,3 +150,49 @@ def test_ddp_two_cpu_processes_match_one(tiny, tmp_path):
     assert len(one) == len(two) == 5
     assert one[0] == pytest.approx(two[0], rel=0.05)
     assert max(abs(a - b) / a for a, b in zip(one, two, strict=True)) < 0.1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_process_reads_only_its_shard_and_batches_stay_global(tiny, tmp_path, monkeypatch, world):
+    """Under torchrun a rank materialises only its contiguous slice of the training windows (reading
+    only the row groups holding it); the slices' contributions add up to the single-process batch."""
+    import dataclasses as dc
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    import mhr.train as mt
+    from mhr.windows import load_windows
+
+    wref = load_windows(tiny)
+    full = wref.read_split("train")
+    n = wref.count("train")
+    assert n == len(full["user"]) and n > 20
+    # the same windows in row groups of 7, to see which groups a rank reads
+    split = tmp_path / "split"
+    split.mkdir()
+    pq.write_table(wref.table("train"), split / "train.parquet", row_group_size=7)
+    small = dc.replace(wref, path=split)
+    groups_read: list[int] = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, *a, **k: groups_read.append(i) or real(self, i, *a, **k))
+
+    shards, contributions = [], []
+    rows = mt._batch_rows(seed=0, step=1, batch_size=16, n_windows=n)
+    for rank in range(world):
+        lo, hi = mt.shard_bounds(n, rank, world)
+        groups_read.clear()
+        shard = small.read_split("train", rows=(lo, hi))
+        assert len(shard["user"]) == hi - lo <= -(-n // world)  # the loaded window array: this rank's slice
+        assert sorted(set(groups_read)) == list(range(lo // 7, (hi - 1) // 7 + 1))
+        assert all(np.array_equal(shard[k], full[k][lo:hi]) for k in ("items", "ts", "events", "user", "length"))
+        shards.append((lo, hi))
+        contributions.append(mt.held_rows(shard, lo, rows))
+    assert shards[0][0] == 0 and shards[-1][1] == n and all(a[1] == b[0] for a, b in zip(shards, shards[1:], strict=False))
+    gathered = mt.unpack_rows(sum(contributions))
+    one = mt._batch(full, rows, 12, 4, "cpu")
+    for rank in range(world):
+        mine = np.arange(len(rows))[rank::world]
+        ddp = mt._batch(gathered, mine, 12, 4, "cpu")
+        assert all(torch.equal(ddp[k], one[k][rank::world]) for k in one)

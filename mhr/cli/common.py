@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import typer
 
@@ -68,3 +73,40 @@ def _option_given(value: str) -> str | None:
         if ctx.params.get(param.name) == value and getattr(param, "opts", None):
             return param.opts[0]
     return None
+
+
+def dataclass_options(cls: type) -> list[inspect.Parameter]:
+    """One typer option per field of the dataclass `cls` declared with `mhr.train_params.option`:
+    `--<field-name>` (`--x/--no-x` for a bool) plus its aliases, its help text and `--help` panel, and
+    the field's own default (as its flag's text where the field has `show`)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        annotation, default = hints[f.name], f.default
+        if meta["parse"]:
+            annotation, default = str, meta["show"](f.default)
+        elif annotation is bool:
+            flag = f"{flag}/--no-{flag[2:]}"
+        option = typer.Option(default, flag, *meta["aliases"], help=meta["help"], rich_help_panel=meta["panel"])
+        out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return out
+
+
+def from_options(cls: type, values: dict) -> Any:
+    """An instance of `cls` from the values of its `dataclass_options` (as typer parsed them)."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        parse = f.metadata["parse"]
+        kwargs[f.name] = parse(values[f.name]) if parse else values[f.name]
+    return cls(**kwargs)
+
+
+def with_options(command: Callable, options: list[inspect.Parameter]) -> Callable:
+    """`command(ctx, <its own options>, **values)` with `options` added to what typer sees, after ctx."""
+    sig = inspect.signature(command, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own[1:]]
+    first = next(iter(sig.parameters.values()))
+    command.__signature__ = sig.replace(parameters=[first, *options, *own])
+    return command

@@ -27,20 +27,9 @@ DISCARD_HELP = ("Replace a store that holds priors with different data, dropping
 
 
 def _finish(result) -> None:
-    from mhr.data.show import describe, summary_table
+    from mhr.data.show import log_result
 
-    if result.cached:
-        err.print(f"cached: {result.reference} (data key {result.key[:12]})")
-    else:
-        err.print(summary_table(describe(result.dataset)))
-        report = result.report
-        for key, label in (("duplicates", "duplicate (user, item, ts) rows"),
-                           ("short_users_dropped", "users shorter than --min-history dropped"),
-                           ("items_never_interacted", "items in the item table never occur"),
-                           ("items_without_metadata", "interacted items have no metadata")):
-            if report.get(key):
-                extra = " (dropped)" if key == "duplicates" and report.get("duplicates_dropped") else ""
-                err.print(f"[yellow]{report[key]:,} {label}{extra}[/]")
+    log_result(result)
     emit(result.reference)
 
 

@@ -62,7 +62,7 @@ def build_cmd(
     Examples: mhr priors build --kind item · mhr priors build --kind graph --clusters 11 --name graph-11 ·
     mhr priors build --kind temporal --horizon 8 --segments 2
     """
-    from mhr.priors.build import build_prior, make_params
+    from mhr.priors.build import build_prior, log_result, make_params
 
     options = dict(
         categories=tuple(parse_list(categories)), n_categories=n_categories, map_file=map_file, llm=llm,
@@ -75,15 +75,7 @@ def build_cmd(
     )
     params = make_params(kind, options)
     result = build_prior(context(ctx).dataset(), kind, params, name=name, force=force)
-    if result.cached:
-        err.print(f"cached: {result.reference} (key {result.key[:12]})")
-    else:
-        d = result.report.get("diagnostics", {})
-        err.print(f"built {result.reference}: {d.get('n_groups', '?')} groups in {result.report.get('seconds', 0):.1f} s"
-                  + (f", modularity {result.report['graph']['modularity']:.3f}" if "graph" in result.report else ""))
-        for w in result.report.get("warnings", []):
-            err.print(f"[yellow]warning:[/] {w}")
-        err.print("[dim]see `mhr priors show " + result.name + "` for its diagnostics[/]")
+    log_result(result)
     emit(result.reference)
 
 

@@ -3,33 +3,11 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
 from mhr.cli.common import context
 from mhr.console import emit, emit_json, err
 
 app = typer.Typer(help="Training windows and the valid/test split (DESIGN §5).", no_args_is_help=True)
-
-
-def _summary(info: dict) -> Table:
-    s, p = info["stats"], info["params"]
-    held = f", H = {p['holdout']}" if "holdout" in p else ""
-    mark = " (current: used by train and eval without --windows)" if info.get("default") else ""
-    table = Table(title=f"{info['reference']}  T = {p['context']}, τ = {p['horizon']}{held}, protocol {p['protocol']}"
-                  f"{mark}", title_justify="left")
-    table.add_column("")
-    table.add_column("users", justify="right")
-    table.add_column("rows", justify="right")
-    table.add_row("train", f"{s['n_users_train']:,}", f"{s['n_train_windows']:,} windows")
-    table.add_row("valid", f"{s['n_users_valid']:,}", f"{s['n_users_valid']:,}")
-    table.add_row("test", f"{s['n_users_test']:,}", f"{s['n_users_test']:,}")
-    table.add_row(f"too short (< {s['min_interactions']})", f"{s['n_users_too_short']:,}", "left out")
-    table.caption = (
-        f"{s['n_train_positions']:,} input positions, {s['n_train_targets']:,} training targets; "
-        f"{s['n_store_items']:,} items (max id {s['max_item_id']:,}), {s['n_events']} event types"
-        + ("" if info["current"] else "; [red]stale: built from another version of the dataset[/]")
-    )
-    return table
 
 
 @app.command("build")
@@ -51,21 +29,12 @@ def build_cmd(
     Examples: mhr windows build --context 50 --horizon 8 ·
     mhr windows build --context 50 --horizon 4 --holdout 8 (train at τ = 4, evaluate at h ≤ 8)
     """
-    from mhr.windows import build_windows, describe_windows
+    from mhr.windows import build_windows, log_build
 
     ds = context(ctx).dataset()
     key, _, cached = build_windows(ds, context=context_, horizon=horizon, protocol=protocol, force=force,
                                    holdout=holdout)
-    info = describe_windows(ds, key)
-    if cached:
-        err.print(f"cached: {info['reference']} (key {key[:12]}), now the current windows")
-    else:
-        err.print(_summary(info))
-        short = info["stats"]["n_users_too_short"]
-        if short:
-            err.print(f"[yellow]{short:,} users have fewer than {info['stats']['min_interactions']} "
-                      "interactions and were left out[/]")
-    emit(info["reference"])
+    emit(log_build(ds, key, cached))
 
 
 @app.command("show")
@@ -75,13 +44,13 @@ def show_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the description as JSON on stdout."),
 ) -> None:
     """Describe built windows: parameters, users per split, windows, users too short."""
-    from mhr.windows import describe_windows
+    from mhr.windows import describe_windows, summary_table
 
     info = describe_windows(context(ctx).dataset(), ref)
     if as_json:
         emit_json(info)
     else:
-        err.print(_summary(info))
+        err.print(summary_table(info))
         for name, size in sorted(info["files"].items()):
             err.print(f"  {name}  {size:,} bytes")
         emit(info["reference"])

@@ -34,7 +34,7 @@ from mhr.console import err
 from mhr.data import dense
 from mhr.data.dense import normalise_ids
 from mhr.data.source import ITEMS_SCHEMA, TS_INVALID, USERS_SCHEMA, Source, conform
-from mhr.errors import InputError, MhrError, UsageError
+from mhr.errors import BusyError, InputError, MhrError, UsageError
 from mhr.store import connect, get_meta, new_store, record_stage_run, set_meta
 from mhr.workspace import Dataset, writing
 
@@ -62,11 +62,14 @@ def existing_key(dataset: Dataset) -> str | None:
 
 def existing_state(dataset: Dataset, quiet: bool = False) -> tuple[str | None, list[str]]:
     """The data key and prior names of the store already there; (None, []) when there is none or
-    it cannot be read (it is replaced, with a warning)."""
+    it cannot be read (it is replaced, with a warning). A store another process is writing is busy,
+    not damaged: BusyError, and it is left alone."""
     if not dataset.exists():
         return None, []
     try:
         con = connect(dataset.store_path, read_only=True)
+    except BusyError:
+        raise
     except MhrError as e:
         if not quiet:
             err.print(f"[yellow]the existing {dataset.store_path} will be replaced: {e.message}[/]")
@@ -138,6 +141,8 @@ def build_store(
     priors when the key is unchanged; other data over a store with priors needs `discard_priors`.
     """
     key = stage_key("data", params, inputs)
+    if not force and existing_key(dataset) == key:  # cached: no write lock needed, nor waited for
+        return BuildResult(dataset, key, True)
     with writing(dataset, stage):
         if not force and existing_key(dataset) == key:
             return BuildResult(dataset, key, True)

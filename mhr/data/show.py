@@ -103,3 +103,22 @@ def _iso(ts: int | None) -> str | None:
         return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M")
     except (OverflowError, OSError, ValueError):
         return str(ts)
+
+
+def log_result(result: Any) -> None:
+    """What a data stage (`mhr data fetch|import|synth`, or a recipe's data step) tells on stderr:
+    cached, or the new store's summary and what was dropped or is missing."""
+    from mhr.console import err
+
+    if result.cached:
+        err.print(f"cached: {result.reference} (data key {result.key[:12]})")
+        return
+    err.print(summary_table(describe(result.dataset)))
+    report = result.report
+    for key, label in (("duplicates", "duplicate (user, item, ts) rows"),
+                       ("short_users_dropped", "users shorter than --min-history dropped"),
+                       ("items_never_interacted", "items in the item table never occur"),
+                       ("items_without_metadata", "interacted items have no metadata")):
+        if report.get(key):
+            extra = " (dropped)" if key == "duplicates" and report.get("duplicates_dropped") else ""
+            err.print(f"[yellow]{report[key]:,} {label}{extra}[/]")

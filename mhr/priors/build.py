@@ -23,6 +23,7 @@ from typing import Any
 import duckdb
 
 from mhr.cache import file_sha256, stage_key
+from mhr.console import err
 from mhr.errors import UsageError
 from mhr.priors.coengagement import RESOLUTION_SEARCH
 from mhr.priors.event import EventParams, build_event_prior
@@ -36,6 +37,8 @@ from mhr.store import connect, data_key, record_stage_run
 from mhr.workspace import Dataset, check_name, writing
 
 STAGE = "priors"
+# the `mhr priors build` flags not spelled like the field they set (a recipe may use either)
+FLAG_FIELDS = {"map": "map_file", "base_url": "llm_base_url"}
 
 # kind -> (its parameters, its builder); the one place a kind name is resolved
 BUILDERS: dict[str, tuple[type, Callable[[duckdb.DuckDBPyConnection, Any], PriorGroups]]] = {
@@ -114,6 +117,18 @@ def _check(groups: PriorGroups, kind: str, con: duckdb.DuckDBPyConnection) -> No
         assert gids.min() >= 0 and gids.max() < g
 
 
+def _existing(con: duckdb.DuckDBPyConnection, kind: str, params: Any, name: str
+              ) -> tuple[str, dict[str, Any], dict[str, str], BuildResult | None]:
+    """The stage key of prior `name` with `params` (and its key parameters and inputs), and the
+    built prior when the store holds it with that key."""
+    inputs = {"data": data_key(con)}
+    kp = key_params(kind, params)
+    key = stage_key(STAGE, kp, inputs)
+    row = con.execute("SELECT key, report FROM priors WHERE prior = ?", [name]).fetchone()
+    hit = BuildResult(name, kind, key, True, json.loads(row[1] or "{}")) if row is not None and row[0] == key else None
+    return key, kp, inputs, hit
+
+
 def build_prior(
     dataset: Dataset, kind: str, params: Any, name: str | None = None, force: bool = False
 ) -> BuildResult:
@@ -123,15 +138,20 @@ def build_prior(
     if kind not in BUILDERS:
         raise UsageError(f"unknown prior kind {kind!r}", hint=f"use --kind with one of: {', '.join(KINDS)}")
     name = check_name(name or kind, "prior")
+    if not force:  # a prior built already needs no write lock, so it never waits for another writer
+        con = connect(dataset.require().store_path, read_only=True)
+        try:
+            hit = _existing(con, kind, params, name)[-1]
+        finally:
+            con.close()
+        if hit is not None:
+            return hit
     with writing(dataset.require(), "priors build"):
         con = connect(dataset.store_path)
         try:
-            inputs = {"data": data_key(con)}
-            kp = key_params(kind, params)
-            key = stage_key(STAGE, kp, inputs)
-            row = con.execute("SELECT key, report FROM priors WHERE prior = ?", [name]).fetchone()
-            if row is not None and row[0] == key and not force:
-                return BuildResult(name, kind, key, True, json.loads(row[1] or "{}"))
+            key, kp, inputs, hit = _existing(con, kind, params, name)
+            if hit is not None and not force:
+                return hit
             started = time.time()
             try:
                 groups = BUILDERS[kind][1](con, params)
@@ -162,3 +182,17 @@ def build_prior(
             return BuildResult(name, kind, key, False, report)
         finally:
             con.close()
+
+
+def log_result(result: BuildResult) -> None:
+    """What `mhr priors build` (or a recipe's priors step) tells on stderr."""
+    if result.cached:
+        err.print(f"cached: {result.reference} (key {result.key[:12]})")
+        return
+    report = result.report
+    d = report.get("diagnostics", {})
+    err.print(f"built {result.reference}: {d.get('n_groups', '?')} groups in {report.get('seconds', 0):.1f} s"
+              + (f", modularity {report['graph']['modularity']:.3f}" if "graph" in report else ""))
+    for w in report.get("warnings", []):
+        err.print(f"[yellow]warning:[/] {w}")
+    err.print("[dim]see `mhr priors show " + result.name + "` for its diagnostics[/]")
