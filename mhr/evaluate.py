@@ -48,7 +48,7 @@ from mhr.metrics import (
 )
 from mhr.priors.spec import PriorSpec
 from mhr.train import LoadedRun, load_run
-from mhr.windows import subset_split
+from mhr.windows import sample_rows, subset_split
 from mhr.workspace import Dataset
 
 FUSIONS = fusion_mod.FUSIONS  # max, avg, learned, invvar
@@ -385,12 +385,8 @@ def fusion_key(run: LoadedRun, kind: str) -> str:
 
 
 def _subsample(n: int, cap: int) -> np.ndarray:
-    """All of 0..n-1, or a sorted seeded subsample of `cap` of them (deterministic: the same users
-    for every run of the dataset's windows, so sampled evaluations of two runs are paired)."""
-    if n <= cap:
-        return np.arange(n)
-    rng = np.random.default_rng(fusion_mod.FIT_SEED)
-    return np.sort(rng.choice(n, size=cap, replace=False))
+    """All of 0..n-1, or a sorted seeded sample of `cap` of them (`windows.sample_rows`)."""
+    return sample_rows(n, cap, fusion_mod.FIT_SEED)
 
 
 def fit_fusion(run: LoadedRun, kind: str, device: str = "cpu") -> FusionFit:

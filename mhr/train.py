@@ -58,7 +58,7 @@ from mhr.priors.spec import PriorSpec, load_prior
 from mhr.priors.synthetic import is_synthetic, synthetic_prior
 from mhr.store import connect, data_key
 from mhr.train_params import RUN_KEY_RULES, TrainParams, default_run_name
-from mhr.windows import WindowsRef, horizon_targets, load_windows
+from mhr.windows import WindowsRef, horizon_targets, load_windows, sample_rows, subset_split
 from mhr.workspace import Dataset, check_name
 
 __all__ = ["RUN_KEY_RULES", "LoadedRun", "TrainParams", "TrainResult", "check_device", "default_run_name",
@@ -252,6 +252,15 @@ def _batch(train: dict[str, np.ndarray], rows: np.ndarray, context: int, horizon
         "target_events": to(tgt_ev),
         "users": to(train["user"][rows].astype(np.int64)),
     }
+
+
+def _valid_split(wref: WindowsRef, params: TrainParams) -> dict[str, np.ndarray]:
+    """The users validation scores: all of the valid split, or a seeded sample of `valid_users`."""
+    valid = wref.read_split("valid")
+    n = len(valid["user"])
+    if params.valid_users is None or params.valid_users >= n:
+        return valid
+    return subset_split(valid, sample_rows(n, params.valid_users))
 
 
 def _validate(model, compat, valid, k: int, device) -> float:
@@ -530,7 +539,7 @@ def _build(dataset: Dataset, params: TrainParams, inp: _Inputs, dist: _Dist, nam
     if dist.world > 1:
         loss_step = torch.nn.parallel.DistributedDataParallel(loss_step)
     return _Run(name, run_dir, params, inp, dist, config, layout, model, compat, gen, optimizer, scheduler,
-                loss_step, train_split, shard[0], wref.read_split("valid"), T, tau, n_windows, steps_per_epoch, total,
+                loss_step, train_split, shard[0], _valid_split(wref, params), T, tau, n_windows, steps_per_epoch, total,
                 params.eval_every or steps_per_epoch, dataset.name)
 
 

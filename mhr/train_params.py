@@ -110,6 +110,10 @@ class TrainParams:
     eval_every: int = option(0, "Validate every N steps (0 = once per epoch).", panel=_SCHEDULE)
     patience: int = option(3, "Stop after N validations without a better NDCG@10 (0 = never).",
                            panel=_SCHEDULE)
+    valid_users: int | None = option(
+        None, "Validate (early stopping, best weights) on a seeded sample of this many users of the valid "
+        "split instead of all of them: on big logs a full validation takes longer than the training.",
+        panel=_SCHEDULE)
     seed: int = option(0, "Seed of initialisation, batch order and negative sampling.", panel=_SCHEDULE)
     dropout: float | None = option(None, "Override the size's dropout.", panel=_MODEL)
     # the baselines' settings; `mhr.model.DecoderOptions` (what a model is built with) starts from
@@ -238,6 +242,7 @@ RUN_KEY_RULES: dict[str, KeyRule] = {
     "in_batch_negatives": KeyRule(False, _sampled),
     "logq": KeyRule(False, _sampled),
     "router": KeyRule(False),
+    "valid_users": KeyRule(None),  # earlier runs validated on every user
     "router_weight": KeyRule(applies=lambda p: p.router),
     # the baselines: earlier runs were all prior heads
     "decoder": KeyRule("heads"),
@@ -288,6 +293,9 @@ def _check_ranges(p: TrainParams) -> None:
         raise UsageError("--global-ratio must be in [0, 1]")
     if p.batch_size < 1 or p.epochs < 1 or p.lr <= 0:
         raise UsageError("--batch-size, --epochs and --lr must be positive")
+    if p.valid_users is not None and p.valid_users < 1:
+        raise UsageError(f"--valid-users {p.valid_users} must be at least 1",
+                         hint="leave --valid-users out to validate on every user")
     if p.max_steps is not None and p.max_steps < 1:
         raise UsageError(f"--max-steps {p.max_steps} must be at least 1", hint="leave --max-steps out to train for --epochs")
     if not 0 <= p.seed < 2**63:

@@ -618,6 +618,14 @@ def describe_windows(dataset: Dataset, ref: str | None = None) -> dict[str, Any]
     }
 
 
+def sample_rows(n: int, cap: int, seed: int = 0) -> np.ndarray:
+    """All of 0..n-1, or a sorted seeded sample of `cap` of them: the same rows for every run on
+    the same windows, so evaluations (and validations) of two runs stay paired."""
+    if n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+
+
 def subset_split(split: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
     """The users at `rows` (sorted indices) of a valid/test split from `read_split`, same layout:
     per-user arrays taken, the CSR history re-pointed."""

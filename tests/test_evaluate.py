@@ -432,3 +432,25 @@ def test_per_target_group_metrics_match_a_loop(trained):
             assert got["metrics"][f"ndcg@10/h{h}"] == pytest.approx(np.mean(scores))
         assert 0 < got["item_share"] <= 1
     assert counted >= 40  # every user with a categorised first target counts at least once
+
+
+def test_train_validates_on_a_seeded_user_sample(trained):
+    """--valid-users N: early stopping and the kept weights are scored on a seeded sample of the
+    valid split; the best validation figure is reproduced from the kept weights on that sample."""
+    from mhr.inference import rank_split
+    from mhr.metrics import ndcg_at_k
+    from mhr.windows import sample_rows, subset_split
+
+    train(trained, TrainParams(valid_users=9, **TINY), name="valid-sample", show_progress=False)
+    plain = load_run(trained, "base-s0")
+    loaded = load_run(trained, "valid-sample")
+    assert loaded.config["params"]["valid_users"] == 9 and "valid_users" not in plain.config["params"]
+    assert loaded.config["key"] != plain.config["key"]
+    valid = loaded.windows.read_split("valid")
+    sample = subset_split(valid, sample_rows(len(valid["user"]), 9))
+    assert len(sample["user"]) == 9
+    ranking = rank_split(loaded.model, loaded.compat, sample, k=10)
+    best = json.loads((trained.runs_dir / "valid-sample" / "manifest.json").read_text())["best"]
+    assert float(np.mean(ndcg_at_k(ranking.items, sample["targets"], 10))) == pytest.approx(best["valid_ndcg@10"], abs=1e-6)
+    with pytest.raises(UsageError, match="valid-users"):
+        TrainParams(valid_users=0, **TINY).check()
