@@ -15,7 +15,7 @@ Stages, each a child process `python -m mhr --workspace <dir>/ws …` on dataset
 5. windows   `mhr windows build` (T 50, τ 8);
 6. train     HSTU size 1 with the graph heads, 256 sampled negatives per position, a fixed
              number of steps; seq/s is the trainer's own figure at the step before the last (the
-             last step also validates on the whole valid split, which the wall time includes);
+             last step also validates, on a 2,000-user sample (`--valid-users`), in the wall time);
 7. eval      `mhr eval --sample-users 10000`: a seeded sample of 10k test users (100 in --tiny),
              each ranked over the full catalogue;
 8. recommend `mhr recommend RUN --all --out recs.parquet` for every user.
@@ -51,13 +51,14 @@ class Size:
     negatives: int = 256
     backbone_size: str = "1"
     eval_users: int = 10_000  # `mhr eval --sample-users`: a seeded sample of the test split
+    valid_users: int = 2_000  # `mhr train --valid-users`: the validation after the last step
 
 
 SIZES = {
     "full": Size(20_000_000, 200_000, 500_000, 10_000_000, communities=20, categories=20, steps=200),
     "quick": Size(1_000_000, 20_000, 50_000, 1_000_000, communities=10, categories=12, steps=20),
     "tiny": Size(20_000, 400, 1_000, 10_000, communities=4, categories=6, steps=2, batch=16, negatives=32,
-                 backbone_size="tiny", eval_users=100),
+                 backbone_size="tiny", eval_users=100, valid_users=50),
 }
 RSS_GOAL_GIB = 8.0
 
@@ -141,7 +142,7 @@ def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None,
         ("windows", [*on, "windows", "build", "--force"], size.interactions, "interactions/s"),
         ("train", [*on, "train", "--backbone", "hstu", "--size", size.backbone_size, "--priors", priors,
                    "--negatives", str(size.negatives), "--negatives-per", "position", "--max-steps", str(size.steps),
-                   "--batch-size", str(size.batch), "--name", run], 0, "seq/s"),
+                   "--batch-size", str(size.batch), "--valid-users", str(size.valid_users), "--name", run], 0, "seq/s"),
         ("eval", [*on, "eval", run, "--sample-users", str(size.eval_users), "--json", "--force"], size.users,
          "users/s"),
         ("recommend", [*on, "recommend", run, "--all", "--out", str(recs)], size.users, "users/s"),
@@ -165,7 +166,7 @@ def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None,
             stage.note = f"exit {code} (see {log})"
         elif name == "train":
             stage.throughput = train_seq_per_s(ws, run)
-            stage.note = f"{size.steps} steps × {size.batch}; wall includes one full validation"
+            stage.note = f"{size.steps} steps × {size.batch}; wall includes one validation of {size.valid_users:,} users"
         elif name == "eval":
             users = json.loads(out)["metrics"].get("users") if out.strip().startswith("{") else None
             stage.throughput = users / seconds if users else None
