@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def setup_width(args) -> int:
-    from mhr.model import backbone_config
+    from mhr.models.multihead import backbone_config
 
     return backbone_config("hstu", args.size, args.items, args.context).d
 

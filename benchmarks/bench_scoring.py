@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from mhr.scoring import ScoringPlan, dense_fused_topk, grouped_fused_topk
+from mhr.ranking.scoring import ScoringPlan, dense_fused_topk, grouped_fused_topk
 
 
 def cosine(q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

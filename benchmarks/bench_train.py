@@ -64,9 +64,16 @@ import time
 import numpy as np
 import torch
 
-from mhr.heads import Compatibility, SelectedQueries, build_layout, dot_scores, parameter_count, tree_levels
 from mhr.loss import find_positives, multihead_loss
-from mhr.model import backbone_config, build_model
+from mhr.models.heads import (
+    Compatibility,
+    SelectedQueries,
+    build_layout,
+    dot_scores,
+    parameter_count,
+    tree_levels,
+)
+from mhr.models.multihead import backbone_config, build_model
 from mhr.priors.spec import PriorSpec
 from mhr.train import TrainParams, _batch, _LossStep
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mhr.heads import dot_scores
+from mhr.models.heads import dot_scores
 from mhr.sampling import HeadSampler, InBatch, Sampling, head_negatives, sampled_head_lse
 
 HEAD_WEIGHTS = ("frequency", "uniform")
@@ -148,8 +148,8 @@ def multihead_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of the module docstring.
 
-    q [B, L, K, d] head queries (or `mhr.heads.SelectedQueries`, computed where read); item_vecs [N+1, d]; scorer(q [..., d], items [M, d] or
-    [..., M, d]) -> [..., M] (e.g. `mhr.heads.Scorer`); targets [B, L, τ] (0 = none);
+    q [B, L, K, d] head queries (or `mhr.models.heads.SelectedQueries`, computed where read); item_vecs [N+1, d]; scorer(q [..., d], items [M, d] or
+    [..., M, d]) -> [..., M] (e.g. `mhr.models.heads.Scorer`); targets [B, L, τ] (0 = none);
     compat [B, L, τ, K] (`Compatibility.targets`); omega [K, N+1] (`Compatibility.omega`).
     negative_ids [K, n]: negatives already drawn (`sample_negatives`), used instead of drawing
     them here — for a caller that must know them before computing item_vecs (a fine-tuned item
@@ -311,7 +311,7 @@ def _per_head(q, item_vecs, scorer, pos: Positives, head_lse, inside: torch.Tens
     flat, heads = uniq % n_pos, uniq // n_pos
     if torch.is_tensor(q):
         queries = q.reshape(-1, n_heads, d)[flat, heads]  # [Q, d], grouped by head
-    else:  # computed only here, where they are read (`mhr.heads.SelectedQueries`)
+    else:  # computed only here, where they are read (`mhr.models.heads.SelectedQueries`)
         queries = q.at(flat, heads)
     q_sizes = torch.bincount(uniq // n_pos, minlength=n_heads).tolist()
     p_sizes = torch.bincount(pos.k, minlength=n_heads).tolist()
@@ -381,7 +381,7 @@ def router_loss(logits: torch.Tensor, targets: torch.Tensor, compat: torch.Tenso
     """The joint router's loss: −log Σ_{k compatible with y} p(k | h) for every real target y at
     every position and offset, γ^j-weighted and averaged over those targets.
 
-    logits [B, L, K] (`mhr.heads.HeadRouter`), targets [B, L, τ] (0 = none), compat [B, L, τ, K]
+    logits [B, L, K] (`mhr.models.heads.HeadRouter`), targets [B, L, τ] (0 = none), compat [B, L, τ, K]
     (`Compatibility.targets`). A target no head may take is left out (it has no route)."""
     log_p = torch.log_softmax(logits.float(), dim=-1).unsqueeze(2)  # [B, L, 1, K]
     routed = log_p.masked_fill(~compat, float("-inf")).logsumexp(dim=-1)  # [B, L, τ]

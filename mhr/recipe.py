@@ -126,7 +126,7 @@ def _select_on_validation(path: Path, variant: str, merged: dict[str, Any], grid
 
 def run_recipe(path: Path, workspace: Workspace, force: bool = False, only: list[str] | None = None,
                seeds: list[int] | None = None, device: str = "cpu") -> RecipeResult:
-    from mhr.evaluate import EvalParams, evaluate
+    from mhr.ranking.evaluate import EvalParams, evaluate
     from mhr.report import build_report
     from mhr.train import TrainParams, train
 

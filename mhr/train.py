@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from mhr.cache import file_sha256, is_done, lock_path, locked, stage_key, write_manifest
 from mhr.console import err, progress
 from mhr.errors import InputError, NotFoundError, StaleError, TrainingError, UsageError
-from mhr.heads import (
+from mhr.loss import multihead_loss, router_loss, sample_negatives
+from mhr.models.heads import (
     COMPOSITIONS,
     Compatibility,
     HeadLayout,
@@ -43,10 +44,7 @@ from mhr.heads import (
     build_layout,
     dot_scores,
 )
-from mhr.inference import rank_split
-from mhr.loss import multihead_loss, router_loss, sample_negatives
-from mhr.metrics import ndcg_at_k
-from mhr.model import (
+from mhr.models.multihead import (
     BACKBONES,
     DECODERS,
     DecoderOptions,
@@ -58,6 +56,8 @@ from mhr.model import (
 )
 from mhr.priors.spec import PriorSpec, load_prior
 from mhr.priors.synthetic import is_synthetic, synthetic_prior
+from mhr.ranking.inference import rank_split
+from mhr.ranking.metrics import ndcg_at_k
 from mhr.store import connect, data_key
 from mhr.windows import WindowsRef, horizon_targets, load_windows
 from mhr.workspace import Dataset, check_name
@@ -607,7 +607,7 @@ def _train(
     backbone_inputs, overrides, n_items = {}, {}, int(wref.stats["max_item_id"])
     inputs: dict[str, str] = {"windows": wref.key}
     if params.backbone == "hllm" and params.train_item_llm:
-        from mhr.item_text import item_texts, model_identity
+        from mhr.models.item_text import item_texts, model_identity
 
         if params.negatives is None:
             raise UsageError(
@@ -626,7 +626,7 @@ def _train(
                          pooling=params.pooling, train_item_llm=True, max_text_len=params.max_text_len)
         n_items = len(texts)  # the whole catalogue: cold items keep their text vectors
     elif params.backbone == "hllm":
-        from mhr.item_text import embed_items, load_item_embeddings
+        from mhr.models.item_text import embed_items, load_item_embeddings
 
         emb_key, _ = embed_items(dataset, params.item_llm, params.text_cols, params.max_text_len,
                                  params.pooling, device=device, show_progress=show_progress)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mhr.metrics import (
+from mhr.ranking.metrics import (
     coverage,
     default_horizons,
     entropy_at_k,

@@ -73,7 +73,7 @@ def test_negatives_beyond_the_catalogue_are_refused(fresh):
 
 
 def test_memory_check_counts_the_negatives_logits(monkeypatch):
-    from mhr.model import backbone_config
+    from mhr.models.multihead import backbone_config
 
     monkeypatch.setattr(mt, "_available_memory", lambda: 4 << 30)
     config = backbone_config("hstu", "1", 1682, 50)

@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, help="Recompute even if cached."),
     ) -> None:
         """Rank the full catalogue for every user and score Recall/NDCG@K, H@K, new-interest, groups, heads."""
-        from mhr.evaluate import EvalParams, evaluate
+        from mhr.ranking.evaluate import EvalParams, evaluate
 
         c = context(ctx)
         ds = c.dataset()
@@ -178,8 +178,8 @@ def register(app: typer.Typer) -> None:
         Example: mhr recommend hstu1-genre6-s0 --all --out recs.parquet --top 20 --explain
         """
         from mhr.errors import UsageError
-        from mhr.recommend import as_json as rec_json
-        from mhr.recommend import export_recommendations, read_user_file, recommend
+        from mhr.ranking.recommend import as_json as rec_json
+        from mhr.ranking.recommend import export_recommendations, read_user_file, recommend
         from mhr.train import load_run
 
         if all_users == (user is not None):

@@ -9,7 +9,7 @@ applied to per-head *calibrated* scores `t_k = a_k · s_k + b_k`:
 
 `a` (scale), `b` (offset) and `w` (weights) are per head, `[K]` or per user `[B, K]`; left out they
 are 1, 0, 1, which is the paper's max / avg. `fuse_dense` is the dense reference of this formula;
-`mhr.scoring.grouped_fused_topk(..., weights=, scale=, offset=)` is the fast path that agrees with it.
+`mhr.ranking.scoring.grouped_fused_topk(..., weights=, scale=, offset=)` is the fast path that agrees with it.
 
 The two fitted fusions are settings of that formula:
 

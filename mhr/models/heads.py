@@ -195,7 +195,7 @@ class PriorHeads(nn.Module):
     level one batched matmul over its nodes' parents gathered from the level above.
     """
 
-    sequence_level = False  # decodes each state on its own (`mhr.model` decoder contract)
+    sequence_level = False  # decodes each state on its own (`mhr.models.multihead` decoder contract)
 
     def __init__(self, d: int, layout: HeadLayout) -> None:
         super().__init__()
@@ -234,7 +234,7 @@ class PriorHeads(nn.Module):
         return q.view(*lead, self.layout.n_heads, d)
 
     def decode(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """(queries, no auxiliary loss): the decoder contract of `mhr.model`."""
+        """(queries, no auxiliary loss): the decoder contract of `mhr.models.multihead`."""
         return self(h), {}
 
     def assign(self, q, item_vecs, scorer, targets: torch.Tensor, compat: torch.Tensor) -> torch.Tensor:
@@ -308,7 +308,7 @@ class HeadRouter(nn.Module):
     With it a head's in-group softmax becomes a factor of one model over the catalogue,
     p(i | h) = Σ_k p(k | h) p(i | k, h) with p(i | k, h) = softmax over Ω_k of s_k — exactly
     that for a partition prior — and items are ranked by max_k log p(k | h) + log p(i | k, h)
-    (`mhr.scoring.router_offsets`). Zero-initialised: every head starts equally likely.
+    (`mhr.ranking.scoring.router_offsets`). Zero-initialised: every head starts equally likely.
     """
 
     def __init__(self, d: int, n_heads: int) -> None:
@@ -535,7 +535,7 @@ class Compatibility:
 
 
 # ---------------------------------------------------------------------------------------------
-# fusion (dense reference; `mhr.scoring` holds the grouped fast path)
+# fusion (dense reference; `mhr.ranking.scoring` holds the grouped fast path)
 
 
 def _allowed(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:

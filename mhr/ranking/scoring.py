@@ -21,10 +21,10 @@ items with equal fused scores the lower item id ranks first (also at the k-th pl
 recommendable item can fill (k above the number of candidates) hold item 0, score -inf, head -1.
 The winner is -1 under avg fusion.
 
-Calibrated and weighted fusion (`mhr.fusion`): both functions take optional per-head parameters
+Calibrated and weighted fusion (`mhr.ranking.fusion`): both functions take optional per-head parameters
 `scale` a, `offset` b (max and avg) and `weights` w (avg only), each [K] or per user [B, K]; heads
 are fused as max_k (a_k s_k + b_k) or Σ w_k (a_k s_k + b_k) / Σ w_k over the eligible heads. Left
-out, they are 1, 0, 1: the paper's max and avg. `mhr.fusion.fuse_dense` is the formula.
+out, they are 1, 0, 1: the paper's max and avg. `mhr.ranking.fusion.fuse_dense` is the formula.
 
 `score_fn(q[..., d], items[M, d]) -> [..., M]` is the model's scorer (cosine with temperature, or
 dot); it is applied to item slices, so it must score each item independently of the others.
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mhr.fusion import fuse_dense, per_head
+from mhr.ranking.fusion import fuse_dense, per_head
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # history to exclude: a bool mask [B, N+1] (tensor or array), or CSR rows (indptr [B+1], item ids)
