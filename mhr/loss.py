@@ -46,18 +46,16 @@ happen only for p > 0 or sampled negatives).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mhr.models.heads import dot_scores
+from mhr.models.heads import ScoreFn, dot_scores
 from mhr.sampling import HeadSampler, InBatch, Sampling, head_negatives, sampled_head_lse
 
 HEAD_WEIGHTS = ("frequency", "uniform")
 NEGATIVES_FROM = ("group", "global")
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # logits (or gathered candidate elements) per chunk before chunking + checkpointing kicks in
 _CHUNK_ELEMENTS = 1 << 24

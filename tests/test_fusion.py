@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mhr.models.heads import fuse_avg, fuse_max
 from mhr.ranking import fusion
+from mhr.ranking.fusion import fuse_avg, fuse_max
 from mhr.ranking.metrics import ndcg_at_k
 from mhr.ranking.scoring import dense_fused_topk, grouped_fused_topk
 from tests.helpers import dot

@@ -1,4 +1,5 @@
-"""Heads: layout, zero init, hierarchical sharing, compatibility semantics, scorer and fusion."""
+"""Heads: layout, zero init, hierarchical sharing, compatibility semantics, scorer, and the max/avg
+fusion of their scores (`mhr.ranking.fusion`)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from mhr.models.heads import (
     PriorHeads,
     Scorer,
     build_layout,
-    fuse_avg,
-    fuse_max,
     parameter_count,
     tree_levels,
 )
 from mhr.priors.spec import PriorSpec
+from mhr.ranking.fusion import fuse_avg, fuse_max
 
 N_ITEMS, N_USERS, TAU, D = 12, 6, 4, 8
 EVENT_VOCAB = [None, "view", "like", "buy", "share"]  # "share" is mapped by no group

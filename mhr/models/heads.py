@@ -1,4 +1,4 @@
-"""Prior-conditioned heads: layout, adapters, scorer, compatibility sets and fusion.
+"""Prior-conditioned heads: layout, adapters, scorer and compatibility sets.
 
 The method (DESIGN §1, Zhang et al. 2025, arXiv 2511.10492):
 
@@ -18,13 +18,15 @@ The method (DESIGN §1, Zhang et al. 2025, arXiv 2511.10492):
   are dropped by default and listed in `HeadLayout.dropped`.
 - The optional *global head* is the backbone's own state `h` (no parameters) over the whole
   catalogue, with every target as a positive; it is always the last head.
-- Inference fuses each item's eligible heads by max (the winner explains) or by average.
+- Inference fuses each item's eligible heads by max (the winner explains) or by average
+  (`mhr.ranking.fusion`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +40,9 @@ from mhr.priors.spec import PriorSpec
 COMPOSITIONS = ("flat", "additive", "multiplicative", "hierarchical")
 SCORES = ("cosine", "dot")
 GLOBAL = "global"
-NEG_INF = float("-inf")
+
+# what `Scorer` and `dot_scores` are: (queries [..., d], items [M, d] or [..., M, d]) -> scores [..., M]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +312,7 @@ class HeadRouter(nn.Module):
     With it a head's in-group softmax becomes a factor of one model over the catalogue,
     p(i | h) = Σ_k p(k | h) p(i | k, h) with p(i | k, h) = softmax over Ω_k of s_k — exactly
     that for a partition prior — and items are ranked by max_k log p(k | h) + log p(i | k, h)
-    (`mhr.ranking.scoring.router_offsets`). Zero-initialised: every head starts equally likely.
+    (`mhr.ranking.fusion.router_offsets`). Zero-initialised: every head starts equally likely.
     """
 
     def __init__(self, d: int, n_heads: int) -> None:
@@ -532,30 +536,3 @@ class Compatibility:
     def unreachable_items(self) -> torch.Tensor:
         """Item ids (≥ 1) that no head may score: they can never be recommended."""
         return torch.nonzero(~self.omega[:, 1:].any(0)).flatten() + 1
-
-
-# ---------------------------------------------------------------------------------------------
-# fusion (dense reference; `mhr.ranking.scoring` holds the grouped fast path)
-
-
-def _allowed(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    eligible = eligible.to(scores.device, torch.bool)
-    return eligible.expand_as(scores) if eligible.dim() == 2 else eligible
-
-
-def fuse_max(scores: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max over each item's eligible heads. scores [B, K, N], eligible [B, K, N] or [K, N] ->
-    (fused [B, N], winner [B, N]); no eligible head: -inf and winner -1; ties: lowest head id."""
-    allowed = _allowed(scores, eligible)
-    fused, winner = scores.masked_fill(~allowed, NEG_INF).max(dim=1)
-    none = ~allowed.any(dim=1)
-    return fused.masked_fill(none, NEG_INF), winner.masked_fill(none, -1)
-
-
-def fuse_avg(scores: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over each item's eligible heads; same shapes as `fuse_max`, winner always -1."""
-    allowed = _allowed(scores, eligible)
-    count = allowed.sum(dim=1)
-    fused = torch.where(allowed, scores, 0.0).sum(dim=1) / count.clamp(min=1)
-    fused = fused.masked_fill(count == 0, NEG_INF)
-    return fused, torch.full_like(fused, -1, dtype=torch.long)

@@ -59,10 +59,10 @@ import torch
 from torch import nn
 
 from mhr.errors import NotFoundError, UsageError
+from mhr.models.item_text import POOLINGS
 
 TINY = "tiny"
 ADAPTERS = ("linear", "mlp")
-POOLINGS = ("mean", "token")
 ENCODE_BATCH = 64  # item texts per encoder call (sorted by length, so padding stays small)
 
 # The from-scratch user decoder ("--user-llm tiny"); ignored when user_llm names a model.

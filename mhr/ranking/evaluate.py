@@ -36,7 +36,7 @@ from mhr.errors import UsageError
 from mhr.priors.spec import PriorSpec
 from mhr.ranking import fusion as fusion_mod
 from mhr.ranking.diversity import greedy_diverse
-from mhr.ranking.fusion import FITTED, FusionFit
+from mhr.ranking.fusion import FITTED, FUSIONS, FusionFit
 from mhr.ranking.inference import Ranking, history_mask, iter_queries, rank_split
 from mhr.ranking.metrics import (
     coverage,
@@ -50,7 +50,6 @@ from mhr.ranking.metrics import (
 from mhr.train import LoadedRun, load_run
 from mhr.workspace import Dataset
 
-FUSIONS = fusion_mod.FUSIONS  # max, avg, learned, invvar
 EVAL_FORMAT = 2
 
 

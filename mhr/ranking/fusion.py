@@ -1,5 +1,6 @@
-"""Fusion of head scores beyond the paper's max / avg: `learned` (per-head calibration fitted on the
-validation split) and `invvar` (inverse-variance weighting) — pure functions, no files.
+"""Fusion of head scores: the paper's max / avg (`fuse_max`, `fuse_avg`) and, beyond them, `learned`
+(per-head calibration fitted on the validation split) and `invvar` (inverse-variance weighting) —
+pure functions, no files.
 
 Every fusion is one formula over the heads `E_u(i) = H(i) ∩ {heads user u may use}` of an item,
 applied to per-head *calibrated* scores `t_k = a_k · s_k + b_k`:
@@ -42,18 +43,19 @@ The two fitted fusions are settings of that formula:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from mhr.models.heads import ScoreFn
 
 FUSIONS = ("max", "avg", "learned", "invvar", "router")
 FITTED = ("learned", "invvar")
-NEG_INF = float("-inf")
+FORMULAS = ("max", "avg")  # what `fuse_dense` and the scoring kernels compute; the rest are settings of them
+NEG_INF = float("-inf")  # the fused score of an item no eligible head may score
 
 # settings of the fitted fusions; all of them enter the fit's cache key (see `fit_settings`)
 FIT_VERSION = 3
@@ -76,6 +78,34 @@ def fit_settings(kind: str) -> dict[str, Any]:
     if kind == "invvar":
         return {"kind": kind, "version": FIT_VERSION, "seed": FIT_SEED, "max_users": VAR_MAX_USERS}
     raise ValueError(f"{kind!r} is not a fitted fusion; fitted are {FITTED}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's max and avg, dense (`fuse_dense` adds per-head parameters; `mhr.ranking.scoring`
+# holds the grouped fast path)
+
+
+def _allowed(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    eligible = eligible.to(scores.device, torch.bool)
+    return eligible.expand_as(scores) if eligible.dim() == 2 else eligible
+
+
+def fuse_max(scores: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over each item's eligible heads. scores [B, K, N], eligible [B, K, N] or [K, N] ->
+    (fused [B, N], winner [B, N]); no eligible head: -inf and winner -1; ties: lowest head id."""
+    allowed = _allowed(scores, eligible)
+    fused, winner = scores.masked_fill(~allowed, NEG_INF).max(dim=1)
+    none = ~allowed.any(dim=1)
+    return fused.masked_fill(none, NEG_INF), winner.masked_fill(none, -1)
+
+
+def fuse_avg(scores: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over each item's eligible heads; same shapes as `fuse_max`, winner always -1."""
+    allowed = _allowed(scores, eligible)
+    count = allowed.sum(dim=1)
+    fused = torch.where(allowed, scores, 0.0).sum(dim=1) / count.clamp(min=1)
+    fused = fused.masked_fill(count == 0, NEG_INF)
+    return fused, torch.full_like(fused, -1, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------

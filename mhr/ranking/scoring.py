@@ -34,20 +34,17 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from mhr.ranking.fusion import fuse_dense, per_head
+from mhr.models.heads import ScoreFn
+from mhr.ranking.fusion import FORMULAS, NEG_INF, fuse_dense, per_head
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # history to exclude: a bool mask [B, N+1] (tensor or array), or CSR rows (indptr [B+1], item ids)
 Exclude = torch.Tensor | np.ndarray | tuple[np.ndarray, np.ndarray] | None
 
-FUSIONS = ("max", "avg")
-NEG_INF = float("-inf")
 # elements of one intermediate score tensor (64 MiB of float32) and of the fused [B, N+1] buffer
 _BLOCK_ELEMENTS = 1 << 20
 _BUFFER_ELEMENTS = 1 << 26
@@ -58,8 +55,8 @@ _BUFFER_ELEMENTS = 1 << 26
 
 
 def _check(q: torch.Tensor, item_vecs: torch.Tensor, eligible: torch.Tensor, fusion: str, k: int) -> None:
-    if fusion not in FUSIONS:
-        raise ValueError(f"unknown fusion {fusion!r}; use one of {FUSIONS}")
+    if fusion not in FORMULAS:
+        raise ValueError(f"unknown fusion {fusion!r}; use one of {FORMULAS}")
     if q.dim() != 3 or item_vecs.dim() != 2 or q.shape[-1] != item_vecs.shape[-1]:
         raise ValueError(
             f"need q [B, K, d] and item_vecs [N+1, d], got {tuple(q.shape)}, {tuple(item_vecs.shape)}"
@@ -349,8 +346,8 @@ def grouped_fused_topk(
     `ScoringPlan`; a bool [K, N+1] matrix is looked up in a small content-keyed plan cache."""
     plan = eligible if isinstance(eligible, ScoringPlan) else plan_for(eligible)
     b, n_heads, _ = q.shape
-    if fusion not in FUSIONS:
-        raise ValueError(f"unknown fusion {fusion!r}; use one of {FUSIONS}")
+    if fusion not in FORMULAS:
+        raise ValueError(f"unknown fusion {fusion!r}; use one of {FORMULAS}")
     if (plan.n_heads, plan.n_cols) != (n_heads, item_vecs.shape[0]) or k < 1:
         raise ValueError(
             f"plan is [{plan.n_heads}, {plan.n_cols}], q/item_vecs give [{n_heads}, {item_vecs.shape[0]}]; k={k}"
