@@ -1,4 +1,4 @@
-"""HLLM costs (issue 5): item-embedding throughput, one training step relative to HSTU size 1, and
+"""HLLM costs: item-embedding throughput, one training step relative to HSTU size 1, and
 one --train-item-llm step relative to a frozen HLLM step.
 
     python benchmarks/bench_hllm.py                  # 512 item texts, batch 64 x 50, 4,344 items

@@ -1,4 +1,5 @@
-"""Fused top-k scoring: cost relative to one head, grouped vs dense (DESIGN §7, issue 4).
+"""Fused top-k scoring: cost relative to one head, grouped vs dense (docs/ARCHITECTURE.md,
+"Performance principles").
 
     python benchmarks/bench_scoring.py                 # 25k items, d = 128 and 256, 512 users
     python benchmarks/bench_scoring.py --quick         # smaller, for a smoke run

@@ -1,4 +1,4 @@
-"""Training-step cost (issue 7): multi-head overhead, throughput + MFU, peak memory per step.
+"""Training-step cost: multi-head overhead, throughput + MFU, peak memory per step.
 
     python benchmarks/bench_train.py                         # HSTU sizes 1 and 2, batch 128, T = 50, CPU
     python benchmarks/bench_train.py --sizes 1 --steps 3     # quicker

@@ -1,4 +1,4 @@
-"""The multi-head next-τ loss (DESIGN §1, Eq. 6–8).
+"""The multi-head next-τ loss (paper Eq. 6–8; docs/ARCHITECTURE.md, "The method in brief").
 
 Every input position t predicts its next τ items. A *positive* is a (b, t, j, k) with a real
 target `targets[b, t, j]` compatible with head k (`compat[b, t, j, k]`); its cross-entropy runs
@@ -37,7 +37,7 @@ is its positive, weighted like any other head (under "frequency" it counts all P
 Cost: the positives' distinct queries (b, t, k) are scored head by head against that head's
 candidates only — `[Q_k, |Ω̃_k|]` for the full softmax, `[Q_k, n]` sampled — so logits are computed
 once per query, never per positive, and the cost follows Σ_k Q_k |Ω̃_k| (about one head's worth
-when each item sits in few groups), not K (N+1) per position (DESIGN §7). Large full-softmax
+when each item sits in few groups), not K (N+1) per position. Large full-softmax
 blocks are processed in chunks of queries whose logits are recomputed in the backward pass
 (activation checkpointing), so the peak stays near one chunk; the sampled rows ([P_k, n], the
 target scored beside them) are small and not chunked. Deterministic given `generator` (random draws
@@ -200,7 +200,7 @@ def loss_from_candidates(q: torch.Tensor, item_vecs: torch.Tensor, scorer: Score
     """Full-softmax loss given the candidate sets cand [K, N+1] (what `multihead_loss` draws).
 
     Head by head, each distinct query is scored against that head's candidates only —
-    `[Q_k, |Ω̃_k|]`, so the cost follows Σ_k Q_k |Ω̃_k|, not Q (N+1) (DESIGN §7)."""
+    `[Q_k, |Ω̃_k|]`, so the cost follows Σ_k Q_k |Ω̃_k|, not Q (N+1)."""
     cand = cand.to(torch.bool)
     if len(pos):
         present = torch.bincount(pos.k, minlength=cand.shape[0]) > 0

@@ -1,4 +1,4 @@
-"""One training loop for every backbone and head layout (DESIGN §6).
+"""One training loop for every backbone and head layout.
 
 `train()` is the stage: windows + priors + parameters → `runs/<name>/` holding `config.json`
 (everything needed to rebuild the model), `model.safetensors` (the best weights on validation

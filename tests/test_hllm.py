@@ -1,4 +1,4 @@
-"""HLLM backbone and the item-embedding stage (issue 5): tiny random transformers models built
+"""HLLM backbone and the item-embedding stage: tiny random transformers models built
 here, the bundled MiniLM for the offline default, no downloads."""
 
 from __future__ import annotations

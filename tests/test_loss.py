@@ -1,4 +1,4 @@
-"""The multi-head loss against a slow loop-based reference written plainly here (DESIGN §1 Eq. 6–8)."""
+"""The multi-head loss against a slow loop-based reference written plainly here (paper Eq. 6–8)."""
 
 from __future__ import annotations
 

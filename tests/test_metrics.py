@@ -1,4 +1,4 @@
-"""Metrics on hand-worked cases (DESIGN §5)."""
+"""Metrics (docs/ARCHITECTURE.md, "Evaluation protocol") on hand-worked cases."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Prior-conditioned heads: layout, adapters, scorer and compatibility sets.
 
-The method (DESIGN §1, Zhang et al. 2025, arXiv 2511.10492):
+The method (Zhang et al. 2025, arXiv 2511.10492; docs/ARCHITECTURE.md, "The method in brief"):
 
 - A head decodes the backbone state `h` into a query `q_k = h + SiLU(W_k h + b_k)` (Eq. 2), `W_k`
   and `b_k` zero-initialised, so at step 0 every head *is* `h`. The released code left the bias
@@ -14,8 +14,9 @@ The method (DESIGN §1, Zhang et al. 2025, arXiv 2511.10492):
   group; the leaves are the heads. The paper's Eq. 4 has no bias inside the SiLU; we keep the
   zero-initialised bias of Eq. 2 there too, so every adapter is the same residual SiLU layer.
 - A leaf's `Ω_k` is the intersection of its item-restricting levels (item, graph); event,
-  temporal and user levels allow every item (DESIGN §1 table). Leaves whose intersection is empty
-  are dropped by default and listed in `HeadLayout.dropped`.
+  temporal and user levels allow every item (the table in docs/ARCHITECTURE.md, "Prior kinds and
+  compatibility"). Leaves whose intersection is empty are dropped by default and listed in
+  `HeadLayout.dropped`.
 - The optional *global head* is the backbone's own state `h` (no parameters) over the whole
   catalogue, with every target as a positive; it is always the last head.
 - Inference fuses each item's eligible heads by max (the winner explains) or by average
@@ -242,7 +243,7 @@ class PriorHeads(nn.Module):
         return self(h), {}
 
     def assign(self, q, item_vecs, scorer, targets: torch.Tensor, compat: torch.Tensor) -> torch.Tensor:
-        """Which head each target trains: exactly the prior's compatibility (DESIGN §1)."""
+        """Which head each target trains: exactly the prior's compatibility (`Compatibility.targets`)."""
         return compat
 
     def eligibility(self, item_vecs: torch.Tensor) -> None:
@@ -255,7 +256,7 @@ class PriorHeads(nn.Module):
         h [M, d]; pos, head [Q] (fastest when grouped by head, as the loss asks for them). The
         leaf adapters run only at the positions where their head is asked for — in training, where
         the head has a positive — so the cost of the last tree level follows the positives, not
-        M × K (DESIGN §7); the levels above it are computed densely (few nodes). Same values as
+        M × K; the levels above it are computed densely (few nodes). Same values as
         `forward`; `tests/test_heads.py` holds the two together.
         """
         d = h.shape[-1]
@@ -419,7 +420,8 @@ def dot_scores(q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
 
 
 class Compatibility:
-    """The sets that say which items a head scores and which targets train it (DESIGN §1 table).
+    """The sets that say which items a head scores and which targets train it (the table in
+    docs/ARCHITECTURE.md, "Prior kinds and compatibility").
 
     `omega [K, N+1]`: Ω_k, the intersection of the leaf's item-restricting groups (item, graph);
     event/temporal/user levels allow every item; the global head allows every item; item 0 never.

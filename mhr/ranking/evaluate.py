@@ -1,4 +1,5 @@
-"""`mhr eval`: full-catalogue ranking of a split and every metric of DESIGN §5.
+"""`mhr eval`: full-catalogue ranking of a split and every metric of the evaluation protocol
+(docs/ARCHITECTURE.md, "Evaluation protocol").
 
 The stage is a pure function of (run, evaluation parameters) → `runs/<name>/eval/<key12>.json`;
 its key covers the run's key (and the baseline's), so a retrained run is re-evaluated and an

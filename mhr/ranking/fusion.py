@@ -19,8 +19,8 @@ The two fitted fusions are settings of that formula:
   ranking *inside* a head unchanged), and the calibrated scores are averaged over the eligible
   heads. Why calibration and not a normalised weighted mean Σ w_k s_k / Σ w_k: with single-label
   category heads every item has one eligible head, so a normalised weight cancels out and could
-  never fix what goes wrong across groups (DESIGN §1 "what to watch": heads trained on in-group
-  negatives are not comparable across groups); an offset and a scale per head can. Where every head
+  never fix what goes wrong across groups (heads trained on in-group negatives are not comparable
+  across groups: docs/ARCHITECTURE.md, "What to watch"); an offset and a scale per head can. Where every head
   is eligible for every item (temporal, event heads) it is a weighted sum Σ a_k s_k / K + const.
   Fitted by minimising the full-catalogue softmax cross-entropy of the validation targets (history
   excluded, as in evaluation) over the 2K parameters, everything else frozen, with full-batch

@@ -9,7 +9,7 @@ Two implementations with one signature and the same results:
 
 - `dense_fused_topk` — the obviously-correct reference: all `[B, K, N+1]` scores, ineligible ones
   set to -inf, fused, history excluded, top-k. Cost grows with the head count K.
-- `grouped_fused_topk` — the fast path (DESIGN §7): items are grouped by their eligible-head
+- `grouped_fused_topk` — the fast path: items are grouped by their eligible-head
   *pattern* (the set `H(i)`), cached once per eligibility matrix in a `ScoringPlan`. Each large
   pattern is one block `(heads P, items I)`, scored with one matmul `[B, |P|, d] × [|I|, d]` and
   reduced over P, so the cost is `Σ_i |H(i)|` — "heads per item" times one head, not K times. Rare
