@@ -151,8 +151,7 @@ def fuse_dense(
     (fused [B, M], winner [B, M]); no allowed head: -inf and winner -1. Winner is -1 under avg."""
     b, n_heads, _ = scores.shape
     device = scores.device
-    allowed = allowed.to(device, torch.bool)
-    allowed = allowed.expand_as(scores) if allowed.dim() == 2 else allowed
+    allowed = _allowed(scores, allowed)
     if fusion == "max" and weights is not None:
         raise ValueError("weights apply to avg fusion; use scale/offset to calibrate max")
     t = calibrate(scores.float(), per_head(scale, n_heads, device, "scale", positive=True),
