@@ -1,4 +1,4 @@
-"""Data-stage benchmarks (issue 2 §5): long-CSV import throughput and `data synth` at scale.
+"""Data-stage benchmarks: long-CSV import throughput and `data synth` at scale.
 
     python benchmarks/bench_data.py import --rows 10000000     # writes the CSV first, then times
     python benchmarks/bench_data.py synth --interactions 50000000

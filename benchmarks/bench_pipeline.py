@@ -1,4 +1,4 @@
-"""The whole pipeline at scale (issue #15 item 2): every stage through the real CLI, timed.
+"""The whole pipeline at scale: every stage through the real CLI, timed.
 
     python benchmarks/bench_pipeline.py            # full: 20M interactions, 200k users, 500k items
     python benchmarks/bench_pipeline.py --quick    # 1M interactions, 20k users, 50k items (minutes)

@@ -1,4 +1,4 @@
-"""Graph and user priors at the size of the paper's news dataset (issue 3 §Benchmark).
+"""Graph and user priors at the size of the paper's news dataset .
 
     python benchmarks/bench_priors.py --dir /tmp/bench-priors            # 45k users, 25k items, 30M
     python benchmarks/bench_priors.py --dir /tmp/bp --interactions 3000000  # a quicker check
@@ -12,7 +12,7 @@ truth, it also reports the NMI of the recovered communities against `items.attrs
     python benchmarks/bench_priors.py --ratio-store WS/toys/store.duckdb --holdout 2 --reference
 
 times, in one process, one Leiden call against the whole `--clusters` resolution search (the new
-one, and with --reference the first one) on the graph prior's graph of an existing store (issue 15).
+one, and with --reference the first one) on the graph prior's graph of an existing store.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sampled-softmax training-step cost (issue 13 item 3): full softmax vs each sampled mode.
+"""Sampled-softmax training-step cost: full softmax vs each sampled mode.
 
     python benchmarks/bench_sampling.py --threads 1           # 12k items, n = 256 and 8,192, τ = 1
     python benchmarks/bench_sampling.py --quick               # 1 step, no warm-up (the fewest steps)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def setup_width(args) -> int:
-    from mhr.model import backbone_config
+    from mhr.models.multihead import backbone_config
 
     return backbone_config("hstu", args.size, args.items, args.context).d
 

@@ -1,4 +1,5 @@
-"""Fused top-k scoring: cost relative to one head, grouped vs dense (DESIGN §7, issue 4).
+"""Fused top-k scoring: cost relative to one head, grouped vs dense (docs/ARCHITECTURE.md,
+"Performance principles").
 
     python benchmarks/bench_scoring.py                 # 25k items, d = 128 and 256, 512 users
     python benchmarks/bench_scoring.py --quick         # smaller, for a smoke run
@@ -28,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from mhr.scoring import ScoringPlan, dense_fused_topk, grouped_fused_topk
+from mhr.ranking.scoring import ScoringPlan, dense_fused_topk, grouped_fused_topk
 
 
 def cosine(q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Training-step cost (issue 7): multi-head overhead, throughput + MFU, peak memory per step.
+"""Training-step cost: multi-head overhead, throughput + MFU, peak memory per step.
 
     python benchmarks/bench_train.py                         # HSTU sizes 1 and 2, batch 128, T = 50, CPU
     python benchmarks/bench_train.py --sizes 1 --steps 3     # quicker
@@ -64,9 +64,16 @@ import time
 import numpy as np
 import torch
 
-from mhr.heads import Compatibility, SelectedQueries, build_layout, dot_scores, parameter_count, tree_levels
 from mhr.loss import find_positives, multihead_loss
-from mhr.model import backbone_config, build_model
+from mhr.models.heads import (
+    Compatibility,
+    SelectedQueries,
+    build_layout,
+    dot_scores,
+    parameter_count,
+    tree_levels,
+)
+from mhr.models.multihead import backbone_config, build_model
 from mhr.priors.spec import PriorSpec
 from mhr.train import TrainParams, _batch, _LossStep
 

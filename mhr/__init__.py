@@ -12,7 +12,7 @@ __all__ = ["Recommender"]
 def __getattr__(name: str):
     # lazy: `import mhr` (every CLI start) stays free of torch; `from mhr import Recommender` loads it
     if name == "Recommender":
-        from mhr.service import Recommender
+        from mhr.ranking.service import Recommender
 
         return Recommender
     raise AttributeError(f"module 'mhr' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Stage keys, manifests and atomic artifact directories (DESIGN §2).
+"""Stage keys, manifests and atomic artifact directories.
 
 A stage's key is the sha256 of canonical JSON over {stage, params, keys of its inputs, format
 version}. A directory artifact holds `manifest.json` with that key and the size and sha256 of

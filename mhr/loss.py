@@ -1,4 +1,4 @@
-"""The multi-head next-τ loss (DESIGN §1, Eq. 6–8).
+"""The multi-head next-τ loss (paper Eq. 6–8; docs/ARCHITECTURE.md, "The method in brief").
 
 Every input position t predicts its next τ items. A *positive* is a (b, t, j, k) with a real
 target `targets[b, t, j]` compatible with head k (`compat[b, t, j, k]`); its cross-entropy runs
@@ -37,7 +37,7 @@ is its positive, weighted like any other head (under "frequency" it counts all P
 Cost: the positives' distinct queries (b, t, k) are scored head by head against that head's
 candidates only — `[Q_k, |Ω̃_k|]` for the full softmax, `[Q_k, n]` sampled — so logits are computed
 once per query, never per positive, and the cost follows Σ_k Q_k |Ω̃_k| (about one head's worth
-when each item sits in few groups), not K (N+1) per position (DESIGN §7). Large full-softmax
+when each item sits in few groups), not K (N+1) per position. Large full-softmax
 blocks are processed in chunks of queries whose logits are recomputed in the backward pass
 (activation checkpointing), so the peak stays near one chunk; the sampled rows ([P_k, n], the
 target scored beside them) are small and not chunked. Deterministic given `generator` (random draws
@@ -46,18 +46,16 @@ happen only for p > 0 or sampled negatives).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mhr.heads import dot_scores
+from mhr.models.heads import ScoreFn, dot_scores
 from mhr.sampling import HeadSampler, InBatch, Sampling, head_negatives, sampled_head_lse
 
 HEAD_WEIGHTS = ("frequency", "uniform")
 NEGATIVES_FROM = ("group", "global")
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # logits (or gathered candidate elements) per chunk before chunking + checkpointing kicks in
 _CHUNK_ELEMENTS = 1 << 24
@@ -148,8 +146,8 @@ def multihead_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of the module docstring.
 
-    q [B, L, K, d] head queries (or `mhr.heads.SelectedQueries`, computed where read); item_vecs [N+1, d]; scorer(q [..., d], items [M, d] or
-    [..., M, d]) -> [..., M] (e.g. `mhr.heads.Scorer`); targets [B, L, τ] (0 = none);
+    q [B, L, K, d] head queries (or `mhr.models.heads.SelectedQueries`, computed where read); item_vecs [N+1, d]; scorer(q [..., d], items [M, d] or
+    [..., M, d]) -> [..., M] (e.g. `mhr.models.heads.Scorer`); targets [B, L, τ] (0 = none);
     compat [B, L, τ, K] (`Compatibility.targets`); omega [K, N+1] (`Compatibility.omega`).
     negative_ids [K, n]: negatives already drawn (`sample_negatives`), used instead of drawing
     them here — for a caller that must know them before computing item_vecs (a fine-tuned item
@@ -202,7 +200,7 @@ def loss_from_candidates(q: torch.Tensor, item_vecs: torch.Tensor, scorer: Score
     """Full-softmax loss given the candidate sets cand [K, N+1] (what `multihead_loss` draws).
 
     Head by head, each distinct query is scored against that head's candidates only —
-    `[Q_k, |Ω̃_k|]`, so the cost follows Σ_k Q_k |Ω̃_k|, not Q (N+1) (DESIGN §7)."""
+    `[Q_k, |Ω̃_k|]`, so the cost follows Σ_k Q_k |Ω̃_k|, not Q (N+1)."""
     cand = cand.to(torch.bool)
     if len(pos):
         present = torch.bincount(pos.k, minlength=cand.shape[0]) > 0
@@ -311,7 +309,7 @@ def _per_head(q, item_vecs, scorer, pos: Positives, head_lse, inside: torch.Tens
     flat, heads = uniq % n_pos, uniq // n_pos
     if torch.is_tensor(q):
         queries = q.reshape(-1, n_heads, d)[flat, heads]  # [Q, d], grouped by head
-    else:  # computed only here, where they are read (`mhr.heads.SelectedQueries`)
+    else:  # computed only here, where they are read (`mhr.models.heads.SelectedQueries`)
         queries = q.at(flat, heads)
     q_sizes = torch.bincount(uniq // n_pos, minlength=n_heads).tolist()
     p_sizes = torch.bincount(pos.k, minlength=n_heads).tolist()
@@ -381,7 +379,7 @@ def router_loss(logits: torch.Tensor, targets: torch.Tensor, compat: torch.Tenso
     """The joint router's loss: −log Σ_{k compatible with y} p(k | h) for every real target y at
     every position and offset, γ^j-weighted and averaged over those targets.
 
-    logits [B, L, K] (`mhr.heads.HeadRouter`), targets [B, L, τ] (0 = none), compat [B, L, τ, K]
+    logits [B, L, K] (`mhr.models.heads.HeadRouter`), targets [B, L, τ] (0 = none), compat [B, L, τ, K]
     (`Compatibility.targets`). A target no head may take is left out (it has no route)."""
     log_p = torch.log_softmax(logits.float(), dim=-1).unsqueeze(2)  # [B, L, 1, K]
     routed = log_p.masked_fill(~compat, float("-inf")).logsumexp(dim=-1)  # [B, L, τ]

@@ -246,7 +246,7 @@ def _train_step(dataset: Dataset, params: Any, windows: str, run_name: str, devi
 
 def _eval_step(dataset: Dataset, run_name: str, params: Any, device: str, force: bool, wait: float) -> Path:
     """`mhr eval RUN …`."""
-    from mhr.evaluate import EvalParams, evaluate
+    from mhr.ranking.evaluate import EvalParams, evaluate
 
     command = ["eval", run_name]
     for f in dataclasses.fields(EvalParams):
@@ -403,7 +403,7 @@ def _train_variants(path: Path, recipe: dict[str, Any], name: str, dataset: Data
 def _evaluate_runs(recipe: dict[str, Any], dataset: Dataset, run_names: dict[tuple[str, int], str],
                    chosen: dict[str, dict[str, Any]], device: str, force: bool, wait: float) -> list[Path]:
     """Every run × split × fusion (+ the oracle and diversity extras the [eval] section asks for)."""
-    from mhr.evaluate import EvalParams
+    from mhr.ranking.evaluate import EvalParams
 
     eval_cfg = dict(recipe.get("eval", {}))
     fusions = _as_list(eval_cfg.pop("fusion", ["max"]))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mhr.errors import NotFoundError
-from mhr.metrics import mean_ci
+from mhr.ranking.metrics import mean_ci
 from mhr.workspace import Dataset
 
 HEADLINE = ("ndcg@10", "recall@10", "ndcg@50", "recall@50")
@@ -280,7 +280,7 @@ def plot_projection(dataset: Dataset, run_name: str, path: Path, user: str | Non
     """PCA of item vectors: one user's history, targets and top items coloured by winning head."""
     import torch
 
-    from mhr.recommend import recommend
+    from mhr.ranking.recommend import recommend
     from mhr.store import connect
     from mhr.train import load_run
 

@@ -1,4 +1,5 @@
-"""The dataset store: one DuckDB file per dataset with the tables of DESIGN §4.
+"""The dataset store: one DuckDB file per dataset with the tables of `SCHEMA` (described in
+docs/ARCHITECTURE.md, "The store").
 
 Ids are dense: items and users are numbered from 1 (0 is padding). `interactions.pos` is the
 chronological order within a user, ties broken by the order in the source.

@@ -42,11 +42,11 @@ from mhr import checkpoint
 from mhr.cache import is_done, lock_path, locked, stage_key, write_manifest
 from mhr.console import err, progress
 from mhr.errors import InputError, NotFoundError, StaleError, TrainingError, UsageError
-from mhr.heads import Compatibility, HeadLayout, PriorHeads, SelectedQueries, build_layout, dot_scores
-from mhr.inference import rank_split
+from mhr.models.heads import Compatibility, HeadLayout, PriorHeads, SelectedQueries, build_layout, dot_scores
+from mhr.ranking.inference import rank_split
 from mhr.loss import multihead_loss, router_loss, sample_negatives
-from mhr.metrics import ndcg_at_k
-from mhr.model import (
+from mhr.ranking.metrics import ndcg_at_k
+from mhr.models.multihead import (
     BACKBONES,
     MultiHeadRecommender,
     backbone_config,
@@ -407,7 +407,7 @@ def _hllm_inputs(dataset: Dataset, params: TrainParams, device: str, show_progre
     common = dict(user_llm=params.user_llm, item_llm=params.item_llm, pooling=params.pooling,
                   max_text_len=params.max_text_len)
     if params.train_item_llm:
-        from mhr.item_text import item_texts, model_identity
+        from mhr.models.item_text import item_texts, model_identity
 
         con = connect(dataset.store_path, read_only=True)
         try:
@@ -420,7 +420,7 @@ def _hllm_inputs(dataset: Dataset, params: TrainParams, device: str, show_progre
         inp.config_overrides = dict(common, item_dim=identity["dim"], train_item_llm=True)
         inp.n_items = len(texts)
         return
-    from mhr.item_text import embed_items, load_item_embeddings
+    from mhr.models.item_text import embed_items, load_item_embeddings
 
     emb_key, _ = embed_items(dataset, params.item_llm, params.text_cols, params.max_text_len,
                              params.pooling, device=device, show_progress=show_progress)

@@ -116,7 +116,7 @@ class TrainParams:
         panel=_SCHEDULE)
     seed: int = option(0, "Seed of initialisation, batch order and negative sampling.", panel=_SCHEDULE)
     dropout: float | None = option(None, "Override the size's dropout.", panel=_MODEL)
-    # the baselines' settings; `mhr.model.DecoderOptions` (what a model is built with) starts from
+    # the baselines' settings; `mhr.models.multihead.DecoderOptions` (what a model is built with) starts from
     # the same values, which tests/test_train_params.py holds together (this module imports no torch,
     # so `mhr --help` stays fast)
     decoder: str = option(
@@ -194,8 +194,8 @@ class TrainParams:
         return out
 
     def decoder_options(self) -> Any:
-        """The `mhr.model.DecoderOptions` the model is built with."""
-        from mhr.model import DecoderOptions
+        """The `mhr.models.multihead.DecoderOptions` the model is built with."""
+        from mhr.models.multihead import DecoderOptions
 
         return DecoderOptions(self.decoder, self.interests, self.routing_reg, self.kl_weight,
                               self.kl_anneal_steps, self.contrast_weight)
@@ -272,8 +272,8 @@ def _one_of(value: str, choices: tuple[str, ...] | dict, what: str) -> None:
 
 
 def _check_choices(p: TrainParams) -> None:
-    from mhr.heads import COMPOSITIONS
-    from mhr.model import BACKBONES, DECODERS
+    from mhr.models.heads import COMPOSITIONS
+    from mhr.models.multihead import BACKBONES, DECODERS
 
     _one_of(p.backbone, BACKBONES, "backbone")
     _one_of(p.compose, COMPOSITIONS, "composition")

@@ -1,4 +1,4 @@
-"""Training windows and the valid/test split (DESIGN §5), as a cached stage `windows/<key12>/`.
+"""Training windows and the valid/test split, as a cached stage `windows/<key12>/`.
 
 Per user, in `pos` order, with `n` interactions, horizon τ and holdout H (default H = τ): the last
 H are the test targets, the H before them the validation targets, and the first `m = n - 2H` (the

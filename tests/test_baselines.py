@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from mhr.errors import UsageError
-from mhr.evaluate import EvalParams, evaluate
-from mhr.heads import Compatibility
-from mhr.inference import rank_split
 from mhr.loss import Positives, loss_from_negatives, multihead_loss
-from mhr.model import DecoderOptions, backbone_config, build_model, interest_layout
 from mhr.models.comirec import ComiRecSA, hard_readout, routing_regulariser
+from mhr.models.heads import Compatibility
+from mhr.models.multihead import DecoderOptions, backbone_config, build_model, interest_layout
 from mhr.priors.synthetic import synthetic_prior
+from mhr.ranking.evaluate import EvalParams, evaluate
+from mhr.ranking.inference import rank_split
 from mhr.train import TrainParams, default_run_name, load_run, train
 from mhr.windows import build_windows, load_windows
 from tests.helpers import dot, interrupt_at_batch, make_dataset
@@ -315,7 +315,7 @@ def _greedy_reference(items, scores, groups, k, lam):
 
 
 def test_greedy_diversity_matches_reference_and_lambda_zero_is_plain():
-    from mhr.diversity import greedy_diverse
+    from mhr.ranking.diversity import greedy_diverse
 
     rng = np.random.default_rng(0)
     groups = rng.random((4, 31)) < 0.35

@@ -1,5 +1,5 @@
-"""Issue #16: the windows (and run) a command uses are the ones the user last asked for, never the newest
-by time; a recorded choice that is gone or stale is an error that lists the alternatives."""
+"""The windows (and run) a command uses are the ones the user last asked for, never the newest by
+time; a recorded choice that is gone or stale is an error that lists the alternatives."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input (issue 2 §4): one line naming file/row/column and the fix, non-zero exit, nothing
+"""Bad input: one line naming file/row/column and the fix, non-zero exit, nothing
 half-created, the existing dataset untouched; and a crash mid-import leaves the old store."""
 
 from __future__ import annotations

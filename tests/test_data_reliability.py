@@ -1,4 +1,4 @@
-"""Issue 12 (reliability), data side: literal paths, UTC offsets, non-scalar values, --force keeping
+"""Reliability, data side: literal paths, UTC offsets, non-scalar values, --force keeping
 priors, damaged archives and deep JSON, normalised ids; each reproduced through the real CLI."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def fails(ws: Path, *args: str, code: int = 2) -> str:
     return err
 
 
-# --- 7. paths are literal, never glob patterns ---------------------------------------------------
+# --- paths are literal, never glob patterns -------------------------------------------------------
 
 
 def _long_rows(n: int, user: str = "u") -> dict:
@@ -74,7 +74,7 @@ def test_item_table_path_is_literal(workspace: Path, tmp_path: Path):
         ("a", "A"), ("b", None), ("c", None), ("d", None)]
 
 
-# --- 8. ISO timestamps keep their UTC offset -----------------------------------------------------
+# --- ISO timestamps keep their UTC offset ---------------------------------------------------------
 
 
 def test_utc_offsets_are_honoured_in_csv(workspace: Path, tmp_path: Path):
@@ -106,7 +106,7 @@ def test_timestamptz_parquet_column(workspace: Path, tmp_path: Path):
     assert rows(workspace, "d", "SELECT ts FROM interactions") == [(1577818800,)]
 
 
-# --- 9. non-scalar values are refused (nulls in tag lists skipped) -------------------------------
+# --- non-scalar values are refused (nulls in tag lists skipped) -----------------------------------
 
 
 AMAZON_BAD = [
@@ -189,7 +189,7 @@ def test_struct_columns_refused(workspace: Path, tmp_path: Path, what: str, data
     assert fragment in err and "STRUCT" in err
 
 
-# --- 12. --force keeps priors, the LLM cache and the stage history -------------------------------
+# --- --force keeps priors, the LLM cache and the stage history ------------------------------------
 
 
 def _with_prior(ws: Path, tmp_path: Path) -> Path:
@@ -238,7 +238,7 @@ def test_synth_force_keeps_priors(workspace: Path):
     assert rows(workspace, "synth", "SELECT prior FROM priors") == [("temporal",)]
 
 
-# --- 5. damaged archives, u.genre without an id, deep JSON ---------------------------------------
+# --- damaged archives, u.genre without an id, deep JSON -------------------------------------------
 
 
 def _ml100k(folder: Path) -> Path:

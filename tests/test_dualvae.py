@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mhr.evaluate import EvalParams, evaluate
-from mhr.heads import Compatibility
-from mhr.model import DecoderOptions, backbone_config, build_model, interest_layout
 from mhr.models.dualvae import PROTOTYPE_WEIGHT, TEMPERATURE, DualVAE, kl_divergence
+from mhr.models.heads import Compatibility
+from mhr.models.multihead import DecoderOptions, backbone_config, build_model, interest_layout
+from mhr.ranking.evaluate import EvalParams, evaluate
 from mhr.train import TrainParams, _LossStep, load_run, train
 from mhr.windows import build_windows
 from tests.helpers import interrupt_at_batch, make_dataset

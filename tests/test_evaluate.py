@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from mhr.errors import NotFoundError, StaleError, UsageError
-from mhr.evaluate import EvalParams, evaluate
+from mhr.ranking.evaluate import EvalParams, evaluate
+from mhr.ranking.recommend import recommend
 from mhr.recipe import run_recipe
-from mhr.recommend import recommend
 from mhr.report import build_report
 from mhr.store import connect, set_meta
 from mhr.train import TrainParams, load_run, train
@@ -78,7 +78,7 @@ def test_single_head_run_max_equals_avg(trained):
 
 def test_history_excluded_by_default(trained):
     run = load_run(trained, "both-s0")
-    from mhr.inference import rank_split
+    from mhr.ranking.inference import rank_split
 
     split = run.windows.read_split("test")
     ranking = rank_split(run.model, run.compat, split, k=10)
@@ -170,7 +170,7 @@ k = [10]
 
 
 def test_learned_and_invvar_fusion_fit_on_valid_and_cached(trained):
-    from mhr.evaluate import eval_key, fusion_path
+    from mhr.ranking.evaluate import eval_key, fusion_path
 
     run = load_run(trained, "both-s0")
     for kind in ("learned", "invvar"):
@@ -223,8 +223,8 @@ def test_eval_cli_learned_end_to_end(trained, cli):
 def test_metric_means_leave_out_users_without_targets():
     import numpy as np
 
-    from mhr.evaluate import _metrics
-    from mhr.inference import Ranking
+    from mhr.ranking.evaluate import _metrics
+    from mhr.ranking.inference import Ranking
 
     items = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
     ranking = Ranking(items, np.zeros(items.shape, np.float32), -np.ones_like(items))
@@ -260,8 +260,8 @@ def cold(tmp_path_factory):
 def test_cold_targets_metrics(cold):
     import numpy as np
 
-    from mhr.inference import rank_split
-    from mhr.metrics import ndcg_at_k, recall_at_k
+    from mhr.ranking.inference import rank_split
+    from mhr.ranking.metrics import ndcg_at_k, recall_at_k
 
     _, r, _ = evaluate(cold, "r", EvalParams(ks=(10, 50)))
     c = r["cold"]
@@ -300,9 +300,9 @@ def test_empty_new_interest_subset_does_not_crash(cold, capsys):
 def test_recommend_learned_and_invvar_use_evals_cached_fit(trained):
     import torch
 
-    from mhr.evaluate import fusion_path, load_or_fit_fusion
-    from mhr.fusion import head_contributions, scoring_args
-    from mhr.scoring import grouped_fused_topk
+    from mhr.ranking.evaluate import fusion_path, load_or_fit_fusion
+    from mhr.ranking.fusion import head_contributions, scoring_args
+    from mhr.ranking.scoring import grouped_fused_topk
 
     run = load_run(trained, "both-s0")
     for kind in ("learned", "invvar"):
@@ -382,8 +382,8 @@ def test_subset_split_matches_a_loop(trained):
 
 
 def test_eval_on_a_user_sample_equals_the_full_ranking_on_those_users(trained):
-    from mhr.evaluate import _metrics, _subsample
-    from mhr.inference import rank_split
+    from mhr.ranking.evaluate import _metrics, _subsample
+    from mhr.ranking.inference import rank_split
 
     run = load_run(trained, "both-s0")
     _, full, _ = evaluate(trained, "both-s0", EvalParams(ks=(10,)))
@@ -402,8 +402,8 @@ def test_eval_on_a_user_sample_equals_the_full_ranking_on_those_users(trained):
 
 
 def test_per_target_group_metrics_match_a_loop(trained):
-    from mhr.inference import rank_split
-    from mhr.metrics import ndcg_at_k
+    from mhr.ranking.inference import rank_split
+    from mhr.ranking.metrics import ndcg_at_k
 
     _, result, _ = evaluate(trained, "both-s0", EvalParams(ks=(10,)))
     tg = result["target_groups"]
@@ -437,8 +437,8 @@ def test_per_target_group_metrics_match_a_loop(trained):
 def test_train_validates_on_a_seeded_user_sample(trained):
     """--valid-users N: early stopping and the kept weights are scored on a seeded sample of the
     valid split; the best validation figure is reproduced from the kept weights on that sample."""
-    from mhr.inference import rank_split
-    from mhr.metrics import ndcg_at_k
+    from mhr.ranking.inference import rank_split
+    from mhr.ranking.metrics import ndcg_at_k
     from mhr.windows import sample_rows, subset_split
 
     train(trained, TrainParams(valid_users=9, **TINY), name="valid-sample", show_progress=False)

@@ -1,4 +1,4 @@
-"""Fitted fusions (mhr.fusion): the dense formula, learned calibration and inverse-variance weights,
+"""Fitted fusions (mhr.ranking.fusion): the dense formula, learned calibration and inverse-variance weights,
 checked at the scoring level on hand-built queries and item vectors."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from mhr import fusion
-from mhr.heads import fuse_avg, fuse_max
-from mhr.metrics import ndcg_at_k
-from mhr.scoring import dense_fused_topk, grouped_fused_topk
+from mhr.ranking import fusion
+from mhr.ranking.fusion import fuse_avg, fuse_max
+from mhr.ranking.metrics import ndcg_at_k
+from mhr.ranking.scoring import dense_fused_topk, grouped_fused_topk
 from tests.helpers import dot
 
 pytestmark = pytest.mark.usefixtures("one_thread")

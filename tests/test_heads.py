@@ -1,4 +1,5 @@
-"""Heads: layout, zero init, hierarchical sharing, compatibility semantics, scorer and fusion."""
+"""Heads: layout, zero init, hierarchical sharing, compatibility semantics, scorer, and the max/avg
+fusion of their scores (`mhr.ranking.fusion`)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,17 @@ import pytest
 import torch
 
 from mhr.errors import UsageError
-from mhr.heads import (
+from mhr.models.heads import (
     COMPOSITIONS,
     Compatibility,
     PriorHeads,
     Scorer,
     build_layout,
-    fuse_avg,
-    fuse_max,
     parameter_count,
     tree_levels,
 )
 from mhr.priors.spec import PriorSpec
+from mhr.ranking.fusion import fuse_avg, fuse_max
 
 N_ITEMS, N_USERS, TAU, D = 12, 6, 4, 8
 EVENT_VOCAB = [None, "view", "like", "buy", "share"]  # "share" is mapped by no group
@@ -153,8 +153,8 @@ def test_every_head_equals_h_at_init(compose, names, global_head):
 def test_selected_queries_equal_dense_heads_and_give_the_same_loss(compose, names, global_head):
     """The fast training path (only the queries the loss reads, `queries_at`) against the dense
     reference (every head at every position): same queries, same loss, same gradients."""
-    from mhr.heads import SelectedQueries, dot_scores
     from mhr.loss import multihead_loss
+    from mhr.models.heads import SelectedQueries, dot_scores
 
     layout = make_layout(compose, names, global_head)
     torch.manual_seed(1)

@@ -1,4 +1,4 @@
-"""HLLM backbone and the item-embedding stage (issue 5): tiny random transformers models built
+"""HLLM backbone and the item-embedding stage: tiny random transformers models built
 here, the bundled MiniLM for the offline default, no downloads."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import mhr.item_text as item_text  # noqa: E402
+import mhr.models.item_text as item_text  # noqa: E402
 from mhr.cache import read_manifest, stage_key  # noqa: E402
 from mhr.errors import NotFoundError, UsageError  # noqa: E402
-from mhr.heads import Compatibility, PriorHeads, Scorer, build_layout  # noqa: E402
 from mhr.loss import multihead_loss  # noqa: E402
-from mhr.model import MultiHeadRecommender  # noqa: E402
+from mhr.models.heads import Compatibility, PriorHeads, Scorer, build_layout  # noqa: E402
 from mhr.models.hllm import HLLM, HLLMConfig, estimate_memory_bytes, estimate_params, hllm_config  # noqa: E402
+from mhr.models.multihead import MultiHeadRecommender  # noqa: E402
 from mhr.store import connect, new_store, set_meta  # noqa: E402
 from mhr.workspace import Workspace  # noqa: E402
 

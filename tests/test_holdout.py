@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from mhr.errors import UsageError
-from mhr.evaluate import EvalParams, evaluate
-from mhr.inference import rank_split
-from mhr.metrics import ndcg_at_k, recall_at_k
+from mhr.ranking.evaluate import EvalParams, evaluate
+from mhr.ranking.inference import rank_split
+from mhr.ranking.metrics import ndcg_at_k, recall_at_k
 from mhr.train import TrainParams, load_run, train
 from mhr.windows import build_windows, load_windows
 from tests.helpers import make_dataset

@@ -1,4 +1,4 @@
-"""The fast resolution search (issue #15 item 4) against the first one, kept as the reference: the same
+"""The fast Leiden resolution search against the first one, kept as the reference: the same
 requested clusters are reached with the same or better modularity, in far fewer whole-graph passes."""
 
 from __future__ import annotations

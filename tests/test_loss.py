@@ -1,4 +1,4 @@
-"""The multi-head loss against a slow loop-based reference written plainly here (DESIGN §1 Eq. 6–8)."""
+"""The multi-head loss against a slow loop-based reference written plainly here (paper Eq. 6–8)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import mhr.loss as loss_mod
-from mhr.heads import Compatibility, PriorHeads, Scorer, build_layout
 from mhr.loss import candidate_sets, multihead_loss, sample_negatives
+from mhr.models.heads import Compatibility, PriorHeads, Scorer, build_layout
 from mhr.priors.spec import PriorSpec
 from tests.helpers import weighted_head_means
 from tests.test_heads import (
@@ -287,9 +287,9 @@ def test_bad_arguments():
 
 
 def test_dot_scores_fast_target_path_equals_the_generic_scorer():
-    """`mhr.heads.dot_scores` takes an elementwise path for the targets' own scores; any other
+    """`mhr.models.heads.dot_scores` takes an elementwise path for the targets' own scores; any other
     scorer goes through the generic [P, 1, d] call. Same loss, same gradients."""
-    from mhr.heads import dot_scores
+    from mhr.models.heads import dot_scores
     from tests.helpers import dot
 
     torch.manual_seed(7)

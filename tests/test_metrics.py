@@ -1,4 +1,4 @@
-"""Metrics on hand-worked cases (DESIGN §5)."""
+"""Metrics (docs/ARCHITECTURE.md, "Evaluation protocol") on hand-worked cases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mhr.metrics import (
+from mhr.ranking.metrics import (
     coverage,
     default_horizons,
     entropy_at_k,

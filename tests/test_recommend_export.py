@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import mhr.recommend as rec_mod
+import mhr.ranking.recommend as rec_mod
 from mhr import Recommender
 from mhr.cli import main
 from mhr.errors import NotFoundError, UsageError
-from mhr.recommend import EXPORT_SCHEMA, export_recommendations, recommend
-from mhr.service import UnknownItemsWarning
+from mhr.ranking.recommend import EXPORT_SCHEMA, export_recommendations, recommend
+from mhr.ranking.service import UnknownItemsWarning
 from mhr.store import connect
 from mhr.train import TrainParams, load_run, train
 from mhr.windows import build_windows

@@ -1,4 +1,4 @@
-"""Issue 12 (reliability), CLI side: every failure is one red line + hint with a documented exit
+"""Reliability, CLI side: every failure is one red line + hint with a documented exit
 code — parse errors 2, Ctrl-C 130, a full disk or a damaged store one line, not a traceback."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def one_error(err: str, *fragments: str, after_listing: bool = False) -> str:
     return errors[0]
 
 
-# --- 1. parse errors: exit 2 with the usage, whatever click the installed typer bundles ---------
+# --- parse errors: exit 2 with the usage, whatever click the installed typer bundles --------------
 
 PARSE_ERRORS = [
     (("windows", "build", "--context", "abc"), "Invalid value for '--context'"),
@@ -70,7 +70,7 @@ def test_help_documents_the_exit_codes(workspace: Path):
         assert fragment in text, text
 
 
-# --- 2. Ctrl-C: exit 130 with one line -----------------------------------------------------------
+# --- Ctrl-C: exit 130 with one line ---------------------------------------------------------------
 
 
 def test_keyboard_interrupt_exits_130(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -132,7 +132,7 @@ def test_sigint_during_a_long_synth_exits_130(workspace: Path):
     assert sorted(p.name for p in (workspace / "big").iterdir()) == [".lock"]
 
 
-# --- 5. one-line errors for system failures; bugs keep their traceback --------------------------
+# --- one-line errors for system failures; bugs keep their traceback -------------------------------
 
 
 @pytest.mark.parametrize("code_", [errno.ENOSPC, errno.EDQUOT])
@@ -205,7 +205,7 @@ def test_workspace_that_cannot_be_written(workspace: Path, tmp_path: Path, monke
     one_error(err, "cannot write", str(workspace), "Permission denied")
 
 
-# --- 5 / 14. a store truncated mid-file ----------------------------------------------------------
+# --- a store truncated mid-file -------------------------------------------------------------------
 
 
 def _truncate(path: Path, keep: float) -> None:

@@ -1,8 +1,8 @@
-"""Issue #12, training / runs / artifacts: each numbered defect reproduced, then shown fixed.
+"""Reliability of training, runs and artifacts: each failure reproduced, then shown handled.
 
-3 negatives beyond the catalogue and their logits in the memory check; 4 --max-steps 0; 5 one-line
-errors for bad numbers, devices and damaged weights; 6 weights checked against their manifest;
-10 temp files of killed processes reported and collected; 11 one trainer per run; 13 --deterministic.
+Negatives beyond the catalogue and their logits in the memory check; --max-steps 0; one-line errors
+for bad numbers, devices and damaged weights; weights checked against their manifest; temp files of
+killed processes reported and collected; one trainer per run; --deterministic.
 """
 
 from __future__ import annotations
@@ -55,14 +55,14 @@ def _dead_pid() -> int:
 
 
 def _flip_bytes(path: Path, at: int = -64, n: int = 16) -> None:
-    """Overwrite bytes inside the file, keeping its size (what the issue's probe did)."""
+    """Overwrite bytes inside the file, keeping its size (silent corruption: the size check alone misses it)."""
     data = bytearray(path.read_bytes())
     for i in range(len(data) + at, len(data) + at + n):
         data[i] ^= 0x5A
     path.write_bytes(bytes(data))
 
 
-# 3 ----------------------------------------------------------------------------------------------
+# --- negatives beyond the catalogue; their logits in the memory check -----------------------------
 
 
 def test_negatives_beyond_the_catalogue_are_refused(fresh):
@@ -73,7 +73,7 @@ def test_negatives_beyond_the_catalogue_are_refused(fresh):
 
 
 def test_memory_check_counts_the_negatives_logits(monkeypatch):
-    from mhr.model import backbone_config
+    from mhr.models.multihead import backbone_config
 
     monkeypatch.setattr(mt, "_available_memory", lambda: 4 << 30)
     config = backbone_config("hstu", "1", 1682, 50)
@@ -91,7 +91,7 @@ def test_memory_check_counts_the_negatives_logits(monkeypatch):
                          config, 50, "cpu", 4)
 
 
-# 4 ----------------------------------------------------------------------------------------------
+# --- --max-steps 0 --------------------------------------------------------------------------------
 
 
 def test_max_steps_zero_is_a_usage_error():
@@ -99,7 +99,7 @@ def test_max_steps_zero_is_a_usage_error():
         TrainParams(max_steps=0).check()
 
 
-# 5 ----------------------------------------------------------------------------------------------
+# --- one-line errors for bad numbers, devices and damaged weights ---------------------------------
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -134,7 +134,7 @@ def test_unusable_device_is_a_usage_error(fresh, monkeypatch):
 
 
 def test_cli_bad_values_are_one_line_errors(fresh, cli):
-    """The issue's reproductions through the real CLI: exit 2, a message, no traceback."""
+    """Bad values through the real CLI: exit 2, a message, no traceback."""
     base = ("--dataset", "tiny", "train", "--size", "tiny", "--batch-size", "16", "--name", "x")
     for extra, match in ((("--lr", "nan"), "--lr nan"), (("--max-steps", "0"), "--max-steps 0")):
         out = cli(*base, *extra, workspace=fresh.root, check=False)
@@ -174,7 +174,7 @@ def test_damaged_checkpoint_on_resume_is_a_one_line_error(tmp_path, monkeypatch)
         train(ds, p, name="r", resume=True, show_progress=False)
 
 
-# 6 ----------------------------------------------------------------------------------------------
+# --- weights checked against their manifest -------------------------------------------------------
 
 
 def test_overwritten_weights_fail_their_manifest_hash(fresh, cli):
@@ -211,12 +211,12 @@ def fresh_ws(ds) -> Workspace:
     return Workspace(ds.root)
 
 
-# 10 ---------------------------------------------------------------------------------------------
+# --- temp files of killed processes: reported by status, removed by gc ----------------------------
 
 
 def test_killed_store_build_leaves_temp_files_that_status_reports_and_gc_removes(tmp_path, cli):
     ws = tmp_path / "ws"
-    # a first import killed with -9 while writing its store (the issue's probe)
+    # a first import killed with -9 while writing its store
     code = ("import os, signal, sys\nfrom pathlib import Path\nfrom mhr.store import new_store\n"
             "with new_store(Path(sys.argv[1])) as con:\n"
             "    con.execute('CREATE TABLE big AS SELECT range AS x FROM range(100000)')\n"
@@ -261,7 +261,7 @@ def test_gc_rechecks_the_pid_before_removing(tmp_path, monkeypatch):
     assert remove_leftovers(tmp_path) == [] and len(list(tmp_path.iterdir())) == 1
 
 
-# 11 ---------------------------------------------------------------------------------------------
+# --- one trainer per run --------------------------------------------------------------------------
 
 
 def test_second_trainer_of_a_run_is_busy(fresh):
@@ -293,7 +293,7 @@ def test_cli_second_trainer_exits_4(fresh, cli):
         holder.wait()
 
 
-# 13 ---------------------------------------------------------------------------------------------
+# --- --deterministic: bit-identical CPU runs ------------------------------------------------------
 
 
 def test_deterministic_runs_give_identical_weights_and_restore_threads(tmp_path, monkeypatch):
@@ -321,7 +321,7 @@ def test_deterministic_runs_give_identical_weights_and_restore_threads(tmp_path,
 
 
 def test_deterministic_mode_fixes_the_thread_dependent_gather_backward():
-    """The cause of #13: with several threads the backward of `table[ids]` (an accumulating
+    """Why --deterministic is needed: with several threads the backward of `table[ids]` (an accumulating
     index_put) adds duplicates in a varying order (10 of 10 repeats differed in a probe at 2
     threads). Inside the mode: one thread, deterministic algorithms, identical gradients; after it,
     the caller's settings are back."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mhr.scoring import ScoringPlan, dense_fused_topk, grouped_fused_topk, plan_for
+from mhr.ranking.scoring import ScoringPlan, dense_fused_topk, grouped_fused_topk, plan_for
 from tests.helpers import dot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,7 +169,7 @@ def test_unknown_fusion_rejected() -> None:
 
 
 def test_works_with_the_model_scorer() -> None:
-    heads = pytest.importorskip("mhr.heads")
+    heads = pytest.importorskip("mhr.models.heads")
     scorer = heads.Scorer(mode="cosine", init_temperature=0.05)
     rng = np.random.default_rng(4)
     q = torch.from_numpy(rng.normal(size=(3, 4, 8)).astype(np.float32))
@@ -183,7 +183,7 @@ def test_works_with_the_model_scorer() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# calibrated / weighted fusion (mhr.fusion): per-head weights, scales and offsets
+# calibrated / weighted fusion (mhr.ranking.fusion): per-head weights, scales and offsets
 
 
 @pytest.mark.parametrize("fusion", ["max", "avg"])

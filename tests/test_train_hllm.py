@@ -15,8 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mhr.cache import stage_key  # noqa: E402
 from mhr.errors import UsageError  # noqa: E402
-from mhr.evaluate import EvalParams, evaluate  # noqa: E402
-from mhr.item_text import item_texts, load_item_embeddings  # noqa: E402
+from mhr.models.item_text import item_texts, load_item_embeddings  # noqa: E402
+from mhr.ranking.evaluate import EvalParams, evaluate  # noqa: E402
 from mhr.store import connect  # noqa: E402
 from mhr.train import TrainParams, load_run, train  # noqa: E402
 from mhr.windows import build_windows  # noqa: E402

@@ -10,7 +10,7 @@ import typer.main
 from mhr.cli import app
 from mhr.cli.common import from_options
 from mhr.errors import UsageError
-from mhr.model import DecoderOptions
+from mhr.models.multihead import DecoderOptions
 from mhr.train_params import RUN_KEY_RULES, KeyRule, TrainParams, flag_name
 
 

@@ -1,4 +1,5 @@
-"""Windows: the split of DESIGN §5 on hand-checked users, against a loop reference, cache and CLI."""
+"""Windows: the split (docs/ARCHITECTURE.md, "Windows") on hand-checked users, against a loop
+reference, cache and CLI."""
 
 from __future__ import annotations
 

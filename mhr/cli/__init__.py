@@ -50,12 +50,12 @@ def root(
 
 
 def _register() -> None:
-    from mhr.cli import data, evaluate, gc, priors, report, run, status, train, windows
+    from mhr.cli import data, evaluate, gc, priors, recommend, report, run, status, train, windows
 
     app.add_typer(data.app, name="data")
     app.add_typer(priors.app, name="priors")
     app.add_typer(windows.app, name="windows")
-    for module in (train, evaluate, report, run, status, gc):
+    for module in (train, evaluate, recommend, report, run, status, gc):
         module.register(app)
 
 

@@ -39,6 +39,11 @@ def context(ctx: typer.Context) -> Context:
     return obj
 
 
+def run_name(ref: str | None) -> str | None:
+    """A run as given on the command line, `NAME` or `run:NAME` (what `mhr train` prints) -> NAME."""
+    return ref.split(":", 1)[1] if ref and ref.startswith("run:") else ref
+
+
 def parse_list(value: str | None, cast=str) -> list:
     """'a,b, c' -> ['a', 'b', 'c'] (empty or None -> []); an element `cast` refuses is a UsageError."""
     if not value:

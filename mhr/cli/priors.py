@@ -1,4 +1,4 @@
-"""`mhr priors …` commands: build, show and list human priors (DESIGN §1, issue 3)."""
+"""`mhr priors …` commands: build, show and list human priors."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from mhr.cli.common import context
+from mhr.cli.common import context, run_name
 from mhr.console import emit, err
 
 
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
 
         c = context(ctx)
         ds = c.dataset()
-        names = [r.split(":", 1)[1] if r.startswith("run:") else r for r in runs]
+        names = [run_name(r) for r in runs]
         index = build_report(ds, names, out or ds.reports_dir / names[0], split, fusion, title)
         err.print(index.with_name("table.md").read_text())
         emit(str(index))

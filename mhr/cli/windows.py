@@ -7,7 +7,7 @@ import typer
 from mhr.cli.common import context
 from mhr.console import emit, emit_json, err
 
-app = typer.Typer(help="Training windows and the valid/test split (DESIGN §5).", no_args_is_help=True)
+app = typer.Typer(help="Training windows and the valid/test split.", no_args_is_help=True)
 
 
 @app.command("build")

@@ -1,1 +1,2 @@
-"""Backbones: one file per model (DESIGN §6)."""
+"""Models: one file per backbone (hstu, sasrec, hllm + its item_text) and per baseline decoder
+(comirec, remi, dualvae); the prior heads (heads) and their assembly with a backbone (multihead)."""

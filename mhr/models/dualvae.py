@@ -86,7 +86,7 @@ class DualVAE(nn.Module):
     """h [..., d] -> aspect queries q [..., K, d]: per aspect a Gaussian posterior, sampled in
     training mode, its mean in eval mode."""
 
-    sequence_level = False  # decodes each state on its own (`mhr.model` decoder contract)
+    sequence_level = False  # decodes each state on its own (`mhr.models.multihead` decoder contract)
 
     def __init__(self, d: int, aspects: int, kl_weight: float = 0.2, kl_anneal_steps: int = 1000,
                  contrast_weight: float = 0.1) -> None:

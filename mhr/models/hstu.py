@@ -20,7 +20,7 @@ Where this code departs from the paper and the authors' released code (generativ
   and padding-invariant. (After `LN(A V)` the scale of `n` barely matters anyway.)
 - The bias is per head (the released code shares one bias across heads); each layer has its own.
 - The model returns raw states after a final LayerNorm; L2 normalisation and the learnable
-  temperature belong to the scorer (`mhr.heads.Scorer`), not to the backbone.
+  temperature belong to the scorer (`mhr.models.heads.Scorer`), not to the backbone.
 """
 
 from __future__ import annotations

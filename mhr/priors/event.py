@@ -1,4 +1,5 @@
-"""event prior: interaction types (DESIGN §1), from `interactions.event`.
+"""event prior: interaction types, from `interactions.event`. A type's head may score every item and
+is trained by the targets of that type.
 
 Numeric events (MovieLens ratings) are bucketed by `buckets`, e.g.
 "dislike:1-2,neutral:3,like:4,love:5" (the default when every event is a number in 1–5; ranges are

@@ -1,4 +1,5 @@
-"""graph prior: Leiden communities of the item co-engagement graph (DESIGN §1).
+"""graph prior: Leiden communities of the item co-engagement graph. A community's head scores only
+the community's items.
 
 Two items are linked when a user engaged with both among their training interactions (each user
 capped to their last `cap` = 1000 training interactions, the paper's cap). Each user's last

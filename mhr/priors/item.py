@@ -1,4 +1,5 @@
-"""item prior: semantic categories of items, from `items.tags` (DESIGN §1).
+"""item prior: semantic categories of items, from `items.tags`. A category's head scores only the
+category's items (an item may be in several).
 
 Steps: (1) read each item's tags; a tag that is a category path ("Industrial & Scientific,Fasteners,
 Staples"; levels split at commas not followed by a space, so "Clothing, Shoes & Jewelry" stays one

@@ -1,4 +1,5 @@
-"""temporal prior: segments of the forecast horizon (DESIGN §1).
+"""temporal prior: segments of the forecast horizon. A segment's head may score every item and is
+trained by the targets whose offset falls in the segment.
 
 Offsets 1..τ are split into `segments` contiguous segments (equal split: offset j goes to segment
 ⌊(j − 1)·n / τ⌋), or at explicit `boundaries` (the last offset of each segment, e.g. "2,8" with

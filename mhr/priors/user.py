@@ -1,4 +1,5 @@
-"""user prior: user segments (DESIGN §1), from the user co-engagement graph or from attributes.
+"""user prior: user segments, from the user co-engagement graph or from attributes. A user is
+scored only by their own segment's head, which may score every item.
 
 Graph: two users are linked when they engaged with the same item in training (each user's last
 `holdout` interactions dropped, as for the graph prior; at most `per_item` = 2000 users sampled per

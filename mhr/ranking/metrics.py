@@ -1,4 +1,5 @@
-"""Ranking metrics (DESIGN §5) as pure numpy functions of (ranked item ids, target item ids).
+"""Ranking metrics as pure numpy functions of (ranked item ids, target item ids); the protocol is
+docs/ARCHITECTURE.md, "Evaluation protocol".
 
 Conventions shared by every function:
 
@@ -99,7 +100,8 @@ def ndcg_at_k(ranked, targets, k: int, horizon: int | None = None) -> np.ndarray
 
 
 def default_horizons(tau: int) -> list[int]:
-    """The evaluation horizons of DESIGN §5: {1, τ/2, τ} (distinct, ascending)."""
+    """The default evaluation horizons {1, τ/2, τ} — next item, middle and end of the horizon trained
+    for — distinct and ascending."""
     return sorted({1, max(1, tau // 2), tau})
 
 

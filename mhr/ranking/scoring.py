@@ -9,7 +9,7 @@ Two implementations with one signature and the same results:
 
 - `dense_fused_topk` — the obviously-correct reference: all `[B, K, N+1]` scores, ineligible ones
   set to -inf, fused, history excluded, top-k. Cost grows with the head count K.
-- `grouped_fused_topk` — the fast path (DESIGN §7): items are grouped by their eligible-head
+- `grouped_fused_topk` — the fast path: items are grouped by their eligible-head
   *pattern* (the set `H(i)`), cached once per eligibility matrix in a `ScoringPlan`. Each large
   pattern is one block `(heads P, items I)`, scored with one matmul `[B, |P|, d] × [|I|, d]` and
   reduced over P, so the cost is `Σ_i |H(i)|` — "heads per item" times one head, not K times. Rare
@@ -21,10 +21,10 @@ items with equal fused scores the lower item id ranks first (also at the k-th pl
 recommendable item can fill (k above the number of candidates) hold item 0, score -inf, head -1.
 The winner is -1 under avg fusion.
 
-Calibrated and weighted fusion (`mhr.fusion`): both functions take optional per-head parameters
+Calibrated and weighted fusion (`mhr.ranking.fusion`): both functions take optional per-head parameters
 `scale` a, `offset` b (max and avg) and `weights` w (avg only), each [K] or per user [B, K]; heads
 are fused as max_k (a_k s_k + b_k) or Σ w_k (a_k s_k + b_k) / Σ w_k over the eligible heads. Left
-out, they are 1, 0, 1: the paper's max and avg. `mhr.fusion.fuse_dense` is the formula.
+out, they are 1, 0, 1: the paper's max and avg. `mhr.ranking.fusion.fuse_dense` is the formula.
 
 `score_fn(q[..., d], items[M, d]) -> [..., M]` is the model's scorer (cosine with temperature, or
 dot); it is applied to item slices, so it must score each item independently of the others.
@@ -34,20 +34,17 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from mhr.fusion import fuse_dense, per_head
+from mhr.models.heads import ScoreFn
+from mhr.ranking.fusion import FORMULAS, NEG_INF, fuse_dense, per_head
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # history to exclude: a bool mask [B, N+1] (tensor or array), or CSR rows (indptr [B+1], item ids)
 Exclude = torch.Tensor | np.ndarray | tuple[np.ndarray, np.ndarray] | None
 
-FUSIONS = ("max", "avg")
-NEG_INF = float("-inf")
 # elements of one intermediate score tensor (64 MiB of float32) and of the fused [B, N+1] buffer
 _BLOCK_ELEMENTS = 1 << 20
 _BUFFER_ELEMENTS = 1 << 26
@@ -58,8 +55,8 @@ _BUFFER_ELEMENTS = 1 << 26
 
 
 def _check(q: torch.Tensor, item_vecs: torch.Tensor, eligible: torch.Tensor, fusion: str, k: int) -> None:
-    if fusion not in FUSIONS:
-        raise ValueError(f"unknown fusion {fusion!r}; use one of {FUSIONS}")
+    if fusion not in FORMULAS:
+        raise ValueError(f"unknown fusion {fusion!r}; use one of {FORMULAS}")
     if q.dim() != 3 or item_vecs.dim() != 2 or q.shape[-1] != item_vecs.shape[-1]:
         raise ValueError(
             f"need q [B, K, d] and item_vecs [N+1, d], got {tuple(q.shape)}, {tuple(item_vecs.shape)}"
@@ -349,8 +346,8 @@ def grouped_fused_topk(
     `ScoringPlan`; a bool [K, N+1] matrix is looked up in a small content-keyed plan cache."""
     plan = eligible if isinstance(eligible, ScoringPlan) else plan_for(eligible)
     b, n_heads, _ = q.shape
-    if fusion not in FUSIONS:
-        raise ValueError(f"unknown fusion {fusion!r}; use one of {FUSIONS}")
+    if fusion not in FORMULAS:
+        raise ValueError(f"unknown fusion {fusion!r}; use one of {FORMULAS}")
     if (plan.n_heads, plan.n_cols) != (n_heads, item_vecs.shape[0]) or k < 1:
         raise ValueError(
             f"plan is [{plan.n_heads}, {plan.n_cols}], q/item_vecs give [{n_heads}, {item_vecs.shape[0]}]; k={k}"

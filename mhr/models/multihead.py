@@ -1,8 +1,8 @@
 """The recommender: a backbone whose states are decoded by prior-conditioned heads.
 
 `MultiHeadRecommender` only wires parts that are built elsewhere and injected: the backbone
-(`mhr.models.*`), the decoder (the prior heads `mhr.heads.PriorHeads`, or a baseline's interest
-extractor) and the scorer (`mhr.heads.Scorer`). Choices by name go through the explicit
+(`mhr.models.*`), the decoder (the prior heads `mhr.models.heads.PriorHeads`, or a baseline's interest
+extractor) and the scorer (`mhr.models.heads.Scorer`). Choices by name go through the explicit
 `BACKBONES` and `DECODERS` dicts.
 
 The decoder contract (what `PriorHeads`, `ComiRecSA`, `REMI` and `DualVAE` implement):
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from mhr.errors import UsageError
-from mhr.heads import HeadLayout, HeadRouter, PriorHeads, Scorer, build_layout
 from mhr.models import comirec, dualvae, hllm, hstu, remi, sasrec
+from mhr.models.heads import HeadLayout, HeadRouter, PriorHeads, Scorer, build_layout
 from mhr.priors.synthetic import synthetic_prior
 
 

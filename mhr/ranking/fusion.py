@@ -1,5 +1,6 @@
-"""Fusion of head scores beyond the paper's max / avg: `learned` (per-head calibration fitted on the
-validation split) and `invvar` (inverse-variance weighting) — pure functions, no files.
+"""Fusion of head scores: the paper's max / avg (`fuse_max`, `fuse_avg`) and, beyond them, `learned`
+(per-head calibration fitted on the validation split) and `invvar` (inverse-variance weighting) —
+pure functions, no files.
 
 Every fusion is one formula over the heads `E_u(i) = H(i) ∩ {heads user u may use}` of an item,
 applied to per-head *calibrated* scores `t_k = a_k · s_k + b_k`:
@@ -9,7 +10,7 @@ applied to per-head *calibrated* scores `t_k = a_k · s_k + b_k`:
 
 `a` (scale), `b` (offset) and `w` (weights) are per head, `[K]` or per user `[B, K]`; left out they
 are 1, 0, 1, which is the paper's max / avg. `fuse_dense` is the dense reference of this formula;
-`mhr.scoring.grouped_fused_topk(..., weights=, scale=, offset=)` is the fast path that agrees with it.
+`mhr.ranking.scoring.grouped_fused_topk(..., weights=, scale=, offset=)` is the fast path that agrees with it.
 
 The two fitted fusions are settings of that formula:
 
@@ -18,8 +19,8 @@ The two fitted fusions are settings of that formula:
   ranking *inside* a head unchanged), and the calibrated scores are averaged over the eligible
   heads. Why calibration and not a normalised weighted mean Σ w_k s_k / Σ w_k: with single-label
   category heads every item has one eligible head, so a normalised weight cancels out and could
-  never fix what goes wrong across groups (DESIGN §1 "what to watch": heads trained on in-group
-  negatives are not comparable across groups); an offset and a scale per head can. Where every head
+  never fix what goes wrong across groups (heads trained on in-group negatives are not comparable
+  across groups: docs/ARCHITECTURE.md, "What to watch"); an offset and a scale per head can. Where every head
   is eligible for every item (temporal, event heads) it is a weighted sum Σ a_k s_k / K + const.
   Fitted by minimising the full-catalogue softmax cross-entropy of the validation targets (history
   excluded, as in evaluation) over the 2K parameters, everything else frozen, with full-batch
@@ -42,18 +43,19 @@ The two fitted fusions are settings of that formula:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from mhr.models.heads import ScoreFn
 
 FUSIONS = ("max", "avg", "learned", "invvar", "router")
 FITTED = ("learned", "invvar")
-NEG_INF = float("-inf")
+FORMULAS = ("max", "avg")  # what `fuse_dense` and the scoring kernels compute; the rest are settings of them
+NEG_INF = float("-inf")  # the fused score of an item no eligible head may score
 
 # settings of the fitted fusions; all of them enter the fit's cache key (see `fit_settings`)
 FIT_VERSION = 3
@@ -76,6 +78,34 @@ def fit_settings(kind: str) -> dict[str, Any]:
     if kind == "invvar":
         return {"kind": kind, "version": FIT_VERSION, "seed": FIT_SEED, "max_users": VAR_MAX_USERS}
     raise ValueError(f"{kind!r} is not a fitted fusion; fitted are {FITTED}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's max and avg, dense (`fuse_dense` adds per-head parameters; `mhr.ranking.scoring`
+# holds the grouped fast path)
+
+
+def _allowed(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    eligible = eligible.to(scores.device, torch.bool)
+    return eligible.expand_as(scores) if eligible.dim() == 2 else eligible
+
+
+def fuse_max(scores: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over each item's eligible heads. scores [B, K, N], eligible [B, K, N] or [K, N] ->
+    (fused [B, N], winner [B, N]); no eligible head: -inf and winner -1; ties: lowest head id."""
+    allowed = _allowed(scores, eligible)
+    fused, winner = scores.masked_fill(~allowed, NEG_INF).max(dim=1)
+    none = ~allowed.any(dim=1)
+    return fused.masked_fill(none, NEG_INF), winner.masked_fill(none, -1)
+
+
+def fuse_avg(scores: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over each item's eligible heads; same shapes as `fuse_max`, winner always -1."""
+    allowed = _allowed(scores, eligible)
+    count = allowed.sum(dim=1)
+    fused = torch.where(allowed, scores, 0.0).sum(dim=1) / count.clamp(min=1)
+    fused = fused.masked_fill(count == 0, NEG_INF)
+    return fused, torch.full_like(fused, -1, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,8 +151,7 @@ def fuse_dense(
     (fused [B, M], winner [B, M]); no allowed head: -inf and winner -1. Winner is -1 under avg."""
     b, n_heads, _ = scores.shape
     device = scores.device
-    allowed = allowed.to(device, torch.bool)
-    allowed = allowed.expand_as(scores) if allowed.dim() == 2 else allowed
+    allowed = _allowed(scores, allowed)
     if fusion == "max" and weights is not None:
         raise ValueError("weights apply to avg fusion; use scale/offset to calibrate max")
     t = calibrate(scores.float(), per_head(scale, n_heads, device, "scale", positive=True),

@@ -1,12 +1,13 @@
-"""`mhr eval`: full-catalogue ranking of a split and every metric of DESIGN §5.
+"""`mhr eval`: full-catalogue ranking of a split and every metric of the evaluation protocol
+(docs/ARCHITECTURE.md, "Evaluation protocol").
 
 The stage is a pure function of (run, evaluation parameters) → `runs/<name>/eval/<key12>.json`;
 its key covers the run's key (and the baseline's), so a retrained run is re-evaluated and an
 unchanged one is read back.
 
-Fusion: `max` and `avg` are the paper's; `learned` and `invvar` (`mhr.fusion`) have per-head
+Fusion: `max` and `avg` are the paper's; `learned` and `invvar` (`mhr.ranking.fusion`) have per-head
 parameters fitted on the VALIDATION split, never the test split, whatever split is evaluated. A fit
-is a deterministic function of the run and the fit settings (`mhr.fusion.fit_settings`), cached in
+is a deterministic function of the run and the fit settings (`mhr.ranking.fusion.fit_settings`), cached in
 `runs/<name>/eval/fusion/<kind>-<key12>.json` and copied into the eval JSON under "fusion"; the
 eval key covers the fit key.
 
@@ -31,13 +32,14 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from mhr import fusion as fusion_mod
 from mhr.cache import canonical_json, stage_key
-from mhr.diversity import greedy_diverse
 from mhr.errors import UsageError
-from mhr.fusion import FITTED, FusionFit
-from mhr.inference import Ranking, history_mask, iter_queries, rank_split
-from mhr.metrics import (
+from mhr.priors.spec import PriorSpec
+from mhr.ranking import fusion as fusion_mod
+from mhr.ranking.diversity import greedy_diverse
+from mhr.ranking.fusion import FITTED, FUSIONS, FusionFit
+from mhr.ranking.inference import Ranking, history_mask, iter_queries, rank_split
+from mhr.ranking.metrics import (
     coverage,
     entropy_at_k,
     has_targets,
@@ -46,12 +48,10 @@ from mhr.metrics import (
     new_interest_mask,
     recall_at_k,
 )
-from mhr.priors.spec import PriorSpec
 from mhr.train import LoadedRun, load_run
 from mhr.windows import sample_rows, subset_split
 from mhr.workspace import Dataset
 
-FUSIONS = fusion_mod.FUSIONS  # max, avg, learned, invvar
 EVAL_FORMAT = 2
 
 

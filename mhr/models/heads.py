@@ -1,6 +1,6 @@
-"""Prior-conditioned heads: layout, adapters, scorer, compatibility sets and fusion.
+"""Prior-conditioned heads: layout, adapters, scorer and compatibility sets.
 
-The method (DESIGN §1, Zhang et al. 2025, arXiv 2511.10492):
+The method (Zhang et al. 2025, arXiv 2511.10492; docs/ARCHITECTURE.md, "The method in brief"):
 
 - A head decodes the backbone state `h` into a query `q_k = h + SiLU(W_k h + b_k)` (Eq. 2), `W_k`
   and `b_k` zero-initialised, so at step 0 every head *is* `h`. The released code left the bias
@@ -14,17 +14,20 @@ The method (DESIGN §1, Zhang et al. 2025, arXiv 2511.10492):
   group; the leaves are the heads. The paper's Eq. 4 has no bias inside the SiLU; we keep the
   zero-initialised bias of Eq. 2 there too, so every adapter is the same residual SiLU layer.
 - A leaf's `Ω_k` is the intersection of its item-restricting levels (item, graph); event,
-  temporal and user levels allow every item (DESIGN §1 table). Leaves whose intersection is empty
-  are dropped by default and listed in `HeadLayout.dropped`.
+  temporal and user levels allow every item (the table in docs/ARCHITECTURE.md, "Prior kinds and
+  compatibility"). Leaves whose intersection is empty are dropped by default and listed in
+  `HeadLayout.dropped`.
 - The optional *global head* is the backbone's own state `h` (no parameters) over the whole
   catalogue, with every target as a positive; it is always the last head.
-- Inference fuses each item's eligible heads by max (the winner explains) or by average.
+- Inference fuses each item's eligible heads by max (the winner explains) or by average
+  (`mhr.ranking.fusion`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +41,9 @@ from mhr.priors.spec import PriorSpec
 COMPOSITIONS = ("flat", "additive", "multiplicative", "hierarchical")
 SCORES = ("cosine", "dot")
 GLOBAL = "global"
-NEG_INF = float("-inf")
+
+# what `Scorer` and `dot_scores` are: (queries [..., d], items [M, d] or [..., M, d]) -> scores [..., M]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +200,7 @@ class PriorHeads(nn.Module):
     level one batched matmul over its nodes' parents gathered from the level above.
     """
 
-    sequence_level = False  # decodes each state on its own (`mhr.model` decoder contract)
+    sequence_level = False  # decodes each state on its own (`mhr.models.multihead` decoder contract)
 
     def __init__(self, d: int, layout: HeadLayout) -> None:
         super().__init__()
@@ -234,11 +239,11 @@ class PriorHeads(nn.Module):
         return q.view(*lead, self.layout.n_heads, d)
 
     def decode(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """(queries, no auxiliary loss): the decoder contract of `mhr.model`."""
+        """(queries, no auxiliary loss): the decoder contract of `mhr.models.multihead`."""
         return self(h), {}
 
     def assign(self, q, item_vecs, scorer, targets: torch.Tensor, compat: torch.Tensor) -> torch.Tensor:
-        """Which head each target trains: exactly the prior's compatibility (DESIGN §1)."""
+        """Which head each target trains: exactly the prior's compatibility (`Compatibility.targets`)."""
         return compat
 
     def eligibility(self, item_vecs: torch.Tensor) -> None:
@@ -251,7 +256,7 @@ class PriorHeads(nn.Module):
         h [M, d]; pos, head [Q] (fastest when grouped by head, as the loss asks for them). The
         leaf adapters run only at the positions where their head is asked for — in training, where
         the head has a positive — so the cost of the last tree level follows the positives, not
-        M × K (DESIGN §7); the levels above it are computed densely (few nodes). Same values as
+        M × K; the levels above it are computed densely (few nodes). Same values as
         `forward`; `tests/test_heads.py` holds the two together.
         """
         d = h.shape[-1]
@@ -308,7 +313,7 @@ class HeadRouter(nn.Module):
     With it a head's in-group softmax becomes a factor of one model over the catalogue,
     p(i | h) = Σ_k p(k | h) p(i | k, h) with p(i | k, h) = softmax over Ω_k of s_k — exactly
     that for a partition prior — and items are ranked by max_k log p(k | h) + log p(i | k, h)
-    (`mhr.scoring.router_offsets`). Zero-initialised: every head starts equally likely.
+    (`mhr.ranking.fusion.router_offsets`). Zero-initialised: every head starts equally likely.
     """
 
     def __init__(self, d: int, n_heads: int) -> None:
@@ -415,7 +420,8 @@ def dot_scores(q: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
 
 
 class Compatibility:
-    """The sets that say which items a head scores and which targets train it (DESIGN §1 table).
+    """The sets that say which items a head scores and which targets train it (the table in
+    docs/ARCHITECTURE.md, "Prior kinds and compatibility").
 
     `omega [K, N+1]`: Ω_k, the intersection of the leaf's item-restricting groups (item, graph);
     event/temporal/user levels allow every item; the global head allows every item; item 0 never.
@@ -532,30 +538,3 @@ class Compatibility:
     def unreachable_items(self) -> torch.Tensor:
         """Item ids (≥ 1) that no head may score: they can never be recommended."""
         return torch.nonzero(~self.omega[:, 1:].any(0)).flatten() + 1
-
-
-# ---------------------------------------------------------------------------------------------
-# fusion (dense reference; `mhr.scoring` holds the grouped fast path)
-
-
-def _allowed(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    eligible = eligible.to(scores.device, torch.bool)
-    return eligible.expand_as(scores) if eligible.dim() == 2 else eligible
-
-
-def fuse_max(scores: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max over each item's eligible heads. scores [B, K, N], eligible [B, K, N] or [K, N] ->
-    (fused [B, N], winner [B, N]); no eligible head: -inf and winner -1; ties: lowest head id."""
-    allowed = _allowed(scores, eligible)
-    fused, winner = scores.masked_fill(~allowed, NEG_INF).max(dim=1)
-    none = ~allowed.any(dim=1)
-    return fused.masked_fill(none, NEG_INF), winner.masked_fill(none, -1)
-
-
-def fuse_avg(scores: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over each item's eligible heads; same shapes as `fuse_max`, winner always -1."""
-    allowed = _allowed(scores, eligible)
-    count = allowed.sum(dim=1)
-    fused = torch.where(allowed, scores, 0.0).sum(dim=1) / count.clamp(min=1)
-    fused = fused.masked_fill(count == 0, NEG_INF)
-    return fused, torch.full_like(fused, -1, dtype=torch.long)

@@ -7,7 +7,7 @@
         print(r.rank, r.raw_id, r.title, f"{r.score:.3f}", r.head)
 
 A history is a list of raw item ids (the source data's), oldest first. It is ranked by
-`mhr.recommend.rank_histories`, the path `mhr recommend` takes for a stored user, so a stored
+`mhr.ranking.recommend.rank_histories`, the path `mhr recommend` takes for a stored user, so a stored
 user's whole history (with its timestamps and `user=`) gets exactly the CLI's list.
 
 - Unknown raw item ids raise `NotFoundError` naming them (`unknown="skip"`: dropped, with a
@@ -32,7 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from mhr.errors import NotFoundError, UsageError
-from mhr.recommend import Recommendation, as_recommendations, check_fusion, rank_histories, scoring_for
+from mhr.ranking.recommend import (
+    Recommendation,
+    as_recommendations,
+    check_fusion,
+    rank_histories,
+    scoring_for,
+)
 from mhr.store import connect
 from mhr.train import LoadedRun, load_run
 from mhr.workspace import Dataset, Workspace

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from mhr.errors import UsageError
-from mhr.fusion import head_items, head_log_normalisers, router_offsets
-from mhr.heads import Compatibility
-from mhr.model import MultiHeadRecommender
-from mhr.scoring import grouped_fused_topk
+from mhr.models.heads import Compatibility
+from mhr.models.multihead import MultiHeadRecommender
+from mhr.ranking.fusion import head_items, head_log_normalisers, router_offsets
+from mhr.ranking.scoring import grouped_fused_topk
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def rank_split(
 
     `eligible` overrides the heads' candidate sets (default Ω_k); `user_heads` [U, K] further
     restricts which heads each user may use (the labelled event oracle). `weights` / `scale` /
-    `offset` [K]: per-head fusion parameters (`mhr.fusion`; a fitted fusion's `scoring_kwargs()`).
+    `offset` [K]: per-head fusion parameters (`mhr.ranking.fusion`; a fitted fusion's `scoring_kwargs()`).
     `fusion="router"`: max fusion of log p(k | h) + log p(i | k, h) with the run's joint router.
     `allowed_items(rows) -> bool [b, N+1]`: items each user may be recommended (the labelled
     group oracle); everything else is excluded like history.

@@ -2,17 +2,17 @@
 
 One ranking path, `rank_histories` (histories in, top-k with explanations out), serves the three
 callers: `recommend` (one stored user, `--user`), `export_recommendations` (every stored user to a
-Parquet file, `--all`) and `mhr.service.Recommender` (a raw history, for a service). Each ranks
+Parquet file, `--all`) and `mhr.ranking.service.Recommender` (a raw history, for a service). Each ranks
 after the whole history: its last T interactions are the model's context and, by default, every
 item of it is excluded, as evaluation does.
 
-The fusions are `mhr eval`'s, called the same way (`mhr.fusion.scoring_args`): max and avg as in the
+The fusions are `mhr eval`'s, called the same way (`mhr.ranking.fusion.scoring_args`): max and avg as in the
 paper, learned and invvar with the per-head parameters fitted on the run's validation split and
-cached beside its evaluations (`mhr.evaluate.load_or_fit_fusion`), so recommend and eval rank alike.
+cached beside its evaluations (`mhr.ranking.evaluate.load_or_fit_fusion`), so recommend and eval rank alike.
 
 The explanation (`Recommendation.head`): under max, the head that won the item. avg, learned and
 invvar add the eligible heads' (weighted, calibrated) scores, so no head wins; the head named is
-the one with the largest term of the fused score (`mhr.fusion.head_contributions`), and
+the one with the largest term of the fused score (`mhr.ranking.fusion.head_contributions`), and
 `heads_fused` says how many heads were fused for the item (1: that head alone scored it).
 """
 
@@ -32,11 +32,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mhr import fusion as fusion_mod
 from mhr.console import log, progress
 from mhr.errors import InputError, NotFoundError, UsageError
-from mhr.fusion import FITTED, FUSIONS, FusionFit
-from mhr.inference import iter_queries, rank_split
+from mhr.ranking import fusion as fusion_mod
+from mhr.ranking.fusion import FITTED, FUSIONS, FusionFit
+from mhr.ranking.inference import iter_queries, rank_split
 from mhr.store import connect
 from mhr.train import LoadedRun
 from mhr.workspace import Dataset
@@ -78,7 +78,7 @@ def scoring_for(run: LoadedRun, fusion: str, fit: FusionFit | None = None) -> di
     fusion uses `fit` when given, else the run's cached fit (fitted on valid on first use)."""
     check_fusion(fusion)
     if fusion in FITTED and fit is None:
-        from mhr.evaluate import load_or_fit_fusion
+        from mhr.ranking.evaluate import load_or_fit_fusion
 
         fit = load_or_fit_fusion(run, fusion)
     return fusion_mod.scoring_args(fusion, fit if fusion in FITTED else None)
@@ -94,7 +94,7 @@ def rank_histories(run: LoadedRun, histories: Sequence[tuple[np.ndarray, np.ndar
                    top: int, scoring: dict[str, Any], exclude_history: bool = True,
                    explain: bool = True) -> TopK:
     """Top `top` items after each whole history, the one ranking path of `mhr recommend` (one user,
-    `--all`) and `mhr.service.Recommender`: `mhr.inference.rank_split`, the ranking of `mhr eval`,
+    `--all`) and `mhr.ranking.service.Recommender`: `mhr.ranking.inference.rank_split`, the ranking of `mhr eval`,
     on the histories laid out as a split, so every fusion eval knows ranks here alike.
 
     `histories`: per user (item ids, timestamps), chronological; the last T are the context and,

@@ -1,4 +1,4 @@
-"""Item text and its cached embeddings: the item LLM side of HLLM (DESIGN §6, issue 5).
+"""Item text and its cached embeddings: the item LLM side of HLLM (`mhr.models.hllm`).
 
 `item_texts(con)` renders each item of the store as one string, e.g.
 `"title: Toy Story (1995). tags: Animation; Comedy. brand: Pixar"`, from the `items` columns
