@@ -16,7 +16,7 @@ one --train-item-llm step relative to a frozen HLLM step.
    size 1 and HLLM tiny / size 1 (frozen 384-d item embeddings, MLP adapter, Llama user decoder
    from scratch). All in this process: 2 warm-up steps, then the median of --repeats steps, the models taking turns
    step by step.
-3. Fine-tuning the item LLM: one step of `mhr.train._LossStep` (the training loop's own loss step:
+3. Fine-tuning the item LLM: one step of `mhr.training.train._LossStep` (the training loop's own loss step:
    HLLM tiny, one global head, --ft-negatives sampled negatives) + backward + AdamW, frozen item
    LLM (cached embeddings) vs `--train-item-llm` (the bundled MiniLM encoding the step's distinct
    items — inputs, next-item targets and negatives — with gradient, texts cut to --text-len
@@ -36,12 +36,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mhr.loss import multihead_loss  # noqa: E402
+from mhr.training.loss import multihead_loss  # noqa: E402
 from mhr.models import hllm, hstu  # noqa: E402
 from mhr.models.heads import Compatibility, PriorHeads, Scorer, build_layout  # noqa: E402
 from mhr.models.item_text import encode_texts, load_encoder  # noqa: E402
 from mhr.models.multihead import MultiHeadRecommender  # noqa: E402
-from mhr.train import TrainParams, _LossStep  # noqa: E402
+from mhr.training.train import TrainParams, _LossStep  # noqa: E402
 
 SCIENTIFIC = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-scientific" / "Scientific.item.json"
 

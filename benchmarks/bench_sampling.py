@@ -10,11 +10,11 @@ the memory children; --modes / --negatives / --no-memory cut it down.
     python benchmarks/bench_sampling.py --layouts one,groups  # also 8 item-group heads (in-group draws)
     python benchmarks/bench_sampling.py --tau 8               # the 8-step horizon of bench_train.py
 
-What one step is: the real training step of `mhr.train` as `benchmarks/bench_train.py` times it
-(its `Setup`: a batch cut by `mhr.train._batch`, `mhr.train._LossStep` → `multihead_loss`,
+What one step is: the real training step of `mhr.training.train` as `benchmarks/bench_train.py` times it
+(its `Setup`: a batch cut by `mhr.training.train._batch`, `mhr.training.train._LossStep` → `multihead_loss`,
 backward, clip 1.0, AdamW), HSTU size 1, batch 128, T = 50, with the `TrainParams` defaults except
 the sampled-softmax fields: `negatives` (None = full softmax), `negatives_per`,
-`in_batch_negatives`, `logq` (see `mhr.sampling`).
+`in_batch_negatives`, `logq` (see `mhr.training.sampling`).
 
 Horizon τ = 1 by default (next-item targets only, leave-one-out style: the large-catalogue use
 case); --tau 8 gives bench_train.py's horizon (8 targets a position, 8× the positives).
@@ -62,8 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import Setup, make_priors, make_windows, mib, peak_rss, sync, time_pair  # noqa: E402
 
-from mhr.sampling import CHUNK_ELEMENTS  # noqa: E402
-from mhr.train import _batch  # noqa: E402
+from mhr.training.sampling import CHUNK_ELEMENTS  # noqa: E402
+from mhr.training.train import _batch  # noqa: E402
 
 # mode -> the TrainParams fields it sets besides `negatives` (None: full softmax)
 MODES: dict[str, dict | None] = {

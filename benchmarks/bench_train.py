@@ -5,8 +5,8 @@
     python benchmarks/bench_train.py --threads 1             # steadier on a shared, busy machine
     python benchmarks/bench_train.py --device cuda --bf16    # the same on a GPU, bf16 autocast
 
-What one step is: the real training step of `mhr.train` — a batch cut by `mhr.train._batch` from
-synthetic training windows (T + τ items, τ = 8), `mhr.train._LossStep` (backbone → heads →
+What one step is: the real training step of `mhr.training.train` — a batch cut by `mhr.training.train._batch` from
+synthetic training windows (T + τ items, τ = 8), `mhr.training.train._LossStep` (backbone → heads →
 `Compatibility.targets` → full-softmax `multihead_loss` with the `TrainParams` defaults: in-group
 negatives, frequency head weights, γ = 0.99), backward, gradient clipping at 1.0 and an AdamW step.
 
@@ -64,7 +64,7 @@ import time
 import numpy as np
 import torch
 
-from mhr.loss import find_positives, multihead_loss
+from mhr.training.loss import find_positives, multihead_loss
 from mhr.models.heads import (
     Compatibility,
     SelectedQueries,
@@ -75,7 +75,7 @@ from mhr.models.heads import (
 )
 from mhr.models.multihead import backbone_config, build_model
 from mhr.priors.spec import PriorSpec
-from mhr.train import TrainParams, _batch, _LossStep
+from mhr.training.train import TrainParams, _batch, _LossStep
 
 TAU = 8
 GOAL_RATIO = 1.3
@@ -129,7 +129,7 @@ def make_batches(args, device) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# one configuration: model + loss module + optimizer, as `mhr.train.train` builds them
+# one configuration: model + loss module + optimizer, as `mhr.training.train.train` builds them
 
 
 def sync(device: str) -> None:
@@ -169,7 +169,7 @@ class Setup:
         return torch.autocast("cuda" if self.device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
 
     def step(self, b: dict) -> None:
-        """The training loop's step (mhr.train.train), minus logging and the scheduler."""
+        """The training loop's step (mhr.training.train.train), minus logging and the scheduler."""
         with self.autocast():
             loss, _ = self.loss_step(b["items"], b["ts"], b["targets"], b["target_events"], b["users"])
         self.opt.zero_grad(set_to_none=True)

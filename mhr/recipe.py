@@ -233,7 +233,7 @@ def _windows_step(dataset: Dataset, settings: dict[str, Any], wait: float) -> st
 def _train_step(dataset: Dataset, params: Any, windows: str, run_name: str, device: str, force: bool,
                 wait: float) -> Any:
     """`mhr train …` (an interrupted run continues from its checkpoint, as `--resume` would)."""
-    from mhr.train import train
+    from mhr.training.train import train
 
     extra = (["--device", device] if device != "cpu" else []) + (["--force"] if force else [])
     command = ["train", *params.flags(), "--windows", f"windows:{windows[:12]}", "--name", run_name, *extra]
@@ -350,7 +350,7 @@ def _train_variants(path: Path, recipe: dict[str, Any], name: str, dataset: Data
                     ) -> tuple[dict[tuple[str, int], str], dict[str, dict[str, Any]]]:
     """Every variant × seed (grids selected on validation first); returns the run names by
     (variant, seed) and each variant's settings after selection."""
-    from mhr.train_params import TrainParams
+    from mhr.training.params import TrainParams
 
     base_windows = dict(recipe["windows"])
     windows_keys: dict[tuple, str] = {}

@@ -107,7 +107,7 @@ def interrupt_at_batch(monkeypatch, n: int, run) -> None:
     as a user's Ctrl-C would; the real batch function is restored afterwards."""
     import pytest
 
-    import mhr.train as mt
+    import mhr.training.train as mt
 
     real_batch, calls = mt._batch, {"n": 0}
 

@@ -15,7 +15,7 @@ from mhr.models.dualvae import PROTOTYPE_WEIGHT, TEMPERATURE, DualVAE, kl_diverg
 from mhr.models.heads import Compatibility
 from mhr.models.multihead import DecoderOptions, backbone_config, build_model, interest_layout
 from mhr.ranking.evaluate import EvalParams, evaluate
-from mhr.train import TrainParams, _LossStep, load_run, train
+from mhr.training.train import TrainParams, _LossStep, load_run, train
 from mhr.windows import build_windows
 from tests.helpers import interrupt_at_batch, make_dataset
 

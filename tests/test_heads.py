@@ -153,7 +153,7 @@ def test_every_head_equals_h_at_init(compose, names, global_head):
 def test_selected_queries_equal_dense_heads_and_give_the_same_loss(compose, names, global_head):
     """The fast training path (only the queries the loss reads, `queries_at`) against the dense
     reference (every head at every position): same queries, same loss, same gradients."""
-    from mhr.loss import multihead_loss
+    from mhr.training.loss import multihead_loss
     from mhr.models.heads import SelectedQueries, dot_scores
 
     layout = make_layout(compose, names, global_head)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mhr.loss as loss_mod
-from mhr.loss import candidate_sets, multihead_loss, sample_negatives
+import mhr.training.loss as loss_mod
+from mhr.training.loss import candidate_sets, multihead_loss, sample_negatives
 from mhr.models.heads import Compatibility, PriorHeads, Scorer, build_layout
 from mhr.priors.spec import PriorSpec
 from tests.helpers import weighted_head_means

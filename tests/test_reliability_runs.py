@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import mhr.train as mt
+import mhr.training.train as mt
 from mhr.cache import find_leftovers, lock_path, locked, remove_leftovers
 from mhr.cli.status import collect_status
 from mhr.errors import BusyError, InputError, TrainingError, UsageError
-from mhr.train import TrainParams, load_run, run_lock_path, train
+from mhr.training.train import TrainParams, load_run, run_lock_path, train
 from mhr.windows import build_windows
 from mhr.workspace import Workspace
 from tests.helpers import interrupt_at_batch, make_dataset

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from mhr.cache import stage_key
-from mhr.loss import router_loss
+from mhr.training.loss import router_loss
 from mhr.models.heads import Compatibility, HeadRouter, build_layout, dot_scores
 from mhr.priors.spec import PriorSpec
 from mhr.ranking.evaluate import EvalParams, evaluate
 from mhr.ranking.fusion import fuse_dense, head_log_normalisers, router_offsets
 from mhr.ranking.scoring import dense_fused_topk, grouped_fused_topk
-from mhr.train import TrainParams, load_run, train
+from mhr.training.train import TrainParams, load_run, train
 from mhr.windows import build_windows
 from tests.helpers import make_dataset
 
@@ -80,7 +80,7 @@ def test_every_golden_record_reads_back_with_its_key(name):
 
 def test_a_historical_record_reads_back_with_its_key():
     """A run config written before the sampler options existed loads as what it was trained with."""
-    from mhr.train import _params_from_record
+    from mhr.training.train import _params_from_record
 
     config, key = GOLDEN["sampled256"]
     old = TrainParams(**config).as_dict()

@@ -1,4 +1,4 @@
-"""Sampled softmax modes (mhr.sampling) against a slow loop reference written plainly here."""
+"""Sampled softmax modes (mhr.training.sampling) against a slow loop reference written plainly here."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-import mhr.sampling as sampling_mod
-from mhr.loss import multihead_loss
+import mhr.training.sampling as sampling_mod
+from mhr.training.loss import multihead_loss
 from mhr.models.heads import Compatibility, Scorer, dot_scores
-from mhr.sampling import HeadSampler, InBatch, Sampling
+from mhr.training.sampling import HeadSampler, InBatch, Sampling
 from tests.helpers import weighted_head_means
 from tests.test_heads import EVENT_VOCAB, N_ITEMS, TAU, layouts, make_layout, random_batch
 

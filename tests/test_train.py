@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mhr.errors import NotFoundError, TrainingError, UsageError
-from mhr.train import TrainParams, load_run, train
+from mhr.training.train import TrainParams, load_run, train
 from mhr.windows import build_windows
 from tests.helpers import interrupt_at_batch, make_dataset
 
@@ -89,7 +89,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, extra):
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny, monkeypatch):
-    import mhr.train as mt
+    import mhr.training.train as mt
 
     real, calls = mt.multihead_loss, {"n": 0}
 
@@ -161,7 +161,7 @@ def test_each_process_reads_only_its_shard_and_batches_stay_global(tiny, tmp_pat
     import numpy as np
     import pyarrow.parquet as pq
 
-    import mhr.train as mt
+    import mhr.training.train as mt
     from mhr.windows import load_windows
 
     wref = load_windows(tiny)

@@ -81,7 +81,7 @@ def _option_given(value: str) -> str | None:
 
 
 def dataclass_options(cls: type) -> list[inspect.Parameter]:
-    """One typer option per field of the dataclass `cls` declared with `mhr.train_params.option`:
+    """One typer option per field of the dataclass `cls` declared with `mhr.training.params.option`:
     `--<field-name>` (`--x/--no-x` for a bool) plus its aliases, its help text and `--help` panel, and
     the field's own default (as its flag's text where the field has `show`)."""
     hints = typing.get_type_hints(cls)

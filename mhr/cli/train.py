@@ -1,6 +1,6 @@
 """`mhr train`: windows + priors → a trained run in runs/<name>/.
 
-The training options are not declared here: one per `TrainParams` field (`mhr/train_params.py`),
+The training options are not declared here: one per `TrainParams` field (`mhr/training/params.py`),
 with the field's name as the flag, its help text and its default.
 """
 
@@ -12,7 +12,7 @@ import typer
 
 from mhr.cli.common import context, dataclass_options, from_options, with_options
 from mhr.console import emit, err
-from mhr.train_params import TrainParams
+from mhr.training.params import TrainParams
 
 _RUN = "Run"
 
@@ -44,7 +44,7 @@ def train_cmd(
     groups), --priors all:8 (8 heads over every item), --decoder comirec --interests 8,
     --decoder remi --interests 8 --negatives 256 --beta 1.
     """
-    from mhr.train import resume_params, train
+    from mhr.training.train import resume_params, train
     from mhr.workspace import record_current
 
     c = context(ctx)

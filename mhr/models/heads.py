@@ -308,7 +308,7 @@ class PriorHeads(nn.Module):
 
 class HeadRouter(nn.Module):
     """p(k | h): a distribution over the layout's heads from the backbone state, trained jointly
-    with the heads (`mhr.loss.router_loss`: −log Σ_{k compatible with the target} p(k | h)).
+    with the heads (`mhr.training.loss.router_loss`: −log Σ_{k compatible with the target} p(k | h)).
 
     With it a head's in-group softmax becomes a factor of one model over the catalogue,
     p(i | h) = Σ_k p(k | h) p(i | k, h) with p(i | k, h) = softmax over Ω_k of s_k — exactly
@@ -330,7 +330,7 @@ class HeadRouter(nn.Module):
 class SelectedQueries:
     """Head queries of a batch, computed only where the loss reads them (`PriorHeads.queries_at`).
 
-    Stands in for the dense q [B, L, K, d] in `mhr.loss.multihead_loss`: `shape`, `device`, and
+    Stands in for the dense q [B, L, K, d] in `mhr.training.loss.multihead_loss`: `shape`, `device`, and
     `at(flat position, head)` -> [Q, d] (then `transform`, e.g. the scorer's normalisation).
     `anchor()` is a zero that reaches every head parameter, for when no query is read (and so that
     DistributedDataParallel always sees every parameter used)."""

@@ -4,7 +4,7 @@ Chen et al., "HLLM: Enhancing Sequential Recommendations via Hierarchical Large 
 (arXiv 2409.12740), §3. The item LLM reads an item's text with an appended [ITEM] token and its last
 hidden state is the item embedding; the user LLM is a causal decoder fed the sequence of item
 embeddings (`inputs_embeds`, no token ids) and its last hidden states are the user states, trained
-with a contrastive loss against the item embeddings (here: the shared loss of `mhr.loss`).
+with a contrastive loss against the item embeddings (here: the shared loss of `mhr.training.loss`).
 
 Two ways to treat the item LLM:
 

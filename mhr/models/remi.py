@@ -8,7 +8,7 @@ Xie et al., "Rethinking Multi-Interest Learning for Candidate Matching in Recomm
   interest attending to a single item).
 - Interest-aware hard negatives (IHN): in the sampled softmax, negative i's term is reweighted by
   w_i = exp(β s_i) / mean_j exp(β s_j) (scores detached: importance weights, not a gradient path),
-  so negatives close to the interest count more (`mhr.loss`, `hard_negative_beta`). β = 0 is the
+  so negatives close to the interest count more (`mhr.training.loss`, `hard_negative_beta`). β = 0 is the
   plain sampled softmax. IHN needs sampled negatives (`--negatives N`).
 """
 

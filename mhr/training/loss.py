@@ -52,7 +52,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mhr.models.heads import ScoreFn, dot_scores
-from mhr.sampling import HeadSampler, InBatch, Sampling, head_negatives, sampled_head_lse
+from mhr.training.sampling import HeadSampler, InBatch, Sampling, head_negatives, sampled_head_lse
 
 HEAD_WEIGHTS = ("frequency", "uniform")
 NEGATIVES_FROM = ("group", "global")
@@ -153,7 +153,7 @@ def multihead_loss(
     them here — for a caller that must know them before computing item_vecs (a fine-tuned item
     LLM encodes only the items the loss reads).
     negatives_per / in_batch / logq: how sampled negatives are shared and corrected
-    (`mhr.sampling`); the defaults are the original sampler, kept bit for bit.
+    (`mhr.training.sampling`); the defaults are the original sampler, kept bit for bit.
     Returns (scalar loss, stats): `positives` [K] per-head positive counts, `weights` [K],
     `head_loss` [K] per-head mean cross-entropy (0 where skipped), `heads_used`, `n_positives`.
     """
@@ -247,7 +247,7 @@ def loss_from_sampling(q: torch.Tensor, item_vecs: torch.Tensor, pos: Positives,
                        gamma: float = 1.0, head_weights: str = "frequency", beta: float = 0.0,
                        scorer: ScoreFn = dot_scores):
     """Sampled-softmax loss with per-batch / per-sequence / per-position draws, in-batch negatives
-    and the logQ correction (`mhr.sampling`). Queries and items must be prepared (plain dots)."""
+    and the logQ correction (`mhr.training.sampling`). Queries and items must be prepared (plain dots)."""
     if scorer is not dot_scores:
         raise ValueError("loss_from_sampling scores with plain dots: prepare queries and items first")
     sampler = HeadSampler(omega, sampling, generator)

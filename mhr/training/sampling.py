@@ -17,7 +17,7 @@ to it (an *accidental hit*) is masked, never counted as a negative. C is made of
   uniform part's expectation (n / |Ω_k| inside the group), which is the mixture's logQ.
 
 The legacy configuration (per batch, no in-batch negatives, no correction) is
-`mhr.loss.loss_from_negatives`; this module generalises it and is pinned to it by a test.
+`mhr.training.loss.loss_from_negatives`; this module generalises it and is pinned to it by a test.
 Memory stays bounded for any n: the [queries × n] logits — and for per-sequence/per-position draws
 the [queries × n × d] gathered vectors — are processed in chunks of queries whose logits are
 recomputed in the backward pass (activation checkpointing), as the full softmax does.
@@ -152,7 +152,7 @@ def sampled_head_lse(
     target [P] item ids; neg_ids [R, n] with rows [Q] the draw each query reads (None: R = 1,
     shared by all); neg_offset [R, n] added to the logits (the logQ correction) or None;
     batch_ids [m] / batch_offset [m]: in-batch candidates shared by all queries (or None);
-    beta > 0: REMI's hard-negative tilt of the uniform part (see `mhr.loss.loss_from_negatives`).
+    beta > 0: REMI's hard-negative tilt of the uniform part (see `mhr.training.loss.loss_from_negatives`).
     table [M]: the sorted ids the draws are uniform over (`HeadSampler.table`); when small enough,
     each query scores the whole table and takes its draws' columns (same values, far cheaper).
     """

@@ -38,13 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mhr import checkpoint
+from mhr.training import checkpoint
 from mhr.cache import is_done, lock_path, locked, stage_key, write_manifest
 from mhr.console import err, progress
 from mhr.errors import InputError, NotFoundError, StaleError, TrainingError, UsageError
 from mhr.models.heads import Compatibility, HeadLayout, PriorHeads, SelectedQueries, build_layout, dot_scores
 from mhr.ranking.inference import rank_split
-from mhr.loss import multihead_loss, router_loss, sample_negatives
+from mhr.training.loss import multihead_loss, router_loss, sample_negatives
 from mhr.ranking.metrics import ndcg_at_k
 from mhr.models.multihead import (
     BACKBONES,
@@ -57,7 +57,7 @@ from mhr.models.multihead import (
 from mhr.priors.spec import PriorSpec, load_prior
 from mhr.priors.synthetic import is_synthetic, synthetic_prior
 from mhr.store import connect, data_key
-from mhr.train_params import RUN_KEY_RULES, TrainParams, default_run_name
+from mhr.training.params import RUN_KEY_RULES, TrainParams, default_run_name
 from mhr.windows import WindowsRef, horizon_targets, load_windows, sample_rows, subset_split
 from mhr.workspace import Dataset, check_name
 
@@ -145,7 +145,7 @@ def _logit_bytes(p: TrainParams, batch: int, seq_len: int, horizon: int) -> int:
 
     The shared per-batch draw (the legacy sampler) scores every positive against n negatives at
     once: [B·L·τ, n] fp32 logits held about three times (scores, masked copy, gradient). The other
-    modes chunk their logits (`mhr.sampling.CHUNK_ELEMENTS`) but keep the drawn ids, int64 [rows, n]
+    modes chunk their logits (`mhr.training.sampling.CHUNK_ELEMENTS`) but keep the drawn ids, int64 [rows, n]
     with rows = 1, B or B·L·τ per batch / sequence / position (+ fp32 offsets with --logq). The full
     softmax is chunked inside the loss, so it adds nothing here."""
     if p.negatives is None:
@@ -153,7 +153,7 @@ def _logit_bytes(p: TrainParams, batch: int, seq_len: int, horizon: int) -> int:
     positives = batch * seq_len * horizon
     if p.negatives_per == "batch" and not p.in_batch_negatives and not p.logq:
         return 3 * 4 * positives * p.negatives
-    from mhr.sampling import CHUNK_ELEMENTS
+    from mhr.training.sampling import CHUNK_ELEMENTS
 
     rows = {"batch": 1, "sequence": batch}.get(p.negatives_per, positives)
     return rows * p.negatives * (12 if p.logq else 8) + 3 * 4 * CHUNK_ELEMENTS
