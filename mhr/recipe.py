@@ -15,7 +15,9 @@ A recipe is a TOML file:
     [eval]     fusion = ["max"], split = "test", baseline = "VARIANT", horizons = [...], k = [...]
                fusion "router" is evaluated only for variants trained with `router = true`;
                oracle_group = ["PRIOR"] adds the labelled group-oracle evaluation of every run;
-               diversity = [0.25, 0.5] adds re-ranked evaluations (the accuracy-diversity frontier)
+               diversity = [0.25, 0.5] adds re-ranked evaluations (the accuracy-diversity frontier);
+               entropy_prior = "PRIOR" names the item prior H@K, diversity and the per-category
+               breakdown count over (default: the run's item prior, else one named "item")
 
 Every step calls the library function its command calls, and logs that command (`$ mhr …`, what a
 user copies to run the step alone). Each stage skips itself when its key is unchanged, so running a
@@ -425,7 +427,8 @@ def _evaluate_runs(recipe: dict[str, Any], dataset: Dataset, run_names: dict[tup
                     params = EvalParams(
                         fusion=fusion, split=split, baseline=None if extra else baseline,
                         ks=tuple(eval_cfg.get("k", (5, 10, 50, 200))),
-                        horizons=tuple(eval_cfg.get("horizons", ())), **extra,
+                        horizons=tuple(eval_cfg.get("horizons", ())),
+                        entropy_prior=eval_cfg.get("entropy_prior"), **extra,
                     )
                     evals.append(_eval_step(dataset, run_name, params, device, force, wait))
     return evals
