@@ -179,8 +179,9 @@ def new_store(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     for stale in (tmp, tmp.with_name(tmp.name + ".wal")):
         stale.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
-    try:
+    con = None
+    try:  # the connect too: an interrupt while it creates the file must not leave the file behind
+        con = duckdb.connect(str(tmp))
         con.execute(SCHEMA)
         set_meta(con, schema_version=SCHEMA_VERSION)
         yield con
@@ -188,7 +189,8 @@ def new_store(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
         con.close()
         os.replace(tmp, path)
     except BaseException:
-        con.close()
+        if con is not None:
+            con.close()
         raise
     finally:
         for stale in (tmp, tmp.with_name(tmp.name + ".wal")):
