@@ -115,6 +115,9 @@ def test_sigint_during_a_long_synth_exits_130(workspace: Path):
         [sys.executable, "-m", "mhr", "--workspace", str(workspace), "data", "synth", "--users", "200000",
          "--items", "5000", "--interactions", "40000000", "--name", "big"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # Ctrl-C reaches a process whose SIGINT is at its default; a test run started in the
+        # background of a non-interactive shell inherits it ignored (and Python then keeps it so)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.time() + 60
