@@ -111,8 +111,10 @@ def build_graph_prior(con: duckdb.DuckDBPyConnection, p: GraphParams) -> PriorGr
     groups.report.update(graph=info)
     try:
         groups.report["top_tags"] = dict(zip(names, top_tags(con, item_col, group_col, len(names)), strict=True))
+    except duckdb.InterruptException:
+        raise  # Ctrl-C during the query: not a reason to go on without the tags
     except duckdb.Error:
-        pass
+        pass  # tags are decoration: a store whose items have none still gets its groups
     if info.get("unreachable"):
         groups.warn(f"{p.clusters} clusters of ≥ {p.min_size} items cannot be reached; closest: "
                     f"{found.n_clusters} (resolution {info['resolution']:.4g})")
