@@ -36,11 +36,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mhr.training.loss import multihead_loss  # noqa: E402
 from mhr.models import hllm, hstu  # noqa: E402
 from mhr.models.heads import Compatibility, PriorHeads, Scorer, build_layout  # noqa: E402
 from mhr.models.item_text import encode_texts, load_encoder  # noqa: E402
 from mhr.models.multihead import MultiHeadRecommender  # noqa: E402
+from mhr.training.loss import multihead_loss  # noqa: E402
 from mhr.training.train import TrainParams, _LossStep  # noqa: E402
 
 SCIENTIFIC = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-scientific" / "Scientific.item.json"

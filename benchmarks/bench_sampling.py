@@ -48,7 +48,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -60,7 +59,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import Setup, make_priors, make_windows, mib, peak_rss, sync, time_pair  # noqa: E402
+from bench_train import Setup, machine_line, make_priors, make_windows, mib, peak_rss, sync, time_pair  # noqa: E402
 
 from mhr.training.sampling import CHUNK_ELEMENTS  # noqa: E402
 from mhr.training.train import _batch  # noqa: E402
@@ -189,10 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         return child_memory(args, args.child)
     start = time.perf_counter()
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
-        platform.processor() or platform.machine())
-    print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}: torch {torch.__version__}, device {args.device} "
-          f"({device_name}), {torch.get_num_threads()} torch threads of {os.cpu_count()} CPUs; "
+    print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}: {machine_line(args.device)}; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"HSTU size {args.size}, batch {args.batch} x T {args.context}, τ {args.tau}, "
           f"{args.items:,} items, {args.rows} windows; {args.warmup} warm-up + median of {args.steps} "

@@ -64,7 +64,6 @@ import time
 import numpy as np
 import torch
 
-from mhr.training.loss import find_positives, multihead_loss
 from mhr.models.heads import (
     Compatibility,
     SelectedQueries,
@@ -75,6 +74,7 @@ from mhr.models.heads import (
 )
 from mhr.models.multihead import backbone_config, build_model
 from mhr.priors.spec import PriorSpec
+from mhr.training.loss import find_positives, multihead_loss
 from mhr.training.train import TrainParams, _batch, _LossStep
 
 TAU = 8
@@ -130,6 +130,13 @@ def make_batches(args, device) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # one configuration: model + loss module + optimizer, as `mhr.training.train.train` builds them
+
+
+def machine_line(device: str) -> str:
+    """'torch X, device D (name), N torch threads of M CPUs': the head of every benchmark's report."""
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or platform.machine())
+    return (f"torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} torch threads of "
+            f"{os.cpu_count()} CPUs")
 
 
 def sync(device: str) -> None:
@@ -407,10 +414,7 @@ def main() -> None:
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     peak_n = args.peak_size or (8192 if args.device.startswith("cuda") else 2048)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
-        platform.processor() or platform.machine())
-    print(f"torch {torch.__version__}, device {args.device} ({device_name}), {torch.get_num_threads()} torch "
-          f"threads of {os.cpu_count()} CPUs, interop {torch.get_num_interop_threads()}, "
+    print(f"{machine_line(args.device)}, interop {torch.get_num_interop_threads()}, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}; load average {os.getloadavg()[0]:.2f}")
     print(f"batch {args.batch} x T {args.context}, τ {TAU}, {args.items:,} items, {args.rows} windows; "
           f"{args.warmup} warm-up + median of {args.steps} steps, layouts interleaved")

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from mhr.errors import UsageError
-from mhr.training.loss import Positives, loss_from_negatives, multihead_loss
 from mhr.models.comirec import ComiRecSA, hard_readout, routing_regulariser
 from mhr.models.heads import Compatibility
 from mhr.models.multihead import DecoderOptions, backbone_config, build_model, interest_layout
 from mhr.priors.synthetic import synthetic_prior
 from mhr.ranking.evaluate import EvalParams, evaluate
 from mhr.ranking.inference import rank_split
+from mhr.training.loss import Positives, loss_from_negatives, multihead_loss
 from mhr.training.train import TrainParams, default_run_name, load_run, train
 from mhr.windows import build_windows, load_windows
 from tests.helpers import dot, interrupt_at_batch, make_dataset

@@ -153,8 +153,8 @@ def test_every_head_equals_h_at_init(compose, names, global_head):
 def test_selected_queries_equal_dense_heads_and_give_the_same_loss(compose, names, global_head):
     """The fast training path (only the queries the loss reads, `queries_at`) against the dense
     reference (every head at every position): same queries, same loss, same gradients."""
-    from mhr.training.loss import multihead_loss
     from mhr.models.heads import SelectedQueries, dot_scores
+    from mhr.training.loss import multihead_loss
 
     layout = make_layout(compose, names, global_head)
     torch.manual_seed(1)

@@ -16,11 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import mhr.models.item_text as item_text  # noqa: E402
 from mhr.cache import read_manifest, stage_key  # noqa: E402
 from mhr.errors import NotFoundError, UsageError  # noqa: E402
-from mhr.training.loss import multihead_loss  # noqa: E402
 from mhr.models.heads import Compatibility, PriorHeads, Scorer, build_layout  # noqa: E402
 from mhr.models.hllm import HLLM, HLLMConfig, estimate_memory_bytes, estimate_params, hllm_config  # noqa: E402
 from mhr.models.multihead import MultiHeadRecommender  # noqa: E402
 from mhr.store import connect, new_store, set_meta  # noqa: E402
+from mhr.training.loss import multihead_loss  # noqa: E402
 from mhr.workspace import Workspace  # noqa: E402
 
 THEMES = {

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import mhr.training.loss as loss_mod
-from mhr.training.loss import candidate_sets, multihead_loss, sample_negatives
 from mhr.models.heads import Compatibility, PriorHeads, Scorer, build_layout
 from mhr.priors.spec import PriorSpec
+from mhr.training.loss import candidate_sets, multihead_loss, sample_negatives
 from tests.helpers import weighted_head_means
 from tests.test_heads import (
     EVENT_VOCAB,

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from mhr.cache import stage_key
-from mhr.training.loss import router_loss
 from mhr.models.heads import Compatibility, HeadRouter, build_layout, dot_scores
 from mhr.priors.spec import PriorSpec
 from mhr.ranking.evaluate import EvalParams, evaluate
 from mhr.ranking.fusion import fuse_dense, head_log_normalisers, router_offsets
 from mhr.ranking.scoring import dense_fused_topk, grouped_fused_topk
+from mhr.training.loss import router_loss
 from mhr.training.train import TrainParams, load_run, train
 from mhr.windows import build_windows
 from tests.helpers import make_dataset

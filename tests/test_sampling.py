@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import mhr.training.sampling as sampling_mod
-from mhr.training.loss import multihead_loss
 from mhr.models.heads import Compatibility, Scorer, dot_scores
+from mhr.training.loss import multihead_loss
 from mhr.training.sampling import HeadSampler, InBatch, Sampling
 from tests.helpers import weighted_head_means
 from tests.test_heads import EVENT_VOCAB, N_ITEMS, TAU, layouts, make_layout, random_batch

@@ -38,14 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mhr.training import checkpoint
 from mhr.cache import is_done, lock_path, locked, stage_key, write_manifest
 from mhr.console import err, progress
 from mhr.errors import InputError, NotFoundError, StaleError, TrainingError, UsageError
 from mhr.models.heads import Compatibility, HeadLayout, PriorHeads, SelectedQueries, build_layout, dot_scores
-from mhr.ranking.inference import rank_split
-from mhr.training.loss import multihead_loss, router_loss, sample_negatives
-from mhr.ranking.metrics import ndcg_at_k
 from mhr.models.multihead import (
     BACKBONES,
     MultiHeadRecommender,
@@ -56,7 +52,11 @@ from mhr.models.multihead import (
 )
 from mhr.priors.spec import PriorSpec, load_prior
 from mhr.priors.synthetic import is_synthetic, synthetic_prior
+from mhr.ranking.inference import rank_split
+from mhr.ranking.metrics import ndcg_at_k
 from mhr.store import connect, data_key
+from mhr.training import checkpoint
+from mhr.training.loss import multihead_loss, router_loss, sample_negatives
 from mhr.training.params import RUN_KEY_RULES, TrainParams, default_run_name
 from mhr.windows import WindowsRef, horizon_targets, load_windows, sample_rows, subset_split
 from mhr.workspace import Dataset, check_name
