@@ -445,20 +445,22 @@ def _baseline_boost(new_interest: dict[str, Any], st: _Setup, base_rank: Ranking
 
 def _objective_results(run: LoadedRun, dataset: Dataset, params: EvalParams, st: _Setup,
                        ranking: Ranking) -> dict[str, Any]:
-    """Per steered group and K: mean exposure `share` and `met` (users whose top K meets the quota);
+    """Per steered (boosted) group and K: mean exposure `share`, and `met` (users whose top K meets the quota);
     C_KL@K over the --calibrate prior (`c_kl`, in place of the one over --entropy-prior's categories)."""
     objectives = params.objectives()
     out: dict[str, Any] = {}
-    if objectives.steer:
-        n_cols = st.n_items + 1
-        out["steer"] = {}
-        for s in objectives.steer:
-            spec = item_prior(run, dataset, s.prior, "--steer")
-            member = spec.item_groups[resolve_group(s.group, spec.group_names, s.prior, "--steer"), :n_cols]
-            out["steer"][s.text()] = {f"@{k}": {
-                "share": float(np.mean(group_share(ranking.items, member, k))),
-                "met": float(np.mean(quota_met(ranking.items, member, s.share, k))),
-                "target": s.share} for k in st.ks}
+    n_cols = st.n_items + 1
+    for flag, items in (("steer", objectives.steer), ("boost", objectives.boost)):
+        for s in items:
+            spec = item_prior(run, dataset, s.prior, f"--{flag}")
+            member = spec.item_groups[resolve_group(s.group, spec.group_names, s.prior, f"--{flag}"), :n_cols]
+            cells = {}
+            for k in st.ks:
+                cells[f"@{k}"] = {"share": float(np.mean(group_share(ranking.items, member, k)))}
+                if flag == "steer":
+                    cells[f"@{k}"] |= {"met": float(np.mean(quota_met(ranking.items, member, s.share, k))),
+                                       "target": s.share}
+            out.setdefault(flag, {})[s.text()] = cells
     if objectives.calibrate:
         out["c_kl"] = _c_kl(item_prior(run, dataset, objectives.calibrate, "--calibrate"), st.split,
                                   ranking, st.ks)
