@@ -251,7 +251,17 @@ def _train_step(dataset: Dataset, params: Any, windows: str, run_name: str, devi
 
 def _eval_step(dataset: Dataset, run_name: str, params: Any, device: str, force: bool, wait: float) -> Path:
     """`mhr eval RUN …`."""
-    from mhr.ranking.evaluate import EvalParams, evaluate
+    from mhr.ranking.evaluate import evaluate
+
+    command = eval_command(run_name, params)
+    command += (["--device", device] if device != "cpu" else []) + (["--force"] if force else [])
+    out, _, _ = _step(command, lambda: evaluate(dataset, run_name, params, force=force, device=device), wait)
+    return out
+
+
+def eval_command(run_name: str, params: Any) -> list[str]:
+    """`mhr eval RUN …` for `params` (an `EvalParams`): the flags of the fields that differ from their default."""
+    from mhr.ranking.evaluate import EvalParams
 
     command = ["eval", run_name]
     for f in dataclasses.fields(EvalParams):
@@ -265,9 +275,7 @@ def _eval_step(dataset: Dataset, run_name: str, params: Any, device: str, force:
             command.append(flag)
         else:
             command += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-    command += (["--device", device] if device != "cpu" else []) + (["--force"] if force else [])
-    out, _, _ = _step(command, lambda: evaluate(dataset, run_name, params, force=force, device=device), wait)
-    return out
+    return command
 
 
 def _report_step(dataset: Dataset, runs: list[str], out: Path, split: str, fusion: str, title: str,

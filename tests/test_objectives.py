@@ -231,3 +231,15 @@ def test_report_objective_curves_along_a_sweep(tmp_path):
     assert "boost" not in curves
     assert _find_eval(ds.runs_dir / "a-s0", "test", "max")["metrics"]["ndcg@10/h4"] == 0.30  # the plain one
     assert plot_objectives(curves, tmp_path / "o.png") and (tmp_path / "o.png").stat().st_size > 0
+
+
+def test_recipe_eval_section_sweeps_objectives_and_logs_repeatable_flags():
+    from mhr.ranking.evaluate import EvalParams
+    from mhr.recipe import _objective_extras, eval_command
+
+    extras = _objective_extras({"steer": ["g:A=0", "g:A=0.2"], "boost": "g:B=1", "calibrate": "g",
+                                "calibrate_lambda": [0.3, 0.9], "diversity": [0.5]})
+    assert extras == [{"steer": ("g:A=0",)}, {"steer": ("g:A=0.2",)}, {"boost": ("g:B=1",)},
+                      {"calibrate": "g", "calibrate_lambda": 0.3}, {"calibrate": "g", "calibrate_lambda": 0.9}]
+    params = EvalParams(ks=(10,), steer=("g:A=0.2", "h:B=0.1"), calibrate_lambda=0.5)
+    assert eval_command("r", params) == ["eval", "r", "--k", "10", "--steer", "g:A=0.2", "--steer", "h:B=0.1"]
