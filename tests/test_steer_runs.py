@@ -191,3 +191,23 @@ def test_recommend_explain_shows_the_profile_and_export_writes_it(runs, tmp_path
     recs = pq.read_table(dest).to_pylist()
     assert json.loads(pq.read_schema(dest).metadata[b"mhr"])["objectives"]["steer"] == ["genre1:Comedy=0.5"]
     assert len(recs) == 40 * 4
+
+
+def test_router_run_profile_is_the_routers_group_mass_and_boosts_shift_its_offsets(runs):
+    train(runs, TrainParams(priors=("item",), router=True, **TINY), name="routed", show_progress=False)
+    run = load_run(runs, "routed")
+    split = run.windows.read_split("test")
+    spec = profile_priors(run, runs, ["item"])[0]
+    prof = interest_profile(run, split, {"fusion": "router"}, [spec])["item"]
+    _, _, _, log_p = next(iter_queries(run.model, run.compat, split, route=True))
+    p = log_p.exp().detach().numpy()
+    for g, name in enumerate(spec.group_names):
+        heads = [k for k, n in enumerate(run.layout.names) if n == name]
+        assert np.allclose(prof[: len(p), g], p[:, heads].sum(1), atol=1e-6)
+    resolved = resolve(Objectives(boost=(Boost("item", "Drama", 4.0),)), run, runs)
+    plain = rank_objectives(run, split, 8, {"fusion": "router"}, None)
+    boosted = rank_objectives(run, split, 8, {"fusion": "router"}, resolved)
+    drama = spec.item_groups[2]
+    assert drama[boosted.items].sum() > drama[plain.items].sum()
+    code, out, err = in_process(runs, "eval", "routed", "--fusion", "router", "--calibrate", "item", "--json")
+    assert code == 0 and json.loads(out)["c_kl"]["prior"] == "item", err
