@@ -115,7 +115,8 @@ def eval_cmd(
 
     Example: mhr eval RUN --calibrate genre6 --calibrate-lambda 0.5
     """
-    from mhr.ranking.evaluate import EvalParams, evaluate
+    from mhr.ranking.eval_params import EvalParams
+    from mhr.ranking.evaluate import evaluate
 
     c = context(ctx)
     ds = c.dataset()
@@ -148,6 +149,6 @@ def _objective_lines(result: dict) -> list[str]:
 
 
 def register(app: typer.Typer) -> None:
-    from mhr.ranking.evaluate import EvalParams
+    from mhr.ranking.eval_params import EvalParams
 
     app.command("eval")(with_options(eval_cmd, dataclass_options(EvalParams)))

@@ -16,7 +16,7 @@ def _help(name: str) -> str:
     """The help text `mhr eval` declares for an objective (`EvalParams`), so both commands say the same."""
     import dataclasses
 
-    from mhr.ranking.evaluate import EvalParams
+    from mhr.ranking.eval_params import EvalParams
 
     return next(f.metadata["help"] for f in dataclasses.fields(EvalParams) if f.name == name)
 
