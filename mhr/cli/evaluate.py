@@ -145,6 +145,8 @@ def _objective_lines(result: dict) -> list[str]:
         cell = at[f"@{k}"]
         lines.append(f"steer {text}: share@{k} {100 * cell['share']:.1f}%, quota met for {100 * cell['met']:.1f}% "
                      "of users")
+    for text, at in result.get("boost", {}).items():
+        lines.append(f"boost {text}: share@{k} {100 * at[f'@{k}']['share']:.1f}%")
     return lines
 
 
