@@ -11,7 +11,7 @@ the memory children; --modes / --negatives / --no-memory cut it down.
     python benchmarks/bench_sampling.py --tau 8               # the 8-step horizon of bench_train.py
 
 What one step is: the real training step of `mhr.training.train` as `benchmarks/bench_train.py` times it
-(its `Setup`: a batch cut by `mhr.training.train._batch`, `mhr.training.train._LossStep` → `multihead_loss`,
+(its `Setup`: a batch cut by `mhr.training.train._batch`, `mhr.training.step.LossStep` → `multihead_loss`,
 backward, clip 1.0, AdamW), HSTU size 1, batch 128, T = 50, with the `TrainParams` defaults except
 the sampled-softmax fields: `negatives` (None = full softmax), `negatives_per`,
 `in_batch_negatives`, `logq` (see `mhr.training.sampling`).

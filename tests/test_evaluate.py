@@ -13,7 +13,9 @@ from mhr.ranking.recommend import recommend
 from mhr.recipe import run_recipe
 from mhr.report import build_report
 from mhr.store import connect, set_meta
-from mhr.training.train import TrainParams, load_run, train
+from mhr.training.params import TrainParams
+from mhr.training.runs import load_run
+from mhr.training.train import train
 from mhr.windows import build_windows
 from mhr.workspace import Workspace
 from tests.helpers import make_dataset

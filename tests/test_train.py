@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from mhr.errors import NotFoundError, TrainingError, UsageError
-from mhr.training.train import TrainParams, load_run, train
+from mhr.training.params import TrainParams
+from mhr.training.runs import load_run
+from mhr.training.train import train
 from mhr.windows import build_windows
 from tests.helpers import interrupt_at_batch, make_dataset
 
@@ -89,7 +91,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, extra):
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny, monkeypatch):
-    import mhr.training.train as mt
+    import mhr.training.step as mt
 
     real, calls = mt.multihead_loss, {"n": 0}
 

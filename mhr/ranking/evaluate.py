@@ -48,7 +48,7 @@ from mhr.ranking.metrics import (
     new_interest_mask,
     recall_at_k,
 )
-from mhr.training.train import LoadedRun, load_run
+from mhr.training.runs import LoadedRun, load_run
 from mhr.windows import sample_rows, subset_split
 from mhr.workspace import Dataset
 

@@ -38,7 +38,7 @@ from mhr.ranking import fusion as fusion_mod
 from mhr.ranking.fusion import FITTED, FUSIONS, FusionFit
 from mhr.ranking.inference import iter_queries, rank_split
 from mhr.store import connect
-from mhr.training.train import LoadedRun
+from mhr.training.runs import LoadedRun
 from mhr.workspace import Dataset
 
 

@@ -40,7 +40,7 @@ from mhr.ranking.recommend import (
     scoring_for,
 )
 from mhr.store import connect
-from mhr.training.train import LoadedRun, load_run
+from mhr.training.runs import LoadedRun, load_run
 from mhr.workspace import Dataset, Workspace
 
 

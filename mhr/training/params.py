@@ -147,7 +147,7 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         if self.train_item_llm and self.negatives is not None:
-            # a fine-tuned item LLM encodes exactly one shared draw per batch (see `train._LossStep`)
+            # a fine-tuned item LLM encodes exactly one shared draw per batch (see `step.LossStep`)
             object.__setattr__(self, "negatives_per", "batch")
             object.__setattr__(self, "logq", False)
             object.__setattr__(self, "in_batch_negatives", False)

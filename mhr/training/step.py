@@ -1,0 +1,95 @@
+"""One training step's forward pass: model + loss as one module (`LossStep`).
+
+The training loop wraps it in DistributedDataParallel under torchrun; the benchmarks time it and the
+tests drive it directly.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from mhr.models.heads import Compatibility, PriorHeads, SelectedQueries, dot_scores
+from mhr.models.multihead import MultiHeadRecommender
+from mhr.training.loss import multihead_loss, router_loss, sample_negatives
+from mhr.training.params import TrainParams
+
+__all__ = ["LossStep"]
+
+
+class LossStep(torch.nn.Module):
+    """Model + loss as one module, so DistributedDataParallel sees every parameter that the loss
+    touches (the scorer's temperature and the scoring item table included) inside forward."""
+
+    def __init__(self, model: MultiHeadRecommender, compat: Compatibility, params: TrainParams,
+                 gen: torch.Generator, omega: torch.Tensor, selective: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.compat = compat
+        self.params = params
+        self.gen = gen
+        self.omega = omega
+        # the prior heads decode state by state, so only the queries the loss reads are computed;
+        # `selective=False` keeps the dense reference (every head at every position)
+        self.selective = selective and isinstance(model.heads, PriorHeads)
+
+    def forward(self, items, ts, targets, target_events, users):
+        p = self.params
+        negs, step = None, nullcontext()
+        if getattr(self.model.backbone, "trains_item_llm", False):
+            # a fine-tuned item LLM encodes only this step's items, once: the inputs, the targets and
+            # the negatives, drawn first (from the same generator, so runs stay resumable)
+            negs = sample_negatives(self.omega, p.negatives, p.negatives_from, p.global_ratio, self.gen)
+            step = self.model.backbone.encoding(torch.unique(torch.cat([items.flatten(), targets.flatten(),
+                                                                        negs.flatten()])))
+        with step:
+            scorer = self.model.scorer
+            h = self.model.backbone(items, ts)
+            if self.selective:  # prior heads: each query computed only where the loss reads it
+                h = h.float()
+                q, aux = SelectedQueries(self.model.heads, h, scorer.prepare_queries), {}
+            else:
+                q, aux = self.model.heads.decode(h, items != 0)
+                q = q.float()
+            item_vecs = self.model.item_vectors().float()
+            omega = self.omega
+            own = self.model.heads.eligibility(item_vecs)  # DualVAE: each item's own aspect
+            if own is not None:
+                omega = omega & own
+            compat_t = self.compat.targets(targets, target_events, users)
+            compat_t = self.model.heads.assign(q, item_vecs, scorer, targets, compat_t)
+            # normalised once, then plain dot products inside the loss
+            if self.selective:
+                item_vecs = scorer.prepare_items(item_vecs)
+            else:
+                q, item_vecs = scorer.prepare(q, item_vecs)
+            loss, stats = multihead_loss(
+                q,
+                item_vecs,
+                dot_scores,
+                targets,
+                compat_t,
+                omega,
+                gamma=p.gamma,
+                head_weights=p.head_weights,
+                negatives=p.negatives,
+                negatives_from=p.negatives_from,
+                global_ratio=p.global_ratio,
+                generator=self.gen,
+                hard_negative_beta=p.beta,
+                negative_ids=negs,
+                negatives_per=p.negatives_per,
+                in_batch=p.in_batch_negatives,
+                logq=p.logq,
+            )
+        if self.model.router is not None:  # p(k | h), trained jointly with the heads
+            route = router_loss(self.model.router(h.float()), targets, compat_t, p.gamma)
+            loss = loss + p.router_weight * route
+            stats["router"] = route.detach()
+        if self.selective:  # heads without a positive in this batch still count as used (DDP)
+            loss = loss + q.anchor()
+        for term, value in aux.items():  # the decoder's regularisers (REMI's routing, DualVAE's KL)
+            loss = loss + value.float()
+            stats[term] = value.detach()
+        return loss, stats
