@@ -8,7 +8,7 @@ item of it is excluded, as evaluation does.
 
 The fusions are `mhr eval`'s, called the same way (`mhr.ranking.fusion.scoring_args`): max and avg as in the
 paper, learned and invvar with the per-head parameters fitted on the run's validation split and
-cached beside its evaluations (`mhr.ranking.evaluate.load_or_fit_fusion`), so recommend and eval rank alike.
+cached beside its evaluations (`mhr.ranking.fusion_fit.load_or_fit_fusion`), so recommend and eval rank alike.
 
 The explanation (`Recommendation.head`): under max, the head that won the item. avg, learned and
 invvar add the eligible heads' (weighted, calibrated) scores, so no head wins; the head named is
@@ -36,6 +36,7 @@ from mhr.console import log, progress
 from mhr.errors import InputError, NotFoundError, UsageError
 from mhr.ranking import fusion as fusion_mod
 from mhr.ranking.fusion import FITTED, FUSIONS, FusionFit
+from mhr.ranking.fusion_fit import load_or_fit_fusion
 from mhr.ranking.inference import iter_queries, rank_split
 from mhr.store import connect
 from mhr.training.runs import LoadedRun
@@ -78,8 +79,6 @@ def scoring_for(run: LoadedRun, fusion: str, fit: FusionFit | None = None) -> di
     fusion uses `fit` when given, else the run's cached fit (fitted on valid on first use)."""
     check_fusion(fusion)
     if fusion in FITTED and fit is None:
-        from mhr.ranking.evaluate import load_or_fit_fusion
-
         fit = load_or_fit_fusion(run, fusion)
     return fusion_mod.scoring_args(fusion, fit if fusion in FITTED else None)
 
