@@ -206,15 +206,16 @@ def _data_step(path: Path, workspace: Workspace, dataset_name: str, data: dict[s
 
 def _prior_step(dataset: Dataset, prior: dict[str, Any], wait: float) -> None:
     """`mhr priors build --kind KIND …`."""
-    from mhr.priors.build import BUILDERS, FLAG_FIELDS, build_prior, log_result, make_params
+    from mhr.priors.build import FLAG_FIELDS, build_prior, log_result, make_params
+    from mhr.priors.kinds import KINDS
 
     prior = dict(prior)
     kind = prior.pop("kind")
     command = ["priors", "build", "--kind", kind, *_flags(prior)]
     name, force = prior.pop("name", None), bool(prior.pop("force", False))
     options = {FLAG_FIELDS.get(k, k): v for k, v in prior.items()}
-    if kind in BUILDERS:  # an unknown kind, or an option of another kind: make_params says which
-        cls = BUILDERS[kind][0]
+    if kind in KINDS:  # an unknown kind, or an option of another kind: make_params says which
+        cls = KINDS[kind].params
         options = _typed(cls, options, [f.name for f in dataclasses.fields(cls)], "", strict=False)
     result = _step(command, lambda: build_prior(dataset, kind, make_params(kind, options), name=name, force=force),
                    wait)

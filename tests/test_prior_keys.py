@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from mhr.cache import stage_key
-from mhr.priors.build import key_params, make_params
+from mhr.priors.build import make_params
+from mhr.priors.kinds import key_params
 
 DATA = "d" * 64
 GOLDEN = {

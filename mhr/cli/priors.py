@@ -80,12 +80,14 @@ def build_cmd(
 
 
 def _table(info: dict) -> Table:
+    from mhr.priors.kinds import EVENTS, HORIZON, ITEMS, USERS, prior_kind
+
     d = info["diagnostics"]
     kind = info["kind"]
     table = Table(title=f"{info['reference']}  kind {kind}, {d['n_groups']} groups", title_justify="left")
     table.add_column("id", justify="right")
     table.add_column("group")
-    size_col = {"item": "items", "graph": "items", "user": "users", "event": "interactions", "temporal": "offsets"}[kind]
+    size_col = {ITEMS: "items", USERS: "users", EVENTS: "interactions", HORIZON: "offsets"}[prior_kind(kind).maps]
     table.add_column(size_col, justify="right")
     share_cols = [c for c in ("share_items", "share_users", "share_interactions", "share_targets")
                   if any(c in g for g in d["groups"])]

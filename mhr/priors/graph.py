@@ -18,7 +18,6 @@ import duckdb
 import numpy as np
 
 from mhr.errors import UsageError
-from mhr.priors.coengagement import binary_matrix, communities, knn_edges, training_pairs
 from mhr.priors.groups import PriorGroups, pairs_from_membership
 
 WEIGHTS = ("binary", "count")
@@ -70,6 +69,8 @@ def top_tags(con: duckdb.DuckDBPyConnection, item_ids: np.ndarray, group_ids: np
 
 def build_graph_prior(con: duckdb.DuckDBPyConnection, p: GraphParams) -> PriorGroups:
     p.check()
+    from mhr.priors.coengagement import binary_matrix, communities, knn_edges, training_pairs  # igraph: slow
+
     n_items = int(con.execute("SELECT coalesce(max(item_id), 0) FROM items").fetchone()[0])
     n_users = int(con.execute("SELECT coalesce(max(user_id), 0) FROM users").fetchone()[0])
     users, items = training_pairs(con, p.holdout, p.cap)

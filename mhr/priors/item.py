@@ -14,14 +14,17 @@ with no category go to every group (`untagged = "all"`, as the paper's "unknown"
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
 
+from mhr.cache import file_sha256
 from mhr.errors import InputError, UsageError
 from mhr.priors.groups import PriorGroups, pairs_from_membership
 
@@ -71,6 +74,23 @@ class ItemParams:
             raise UsageError("--categories repeats a name")
         if "{}" not in self.template:
             raise UsageError(f"--template {self.template!r} has no '{{}}' for the tag", hint="e.g. '{} movies'")
+
+
+def item_key_extras(p: ItemParams) -> dict[str, Any]:
+    """Beyond the parameters, an item prior's key covers the map file's content and, for LLM
+    consolidation, the endpoint (without credentials) and the model — never the API key."""
+    out: dict[str, Any] = {}
+    if p.map_file:
+        path = Path(p.map_file)
+        if not path.is_file():
+            raise UsageError(f"--map {path}: no such file")
+        out["map_sha256"] = file_sha256(path)
+    if p.llm:
+        from mhr.priors.llm import public_url
+
+        out["llm_base_url"] = public_url(p.llm_base_url or os.environ.get("OPENAI_BASE_URL"))
+        out["model"] = p.model or os.environ.get("OPENAI_MODEL") or "gpt-4o-mini"
+    return out
 
 
 def at_level(tag: str, level: int | None) -> str:

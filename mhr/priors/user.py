@@ -17,7 +17,6 @@ import duckdb
 import numpy as np
 
 from mhr.errors import InputError, UsageError
-from mhr.priors.coengagement import binary_matrix, communities, knn_edges, training_pairs
 from mhr.priors.groups import PriorGroups, pairs_from_membership
 
 
@@ -56,6 +55,8 @@ def sample_per_item(users: np.ndarray, items: np.ndarray, per_item: int, seed: i
 
 
 def _from_graph(con: duckdb.DuckDBPyConnection, p: UserParams, n_users: int) -> PriorGroups:
+    from mhr.priors.coengagement import binary_matrix, communities, knn_edges, training_pairs  # igraph: slow
+
     n_items = int(con.execute("SELECT coalesce(max(item_id), 0) FROM items").fetchone()[0])
     users, items = training_pairs(con, p.holdout)
     order = np.lexsort((items, users))  # canonical order so sampling does not depend on the scan

@@ -33,6 +33,7 @@ import torch
 
 from mhr.cache import stage_key, write_json_atomic
 from mhr.errors import UsageError
+from mhr.priors.kinds import EVENTS, ITEM_KINDS
 from mhr.priors.spec import PriorSpec
 from mhr.ranking import fusion as fusion_mod
 from mhr.ranking.diversity import greedy_diverse
@@ -113,16 +114,15 @@ def _category_prior(run: LoadedRun, dataset: Dataset, name: str | None) -> Prior
         name = "item"
     con = connect(dataset.store_path, read_only=True)
     try:
-        exists = con.execute("SELECT count(*) FROM priors WHERE prior = ? AND kind IN ('item', 'graph')",
-                             [name]).fetchone()[0]
-        return load_prior(con, name) if exists else None
+        row = con.execute("SELECT kind FROM priors WHERE prior = ?", [name]).fetchone()
+        return load_prior(con, name) if row is not None and row[0] in ITEM_KINDS else None
     finally:
         con.close()
 
 
 def _oracle_event_mask(run: LoadedRun, split: dict[str, np.ndarray]) -> torch.Tensor | None:
     """ORACLE: heads usable per user restricted to the true event type of the first target."""
-    levels = [i for i, s in enumerate(run.priors) if s.kind == "event"]
+    levels = [i for i, s in enumerate(run.priors) if s.maps == EVENTS]
     if not levels:
         raise UsageError("--oracle-event needs a run with an event prior")
     level = levels[0]
@@ -150,7 +150,7 @@ def _oracle_group_items(run: LoadedRun, dataset: Dataset, prior: str, split: dic
     con = connect(dataset.store_path, read_only=True)
     try:
         exists = con.execute("SELECT kind FROM priors WHERE prior = ?", [prior]).fetchone()
-        if exists is None or exists[0] not in ("item", "graph"):
+        if exists is None or exists[0] not in ITEM_KINDS:
             raise UsageError(f"--oracle-group needs an item or graph prior; {prior!r} is "
                              f"{'not built' if exists is None else 'a ' + exists[0] + ' prior'}",
                              hint="name one from `mhr priors list`")

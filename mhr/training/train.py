@@ -48,6 +48,7 @@ from mhr.models.multihead import (
     build_model,
     refresh_eligibility,
 )
+from mhr.priors.kinds import HORIZON
 from mhr.priors.spec import PriorSpec
 from mhr.ranking.inference import rank_split
 from mhr.ranking.metrics import ndcg_at_k
@@ -79,7 +80,7 @@ def _check_horizon(specs: tuple[PriorSpec, ...], windows: WindowsRef) -> None:
     tau = windows.params["horizon"]
     hold = int(windows.params.get("holdout", tau))  # held-out targets per split (H ≥ τ)
     for spec in specs:
-        if spec.kind == "temporal" and len(spec.horizon_groups) != tau:
+        if spec.maps == HORIZON and len(spec.horizon_groups) != tau:
             raise UsageError(
                 f"temporal prior {spec.name!r} covers a horizon of {len(spec.horizon_groups)}, "
                 f"the windows have τ = {tau}",
