@@ -11,7 +11,8 @@ from mhr.cli import app
 from mhr.cli.common import from_options
 from mhr.errors import UsageError
 from mhr.models.multihead import DecoderOptions
-from mhr.training.params import RUN_KEY_RULES, KeyRule, TrainParams, flag_name
+from mhr.options import flag_name
+from mhr.training.params import RUN_KEY_RULES, KeyRule, TrainParams
 
 
 def _train_command():

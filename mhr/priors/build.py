@@ -22,14 +22,17 @@ import duckdb
 from mhr.cache import stage_key
 from mhr.console import err
 from mhr.errors import UsageError
+from mhr.options import field_flag, flag_name
 from mhr.priors.groups import PriorGroups, delete_prior, write_groups
 from mhr.priors.kinds import ITEMS, KINDS, USERS, key_params, prior_kind
 from mhr.store import connect, data_key, record_stage_run
 from mhr.workspace import Dataset, check_name, writing
 
 STAGE = "priors"
-# the `mhr priors build` flags not spelled like the field they set (a recipe may use either)
-FLAG_FIELDS = {"map": "map_file", "base_url": "llm_base_url"}
+# the `mhr priors build` flags not spelled like the field they set (a recipe may use either), e.g.
+# map -> map_file: from the declarations (`mhr.options.option(flag=…)`)
+FLAG_FIELDS = {field_flag(f)[2:].replace("-", "_"): f.name
+               for entry in KINDS.values() for f in dataclasses.fields(entry.params) if f.metadata.get("flag")}
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,12 @@ class BuildResult:
         return f"prior:{self.name}"
 
 
+def _flag(name: str) -> str:
+    """The `mhr priors build` flag of parameter `name` (of any kind)."""
+    inverse = {v: k for k, v in FLAG_FIELDS.items()}
+    return flag_name(inverse.get(name, name))
+
+
 def make_params(kind: str, options: dict[str, Any]) -> Any:
     """The kind's parameter dataclass from the options that were given (None = not given).
 
@@ -54,7 +63,7 @@ def make_params(kind: str, options: dict[str, Any]) -> Any:
     given = {k: v for k, v in options.items() if v is not None and v != ()}
     foreign = sorted(k for k in given if k not in fields)
     if foreign:
-        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        flags = ", ".join(_flag(k) for k in foreign)
         raise UsageError(f"{flags} does not apply to --kind {kind}",
                          hint="see `mhr priors build --help` for the options of each kind")
     return cls(**given)

@@ -26,6 +26,7 @@ import numpy as np
 
 from mhr.cache import file_sha256
 from mhr.errors import InputError, UsageError
+from mhr.options import join_names, option, split_names
 from mhr.priors.groups import PriorGroups, pairs_from_membership
 
 UNKNOWN_TAGS = ("unknown", "(no genres listed)", "(none)", "none", "n/a")
@@ -34,21 +35,25 @@ _LEVEL_SPLIT = re.compile(r",(?! )")
 
 @dataclass(frozen=True)
 class ItemParams:
-    categories: tuple[str, ...] = ()
-    n_categories: int | None = None
-    map_file: str | None = None
-    llm: str | None = None  # "openai"
-    model: str | None = None
-    llm_base_url: str | None = None
-    batch_size: int = 40
-    timeout: float = 60.0
-    retries: int = 4
-    threshold: float = 0.5
-    template: str = "{}"
-    level: int | None = None
-    top: int | None = None
-    untagged: str = "all"
-    unknown_tags: tuple[str, ...] = UNKNOWN_TAGS
+    categories: tuple[str, ...] = option(
+        (), "Target category names 'A,B,C' (MiniLM zero-shot, or the LLM's choices).", parse=split_names,
+        show=join_names)
+    n_categories: int | None = option(None, "Cluster tags into K categories named from member tags.")
+    map_file: str | None = option(None, "Tag -> categories file (TOML or CSV).", flag="--map")
+    llm: str | None = option(None, "'openai': consolidate with an OpenAI-compatible endpoint (OPENAI_BASE_URL, "
+                             "OPENAI_API_KEY).")
+    model: str | None = option(None, "LLM model name (not set: $OPENAI_MODEL, else gpt-4o-mini).")
+    llm_base_url: str | None = option(None, "LLM endpoint (not set: $OPENAI_BASE_URL).", flag="--base-url")
+    batch_size: int = option(40, "Tags per LLM request.")
+    timeout: float = option(60.0, "Seconds per LLM request.")
+    retries: int = option(4, "Attempts per LLM request.")
+    threshold: float = option(0.5, "Zero-shot cosine threshold for extra labels.")
+    template: str = option("{}", "Text around each tag/category for MiniLM, e.g. '{} movies'.")
+    level: int | None = option(None, "Category-path level to use (1 = top).")
+    top: int | None = option(None, "Keep the N most frequent categories, the rest -> 'other'.")
+    untagged: str = option("all", "Items without a tag: all (every group) or other.")
+    unknown_tags: tuple[str, ...] = option(UNKNOWN_TAGS, "Tags meaning 'unknown' (treated as no tag).",
+                                           parse=split_names, show=join_names)
 
     def check(self) -> None:
         if self.untagged not in ("all", "other"):
