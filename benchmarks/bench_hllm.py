@@ -7,7 +7,7 @@ one --train-item-llm step relative to a frozen HLLM step.
     python benchmarks/bench_hllm.py --threads 16     # torch.set_num_threads
     python benchmarks/bench_hllm.py --only item-llm --text-len 32 --ft-batch 8 --ft-seq-len 20
 
-1. Item embeddings: the bundled all-MiniLM-L6-v2 (`mhr.models.item_text.encode_texts`, mean pooling, the
+1. Item embeddings: the bundled all-MiniLM-L6-v2 (`mhr.models.item_encoder.encode_texts`, mean pooling, the
    offline default) over real item texts, "title: … brand: … categories: … description: …", from
    ../shared/data/amazon-scientific when present (synthetic texts of similar length otherwise),
    at --max-text-len 64 and 256. items/s over all texts after one warm-up batch.
@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mhr.models import hllm, hstu  # noqa: E402
 from mhr.models.heads import Compatibility, PriorHeads, Scorer, build_layout  # noqa: E402
-from mhr.models.item_text import encode_texts, load_encoder  # noqa: E402
+from mhr.models.item_encoder import encode_texts, load_encoder  # noqa: E402
 from mhr.models.multihead import MultiHeadRecommender  # noqa: E402
 from mhr.training.loss import multihead_loss  # noqa: E402
 from mhr.training.params import TrainParams  # noqa: E402

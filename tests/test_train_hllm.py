@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mhr.cache import stage_key  # noqa: E402
 from mhr.errors import UsageError  # noqa: E402
-from mhr.models.item_text import item_texts, load_item_embeddings  # noqa: E402
+from mhr.item_texts import item_texts, load_item_embeddings  # noqa: E402
 from mhr.ranking.evaluate import EvalParams, evaluate  # noqa: E402
 from mhr.store import connect  # noqa: E402
 from mhr.training.params import TrainParams  # noqa: E402

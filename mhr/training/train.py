@@ -325,11 +325,12 @@ class _Inputs:
 
 def _resolve_inputs(dataset: Dataset, params: TrainParams, windows: str | None, device: str,
                     show_progress: bool) -> _Inputs:
-    """Phase 1: the windows, the priors and (HLLM) the item texts or their embeddings → the run key."""
+    """Phase 1: the windows, the priors and (a backbone reading item texts) the texts or their embeddings
+    → the run key."""
     wref = load_windows(dataset, windows)
     inp = _Inputs(wref, (), int(wref.stats["max_item_id"]), {"windows": wref.key}, "")
-    if params.backbone == "hllm":
-        _hllm_inputs(dataset, params, device, show_progress, inp)
+    if BACKBONES[params.backbone].reads_item_texts:
+        _item_text_inputs(dataset, params, device, show_progress, inp)
     inp.specs = load_priors(dataset, params.priors, inp.n_items, params.seed)
     _check_horizon(inp.specs, wref)
     inp.keys.update({f"prior:{s.name}": s.key for s in inp.specs})
@@ -337,13 +338,15 @@ def _resolve_inputs(dataset: Dataset, params: TrainParams, windows: str | None, 
     return inp
 
 
-def _hllm_inputs(dataset: Dataset, params: TrainParams, device: str, show_progress: bool, inp: _Inputs) -> None:
+def _item_text_inputs(dataset: Dataset, params: TrainParams, device: str, show_progress: bool,
+                      inp: _Inputs) -> None:
     """HLLM reads the item texts (a fine-tuned item LLM) or their cached embeddings (a frozen one);
     either way it covers the whole catalogue, so cold items keep their text vectors."""
     common = dict(user_llm=params.user_llm, item_llm=params.item_llm, pooling=params.pooling,
                   max_text_len=params.max_text_len)
     if params.train_item_llm:
-        from mhr.models.item_text import item_texts, model_identity
+        from mhr.item_texts import item_texts
+        from mhr.models.item_encoder import model_identity
 
         con = connect(dataset.store_path, read_only=True)
         try:
@@ -356,7 +359,7 @@ def _hllm_inputs(dataset: Dataset, params: TrainParams, device: str, show_progre
         inp.config_overrides = dict(common, item_dim=identity["dim"], train_item_llm=True)
         inp.n_items = len(texts)
         return
-    from mhr.models.item_text import embed_items, load_item_embeddings
+    from mhr.item_texts import embed_items, load_item_embeddings
 
     emb_key, _ = embed_items(dataset, params.item_llm, params.text_cols, params.max_text_len,
                              params.pooling, device=device, show_progress=show_progress)
@@ -464,7 +467,7 @@ def _build(dataset: Dataset, params: TrainParams, inp: _Inputs, dist: _Dist, nam
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(params.warmup_steps, total))
     train_omega = compat.omega
-    if params.backbone == "hllm":
+    if BACKBONES[params.backbone].reads_item_texts:
         # items never seen in training are left out of the negatives, so cold items keep the
         # text-derived vectors they are recommended by instead of being pushed down (every
         # process's windows counted, so all draw from the same sets)
