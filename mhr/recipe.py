@@ -230,7 +230,7 @@ def _windows_step(dataset: Dataset, settings: dict[str, Any], wait: float) -> st
 
     params = WindowsParams(**_typed(WindowsParams, settings, [f.name for f in dataclasses.fields(WindowsParams)],
                                     "mhr windows build"))
-    key, _, cached = _step(["windows", "build", *params.flags()],
+    key, _, cached = _step(["windows", "build", *option_flags(params)],
                            lambda: build_windows(dataset, **dataclasses.asdict(params)), wait)
     log_build(dataset, key, cached)
     return key
@@ -242,7 +242,7 @@ def _train_step(dataset: Dataset, params: Any, windows: str, run_name: str, devi
     from mhr.training.train import train
 
     extra = (["--device", device] if device != "cpu" else []) + (["--force"] if force else [])
-    command = ["train", *params.flags(), "--windows", f"windows:{windows[:12]}", "--name", run_name, *extra]
+    command = ["train", *option_flags(params), "--windows", f"windows:{windows[:12]}", "--name", run_name, *extra]
     result = _step(command, lambda: train(dataset, params, windows=windows, name=run_name, device=device,
                                           force=force, resume=not force), wait)
     err.print(f"{'cached' if result.cached else 'trained'}: {run_name} "

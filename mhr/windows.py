@@ -44,7 +44,7 @@ from rich.table import Table
 from mhr.cache import MANIFEST, build_artifact, is_done, read_manifest, stage_key
 from mhr.console import err
 from mhr.errors import BusyError, InputError, NotFoundError, StaleError, UsageError
-from mhr.options import option, option_flags
+from mhr.options import option
 from mhr.store import connect, data_key, record_stage_run
 from mhr.workspace import Dataset, read_current, record_current, writing
 
@@ -91,10 +91,6 @@ class WindowsParams:
     holdout: int | None = option(
         None, "Held-out targets H ≥ τ per user: the last H are test, the H before them valid; training windows "
         "(horizon τ) come from the rest, so `mhr eval --horizons` may go up to H (not set: τ).")
-
-    def flags(self) -> list[str]:
-        """The `mhr windows build` flags giving these parameters (those that differ from the defaults)."""
-        return option_flags(self)
 
 
 def window_params(context: int = DEFAULT_CONTEXT, horizon: int | None = None, protocol: str = "paper",

@@ -57,5 +57,5 @@ def test_logged_flags_give_back_the_parameters(kind, params):
 @pytest.mark.parametrize("params", [WindowsParams(), WindowsParams(context=12, horizon=4),
                                     WindowsParams(protocol="loo"), WindowsParams(horizon=4, holdout=8)])
 def test_windows_flags_give_back_the_parameters(params):
-    ctx = _command("windows").make_context("build", params.flags())
+    ctx = _command("windows").make_context("build", option_flags(params))
     assert WindowsParams(**{f.name: ctx.params[f.name] for f in dataclasses.fields(WindowsParams)}) == params

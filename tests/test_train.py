@@ -164,6 +164,7 @@ def test_each_process_reads_only_its_shard_and_batches_stay_global(tiny, tmp_pat
     import pyarrow.parquet as pq
 
     import mhr.training.train as mt
+    from mhr.training.step import batch_rows, make_batch
     from mhr.windows import load_windows
 
     wref = load_windows(tiny)
@@ -181,7 +182,7 @@ def test_each_process_reads_only_its_shard_and_batches_stay_global(tiny, tmp_pat
                         lambda self, i, *a, **k: groups_read.append(i) or real(self, i, *a, **k))
 
     shards, contributions = [], []
-    rows = mt._batch_rows(seed=0, step=1, batch_size=16, n_windows=n)
+    rows = batch_rows(seed=0, step=1, batch_size=16, n_windows=n)
     for rank in range(world):
         lo, hi = mt.shard_bounds(n, rank, world)
         groups_read.clear()
@@ -193,8 +194,8 @@ def test_each_process_reads_only_its_shard_and_batches_stay_global(tiny, tmp_pat
         contributions.append(mt.held_rows(shard, lo, rows))
     assert shards[0][0] == 0 and shards[-1][1] == n and all(a[1] == b[0] for a, b in zip(shards, shards[1:], strict=False))
     gathered = mt.unpack_rows(sum(contributions))
-    one = mt._batch(full, rows, 12, 4, "cpu")
+    one = make_batch(full, rows, 12, 4, "cpu")
     for rank in range(world):
         mine = np.arange(len(rows))[rank::world]
-        ddp = mt._batch(gathered, mine, 12, 4, "cpu")
+        ddp = make_batch(gathered, mine, 12, 4, "cpu")
         assert all(torch.equal(ddp[k], one[k][rank::world]) for k in one)

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mhr.console import log, progress
+from mhr.console import err, progress
 from mhr.errors import InputError, NotFoundError, UsageError
 from mhr.ranking import fusion as fusion_mod
 from mhr.ranking.fusion import FITTED, FUSIONS, FusionFit
@@ -302,7 +302,7 @@ def export_recommendations(run: LoadedRun, dataset: Dataset, out: Path, top: int
     finally:
         con.close()
     seconds = time.perf_counter() - started
-    log(f"{done} users, {rows} rows in {seconds:.1f} s ({done / max(seconds, 1e-9):.0f} users/s)"
+    err.print(f"{done} users, {rows} rows in {seconds:.1f} s ({done / max(seconds, 1e-9):.0f} users/s)"
         + (f"; {skipped} users without interactions skipped" if skipped else ""))
     return ExportSummary(out, done, skipped, rows, seconds)
 

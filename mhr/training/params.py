@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mhr.errors import UsageError
-from mhr.options import flag_name, join_names, option, option_flags, split_names
+from mhr.options import flag_name, join_names, option, split_names
 
 
 def parse_negatives(text: str) -> int | None:
@@ -154,10 +154,6 @@ class TrainParams:
         if "text_cols" in p:
             p["text_cols"] = tuple(p["text_cols"])
         return cls(**p)
-
-    def flags(self) -> list[str]:
-        """The `mhr train` flags giving these parameters (those that differ from the defaults)."""
-        return option_flags(self)
 
     def decoder_options(self) -> Any:
         """The `mhr.models.multihead.DecoderOptions` the model is built with."""

@@ -1,21 +1,56 @@
-"""One training step's forward pass: model + loss as one module (`LossStep`).
+"""One training step: which windows it trains on (`batch_rows`, a function of (seed, step) only, so a
+resumed run recomputes it), their tensors (`make_batch`) and the forward pass, model + loss as one
+module (`LossStep`).
 
-The training loop wraps it in DistributedDataParallel under torchrun; the benchmarks time it and the
-tests drive it directly.
+The training loop wraps `LossStep` in DistributedDataParallel under torchrun; the benchmarks time it
+and the tests drive it directly.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 from mhr.models.heads import Compatibility, PriorHeads, SelectedQueries, dot_scores
 from mhr.models.multihead import MultiHeadRecommender
 from mhr.training.loss import multihead_loss, router_loss, sample_negatives
 from mhr.training.params import TrainParams
+from mhr.windows import horizon_targets
 
-__all__ = ["LossStep"]
+__all__ = ["LossStep", "batch_rows", "epoch_order", "make_batch"]
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The batch order of one epoch: a function of (seed, epoch) only, so resume can recompute it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_rows(seed: int, step: int, batch_size: int, n_windows: int) -> np.ndarray:
+    """The windows (indices over all of them) of the global batch of `step`."""
+    epoch, offset = divmod(step, math.ceil(n_windows / batch_size))
+    return epoch_order(seed, epoch, n_windows)[offset * batch_size : (offset + 1) * batch_size]
+
+
+def make_batch(train: dict[str, np.ndarray], rows: np.ndarray, context: int, horizon: int, device) -> dict:
+    """The tensors of one batch: the windows `rows` of `train` (`WindowsRef.read_split("train")`) cut to
+    T input positions, each with its next τ targets and their events (0 = none), and the users."""
+    items = train["items"][rows]
+    events = train["events"][rows]
+    tgt = horizon_targets(items, horizon)[:, :context]
+    tgt_ev = horizon_targets(events.astype(np.int64), horizon)[:, :context]
+    # a target beyond the window's real length is padding (item 0) in `tgt`; its event is 0 too
+    tgt_ev = np.where(tgt > 0, tgt_ev, 0)
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    return {
+        "items": to(items[:, :context]),
+        "ts": to(train["ts"][rows][:, :context]),
+        "targets": to(tgt),
+        "target_events": to(tgt_ev),
+        "users": to(train["user"][rows].astype(np.int64)),
+    }
 
 
 class LossStep(torch.nn.Module):

@@ -56,8 +56,8 @@ from mhr.store import connect
 from mhr.training import checkpoint
 from mhr.training.params import TrainParams, default_run_name
 from mhr.training.runs import check_device, load_priors, make_layout, read_record, run_lock_path, run_record
-from mhr.training.step import LossStep
-from mhr.windows import WindowsRef, horizon_targets, load_windows, sample_rows, subset_split
+from mhr.training.step import LossStep, batch_rows, make_batch
+from mhr.windows import WindowsRef, load_windows, sample_rows, subset_split
 from mhr.workspace import Dataset, check_name
 
 __all__ = ["TrainResult", "held_rows", "shard_bounds", "train", "unpack_rows"]
@@ -156,17 +156,6 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The batch order of one epoch: a function of (seed, epoch) only, so resume can recompute it."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def _batch_rows(seed: int, step: int, batch_size: int, n_windows: int) -> np.ndarray:
-    """The windows (indices over all of them) of the global batch of `step`."""
-    epoch, offset = divmod(step, math.ceil(n_windows / batch_size))
-    return _epoch_order(seed, epoch, n_windows)[offset * batch_size : (offset + 1) * batch_size]
-
-
 def shard_bounds(n_windows: int, rank: int, world: int) -> tuple[int, int]:
     """Windows [lo, hi) that process `rank` of `world` holds: a contiguous slice, the sizes
     differing by at most one."""
@@ -200,23 +189,6 @@ def _gather_batch(shard: dict[str, np.ndarray], lo: int, rows: np.ndarray, devic
     packed = torch.from_numpy(held_rows(shard, lo, rows)).to(device)
     torch.distributed.all_reduce(packed)
     return unpack_rows(packed.cpu().numpy())
-
-
-def _batch(train: dict[str, np.ndarray], rows: np.ndarray, context: int, horizon: int, device) -> dict:
-    items = train["items"][rows]
-    events = train["events"][rows]
-    tgt = horizon_targets(items, horizon)[:, :context]
-    tgt_ev = horizon_targets(events.astype(np.int64), horizon)[:, :context]
-    # a target beyond the window's real length is padding (item 0) in `tgt`; its event is 0 too
-    tgt_ev = np.where(tgt > 0, tgt_ev, 0)
-    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    return {
-        "items": to(items[:, :context]),
-        "ts": to(train["ts"][rows][:, :context]),
-        "targets": to(tgt),
-        "target_events": to(tgt_ev),
-        "users": to(train["user"][rows].astype(np.int64)),
-    }
 
 
 def _valid_split(wref: WindowsRef, params: TrainParams) -> dict[str, np.ndarray]:
@@ -553,11 +525,11 @@ def _step(run: _Run, step: int) -> tuple[dict[str, Any], int]:
     """One optimisation step on this process's rows of the global batch; returns the log entry
     (the global batch's loss) and how many rows this process trained on."""
     p, dist = run.params, run.dist
-    rows, windows = _batch_rows(p.seed, step, p.batch_size, run.n_windows), run.train
+    rows, windows = batch_rows(p.seed, step, p.batch_size, run.n_windows), run.train
     if dist.world > 1:  # every N-th row of the global batch, whichever process holds it
         windows = _gather_batch(run.train, run.shard_start, rows, dist.device)
         rows = np.arange(len(rows))[dist.rank :: dist.world]
-    b = _batch(windows, rows, run.context, run.horizon, dist.device)
+    b = make_batch(windows, rows, run.context, run.horizon, dist.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.startswith("cuda") else nullcontext()
     with autocast:
         loss, _ = run.loss_step(b["items"], b["ts"], b["targets"], b["target_events"], b["users"])
