@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 import mhr.training.train as mt
 from mhr.cache import find_leftovers, lock_path, locked, remove_leftovers
-from mhr.cli.status import collect_status
 from mhr.errors import BusyError, InputError, TrainingError, UsageError
+from mhr.status import collect_status
 from mhr.training.params import TrainParams
 from mhr.training.runs import check_device, load_run, run_lock_path
 from mhr.training.train import train
