@@ -19,14 +19,17 @@ from mhr.errors import UsageError
 
 def option(default: Any, help: str, *, aliases: tuple[str, ...] = (), panel: str | None = None,
            parse: Callable[[str], Any] | None = None, show: Callable[[Any], str] | None = None,
-           flag: str | None = None) -> Any:
+           flag: str | None = None, added: bool = False) -> Any:
     """A dataclass field that is also the command-line option `--<field-name>`.
 
     `aliases`: older spellings of the flag, still accepted; `panel`: the `--help` group; `parse` /
     `show`: how a value is read from and written as its flag's text, for fields whose values are
     not plain str/int/float/bool (a list, or "full" for None); `flag`: the flag when it is not
-    spelled after the field (`--map` for `map_file`)."""
-    meta = {"help": help, "aliases": aliases, "panel": panel, "parse": parse, "show": show, "flag": flag}
+    spelled after the field (`--map` for `map_file`); `added`: a field added after artifacts had been
+    keyed by these parameters, left out of the key at its default (`keyed_params`) so that no existing
+    key changes."""
+    meta = {"help": help, "aliases": aliases, "panel": panel, "parse": parse, "show": show, "flag": flag,
+            "added": added}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -38,6 +41,16 @@ def flag_name(name: str) -> str:
 def field_flag(f: dataclasses.Field) -> str:
     """The flag of a field declared with `option`."""
     return f.metadata.get("flag") or flag_name(f.name)
+
+
+def keyed_params(params: Any) -> dict[str, Any]:
+    """`dataclasses.asdict(params)` without the `added` fields that hold their default: what a stage key
+    covers of parameters that grew after artifacts had been keyed."""
+    out = dataclasses.asdict(params)
+    for f in dataclasses.fields(params):
+        if f.metadata.get("added") and getattr(params, f.name) == f.default:
+            del out[f.name]
+    return out
 
 
 def option_flags(params: Any) -> list[str]:

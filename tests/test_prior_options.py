@@ -59,3 +59,15 @@ def test_logged_flags_give_back_the_parameters(kind, params):
 def test_windows_flags_give_back_the_parameters(params):
     ctx = _command("windows").make_context("build", option_flags(params))
     assert WindowsParams(**{f.name: ctx.params[f.name] for f in dataclasses.fields(WindowsParams)}) == params
+
+
+def test_a_parameter_added_later_stays_out_of_the_key_at_its_default():
+    from mhr.options import keyed_params, option
+
+    @dataclasses.dataclass(frozen=True)
+    class Grown:
+        cap: int = option(1000, "Old.")
+        per_user: int | None = option(None, "Added after keys existed.", added=True)
+
+    assert keyed_params(Grown()) == {"cap": 1000}
+    assert keyed_params(Grown(per_user=5)) == {"cap": 1000, "per_user": 5}

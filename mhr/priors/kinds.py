@@ -10,7 +10,6 @@ parameter dataclass and `build(con, params) -> PriorGroups`) and one line in `KI
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import duckdb
 
 from mhr.errors import UsageError
+from mhr.options import keyed_params
 from mhr.priors.event import EventParams, build_event_prior
 from mhr.priors.graph import GraphParams, build_graph_prior
 from mhr.priors.groups import PriorGroups
@@ -71,7 +71,9 @@ def prior_kind(kind: str) -> PriorKind:
 def key_params(kind: str, params: Any) -> dict[str, Any]:
     """What a prior's stage key covers: the kind, every parameter and the kind's extras (the resolution
     search's version when communities are searched for a count; for LLM consolidation the endpoint
-    without credentials and the model — never the API key; a map file's sha256)."""
+    without credentials and the model — never the API key; a map file's sha256). A parameter added to a
+    kind later is declared `option(…, added=True)`: at its default it stays out of the key, so the
+    priors of existing stores keep theirs (tests/test_prior_keys.py pins them)."""
     entry = prior_kind(kind)
     extras = entry.key_extras(params) if entry.key_extras is not None else {}
-    return {"kind": kind, **dataclasses.asdict(params), **extras}
+    return {"kind": kind, **keyed_params(params), **extras}
