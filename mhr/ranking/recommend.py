@@ -303,7 +303,7 @@ def export_recommendations(run: LoadedRun, dataset: Dataset, out: Path, top: int
         con.close()
     seconds = time.perf_counter() - started
     err.print(f"{done} users, {rows} rows in {seconds:.1f} s ({done / max(seconds, 1e-9):.0f} users/s)"
-        + (f"; {skipped} users without interactions skipped" if skipped else ""))
+              + (f"; {skipped} users without interactions skipped" if skipped else ""))
     return ExportSummary(out, done, skipped, rows, seconds)
 
 
