@@ -71,3 +71,10 @@ def test_a_parameter_added_later_stays_out_of_the_key_at_its_default():
 
     assert keyed_params(Grown()) == {"cap": 1000}
     assert keyed_params(Grown(per_user=5)) == {"cap": 1000, "per_user": 5}
+
+
+def test_a_value_the_declaration_refuses_names_its_flag():
+    from mhr.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--boundaries '2,x': 'x' is not an integer"):
+        _parse_prior("temporal", "--boundaries", "2,x")

@@ -144,12 +144,22 @@ def _defaults(decls: list[tuple[str, dataclasses.Field, Any]]) -> str:
 
 
 def given_options(classes: dict[str, type], values: dict) -> dict[str, Any]:
-    """The options of `union_options` that were given, parsed as their first declaration says."""
-    parsers = {}
+    """The options of `union_options` that were given, parsed as their first declaration says (a value
+    its parser refuses is a UsageError naming the flag)."""
+    fields: dict[str, dataclasses.Field] = {}
     for cls in classes.values():
         for f in dataclasses.fields(cls):
-            parsers.setdefault(f.name, f.metadata["parse"])
-    return {k: (parsers[k](v) if parsers[k] else v) for k, v in values.items() if k in parsers and v is not None}
+            fields.setdefault(f.name, f)
+    out = {}
+    for name, value in values.items():
+        if name not in fields or value is None:
+            continue
+        parse = fields[name].metadata["parse"]
+        try:
+            out[name] = parse(value) if parse else value
+        except UsageError as e:
+            raise UsageError(f"{field_flag(fields[name])} {e.message}", hint=e.hint) from None
+    return out
 
 
 def from_options(cls: type, values: dict) -> Any:
