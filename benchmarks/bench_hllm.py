@@ -7,7 +7,7 @@ one --train-item-llm step relative to a frozen HLLM step.
     python benchmarks/bench_hllm.py --threads 16     # torch.set_num_threads
     python benchmarks/bench_hllm.py --only item-llm --text-len 32 --ft-batch 8 --ft-seq-len 20
 
-1. Item embeddings: the bundled all-MiniLM-L6-v2 (`mhr.models.item_text.encode_texts`, mean pooling, the
+1. Item embeddings: the bundled all-MiniLM-L6-v2 (`mhr.models.item_encoder.encode_texts`, mean pooling, the
    offline default) over real item texts, "title: … brand: … categories: … description: …", from
    ../shared/data/amazon-scientific when present (synthetic texts of similar length otherwise),
    at --max-text-len 64 and 256. items/s over all texts after one warm-up batch.
@@ -16,7 +16,7 @@ one --train-item-llm step relative to a frozen HLLM step.
    size 1 and HLLM tiny / size 1 (frozen 384-d item embeddings, MLP adapter, Llama user decoder
    from scratch). All in this process: 2 warm-up steps, then the median of --repeats steps, the models taking turns
    step by step.
-3. Fine-tuning the item LLM: one step of `mhr.training.train._LossStep` (the training loop's own loss step:
+3. Fine-tuning the item LLM: one step of `mhr.training.step.LossStep` (the training loop's own loss step:
    HLLM tiny, one global head, --ft-negatives sampled negatives) + backward + AdamW, frozen item
    LLM (cached embeddings) vs `--train-item-llm` (the bundled MiniLM encoding the step's distinct
    items — inputs, next-item targets and negatives — with gradient, texts cut to --text-len
@@ -38,10 +38,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mhr.models import hllm, hstu  # noqa: E402
 from mhr.models.heads import Compatibility, PriorHeads, Scorer, build_layout  # noqa: E402
-from mhr.models.item_text import encode_texts, load_encoder  # noqa: E402
+from mhr.models.item_encoder import encode_texts, load_encoder  # noqa: E402
 from mhr.models.multihead import MultiHeadRecommender  # noqa: E402
 from mhr.training.loss import multihead_loss  # noqa: E402
-from mhr.training.train import TrainParams, _LossStep  # noqa: E402
+from mhr.training.params import TrainParams  # noqa: E402
+from mhr.training.step import LossStep  # noqa: E402
 
 SCIENTIFIC = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-scientific" / "Scientific.item.json"
 
@@ -101,13 +102,13 @@ def training_step(backbone: torch.nn.Module, d: int, n_items: int, batch: int, s
 
 
 def loss_step(backbone: torch.nn.Module, n_items: int, batch: int, seq: int, negatives: int, device: str):
-    """(a closure running one `_LossStep` training step with sampled negatives, trainable parameter count,
+    """(a closure running one `LossStep` training step with sampled negatives, trainable parameter count,
     the distinct items of the batch's inputs and targets)."""
     layout = build_layout((), "hierarchical")
     model = MultiHeadRecommender(backbone, PriorHeads(backbone.config.d, layout), Scorer()).to(device)
     compat = Compatibility(layout, n_items).to(device)
     gen = torch.Generator(device=device).manual_seed(1)
-    step_module = _LossStep(model, compat, TrainParams(backbone="hllm", negatives=negatives), gen, compat.omega)
+    step_module = LossStep(model, compat, TrainParams(backbone="hllm", negatives=negatives), gen, compat.omega)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     items = torch.randint(1, n_items + 1, (batch, seq + 1), generator=g)

@@ -11,7 +11,7 @@ the memory children; --modes / --negatives / --no-memory cut it down.
     python benchmarks/bench_sampling.py --tau 8               # the 8-step horizon of bench_train.py
 
 What one step is: the real training step of `mhr.training.train` as `benchmarks/bench_train.py` times it
-(its `Setup`: a batch cut by `mhr.training.train._batch`, `mhr.training.train._LossStep` → `multihead_loss`,
+(its `Setup`: a batch cut by `mhr.training.step.make_batch`, `mhr.training.step.LossStep` → `multihead_loss`,
 backward, clip 1.0, AdamW), HSTU size 1, batch 128, T = 50, with the `TrainParams` defaults except
 the sampled-softmax fields: `negatives` (None = full softmax), `negatives_per`,
 `in_batch_negatives`, `logq` (see `mhr.training.sampling`).
@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import Setup, machine_line, make_priors, make_windows, mib, peak_rss, sync, time_pair  # noqa: E402
 
 from mhr.training.sampling import CHUNK_ELEMENTS  # noqa: E402
-from mhr.training.train import _batch  # noqa: E402
+from mhr.training.step import make_batch  # noqa: E402
 
 # mode -> the TrainParams fields it sets besides `negatives` (None: full softmax)
 MODES: dict[str, dict | None] = {
@@ -81,7 +81,7 @@ def make_batches(args) -> list[dict]:
     train = make_windows(args.rows, args.context, args.items)
     order = np.random.default_rng(1).permutation(args.rows)
     n = max(1, args.rows // args.batch)
-    return [_batch(train, order[i * args.batch : (i + 1) * args.batch], args.context, args.tau, args.device)
+    return [make_batch(train, order[i * args.batch : (i + 1) * args.batch], args.context, args.tau, args.device)
             for i in range(n)]
 
 

@@ -5,8 +5,8 @@
     python benchmarks/bench_train.py --threads 1             # steadier on a shared, busy machine
     python benchmarks/bench_train.py --device cuda --bf16    # the same on a GPU, bf16 autocast
 
-What one step is: the real training step of `mhr.training.train` — a batch cut by `mhr.training.train._batch` from
-synthetic training windows (T + τ items, τ = 8), `mhr.training.train._LossStep` (backbone → heads →
+What one step is: the real training step of `mhr.training.train` — a batch cut by `mhr.training.step.make_batch` from
+synthetic training windows (T + τ items, τ = 8), `mhr.training.step.LossStep` (backbone → heads →
 `Compatibility.targets` → full-softmax `multihead_loss` with the `TrainParams` defaults: in-group
 negatives, frequency head weights, γ = 0.99), backward, gradient clipping at 1.0 and an AdamW step.
 
@@ -75,7 +75,8 @@ from mhr.models.heads import (
 from mhr.models.multihead import backbone_config, build_model
 from mhr.priors.spec import PriorSpec
 from mhr.training.loss import find_positives, multihead_loss
-from mhr.training.train import TrainParams, _batch, _LossStep
+from mhr.training.params import TrainParams
+from mhr.training.step import LossStep, make_batch
 
 TAU = 8
 GOAL_RATIO = 1.3
@@ -125,7 +126,7 @@ def make_batches(args, device) -> list[dict]:
     train = make_windows(args.rows, args.context, args.items)
     order = np.random.default_rng(1).permutation(args.rows)
     n = max(1, args.rows // args.batch)
-    return [_batch(train, order[i * args.batch : (i + 1) * args.batch], args.context, TAU, device) for i in range(n)]
+    return [make_batch(train, order[i * args.batch : (i + 1) * args.batch], args.context, TAU, device) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ class Setup:
         # "2x8" is the training step as `mhr train` runs it (head queries computed only where the loss
         # reads them); "2x8 dense" the reference that decodes every head at every position
         self.selective = layout_name != "2x8 dense"
-        self.loss_step = _LossStep(self.model, self.compat, self.params, self.gen, self.compat.omega,
+        self.loss_step = LossStep(self.model, self.compat, self.params, self.gen, self.compat.omega,
                                    selective=self.selective)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.params.lr,
                                      weight_decay=self.params.weight_decay)

@@ -67,10 +67,20 @@ def write_manifest(
         "files": files,
         **extra,
     }
-    tmp = directory / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, directory / MANIFEST)
+    write_json_atomic(directory / MANIFEST, manifest, indent=2, default=str)
     return manifest
+
+
+def write_json_atomic(path: Path, obj: Any, indent: int = 1, default: Callable[[Any], Any] | None = None) -> None:
+    """Write `obj` as sorted JSON to a temp file carrying the writer's pid (`.NAME.tmp-PID`, which
+    `mhr gc` recognises) and rename it into place: a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True, default=default))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any] | None:

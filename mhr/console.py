@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -20,7 +19,6 @@ from rich.progress import (
 
 err = Console(stderr=True, highlight=False)
 
-T = TypeVar("T")
 
 
 def emit(reference: str) -> None:
@@ -33,10 +31,6 @@ def emit_json(obj: Any) -> None:
     """Machine-readable output of show/list commands (`--json`)."""
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
-
-
-def log(message: str) -> None:
-    err.print(message)
 
 
 def progress() -> Progress:
@@ -52,12 +46,3 @@ def progress() -> Progress:
         transient=True,
         disable=not err.is_terminal,
     )
-
-
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar (silent when stderr is not a terminal)."""
-    with progress() as bar:
-        task = bar.add_task(description, total=total, info="")
-        for item in items:
-            yield item
-            bar.advance(task)

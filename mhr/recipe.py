@@ -50,6 +50,7 @@ from rich.markup import escape
 from mhr.cache import wait_while_busy
 from mhr.console import err
 from mhr.errors import InputError, UsageError
+from mhr.options import option_flags
 from mhr.workspace import Dataset, Workspace
 
 WINDOW_KEYS = ("context", "horizon", "protocol")
@@ -208,29 +209,32 @@ def _data_step(path: Path, workspace: Workspace, dataset_name: str, data: dict[s
 
 
 def _prior_step(dataset: Dataset, prior: dict[str, Any], wait: float) -> None:
-    """`mhr priors build --kind KIND …`."""
-    from mhr.priors.build import BUILDERS, FLAG_FIELDS, build_prior, log_result, make_params
+    """`mhr priors build --kind KIND …` (the command logged is generated from the parameters)."""
+    from mhr.priors.build import FLAG_FIELDS, build_prior, log_result, make_params
+    from mhr.priors.kinds import KINDS
 
     prior = dict(prior)
     kind = prior.pop("kind")
-    command = ["priors", "build", "--kind", kind, *_flags(prior)]
     name, force = prior.pop("name", None), bool(prior.pop("force", False))
     options = {FLAG_FIELDS.get(k, k): v for k, v in prior.items()}
-    if kind in BUILDERS:  # an unknown kind, or an option of another kind: make_params says which
-        cls = BUILDERS[kind][0]
+    if kind in KINDS:  # an unknown kind, or an option of another kind: make_params says which
+        cls = KINDS[kind].params
         options = _typed(cls, options, [f.name for f in dataclasses.fields(cls)], "", strict=False)
-    result = _step(command, lambda: build_prior(dataset, kind, make_params(kind, options), name=name, force=force),
-                   wait)
+    params = make_params(kind, options)
+    command = ["priors", "build", "--kind", kind, *(["--name", name] if name else []), *(["--force"] if force else []),
+               *option_flags(params)]
+    result = _step(command, lambda: build_prior(dataset, kind, params, name=name, force=force), wait)
     log_result(result)
 
 
 def _windows_step(dataset: Dataset, settings: dict[str, Any], wait: float) -> str:
     """`mhr windows build …`; returns the windows' key."""
-    from mhr.windows import build_windows, log_build
+    from mhr.windows import WindowsParams, build_windows, log_build
 
-    names = [n for n in typing.get_type_hints(build_windows) if n not in ("dataset", "return", "force")]
-    kw = _typed(build_windows, settings, names, "mhr windows build")
-    key, _, cached = _step(["windows", "build", *_flags(settings)], lambda: build_windows(dataset, **kw), wait)
+    params = WindowsParams(**_typed(WindowsParams, settings, [f.name for f in dataclasses.fields(WindowsParams)],
+                                    "mhr windows build"))
+    key, _, cached = _step(["windows", "build", *option_flags(params)],
+                           lambda: build_windows(dataset, **dataclasses.asdict(params)), wait)
     log_build(dataset, key, cached)
     return key
 
@@ -241,7 +245,7 @@ def _train_step(dataset: Dataset, params: Any, windows: str, run_name: str, devi
     from mhr.training.train import train
 
     extra = (["--device", device] if device != "cpu" else []) + (["--force"] if force else [])
-    command = ["train", *params.flags(), "--windows", f"windows:{windows[:12]}", "--name", run_name, *extra]
+    command = ["train", *option_flags(params), "--windows", f"windows:{windows[:12]}", "--name", run_name, *extra]
     result = _step(command, lambda: train(dataset, params, windows=windows, name=run_name, device=device,
                                           force=force, resume=not force), wait)
     err.print(f"{'cached' if result.cached else 'trained'}: {run_name} "

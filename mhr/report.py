@@ -345,7 +345,7 @@ def plot_projection(dataset: Dataset, run_name: str, path: Path, user: str | Non
 
     from mhr.ranking.recommend import recommend
     from mhr.store import connect
-    from mhr.training.train import load_run
+    from mhr.training.runs import load_run
 
     run = load_run(dataset, run_name)
     con = connect(dataset.store_path, read_only=True)

@@ -44,6 +44,7 @@ from rich.table import Table
 from mhr.cache import MANIFEST, build_artifact, is_done, read_manifest, stage_key
 from mhr.console import err
 from mhr.errors import BusyError, InputError, NotFoundError, StaleError, UsageError
+from mhr.options import option
 from mhr.store import connect, data_key, record_stage_run
 from mhr.workspace import Dataset, read_current, record_current, writing
 
@@ -78,6 +79,18 @@ EVAL_SCHEMA = pa.schema(
 
 # ---------------------------------------------------------------------------------------------
 # parameters
+
+
+@dataclass(frozen=True)
+class WindowsParams:
+    """`mhr windows build`'s options, declared once (the flags, their help and the logged command)."""
+
+    context: int = option(DEFAULT_CONTEXT, "Context length T (input positions per window).", aliases=("-T",))
+    horizon: int | None = option(None, f"Forecast horizon τ (not set: {DEFAULT_HORIZON}; 1 with --protocol loo).")
+    protocol: str = option("paper", "paper (last τ test, τ before valid) or loo (leave-one-out, τ = 1).")
+    holdout: int | None = option(
+        None, "Held-out targets H ≥ τ per user: the last H are test, the H before them valid; training windows "
+        "(horizon τ) come from the rest, so `mhr eval --horizons` may go up to H (not set: τ).")
 
 
 def window_params(context: int = DEFAULT_CONTEXT, horizon: int | None = None, protocol: str = "paper",

@@ -149,6 +149,27 @@ def read_current(dataset: Dataset) -> dict[str, str]:
         record, dict) else {}
 
 
+def current_run(dataset: Dataset) -> str:
+    """The run `mhr eval` uses when given none: the last one `mhr train` finished (or found cached), as
+    recorded in the dataset's `current.json`; without a record, the only finished run. Never the newest
+    by time: a recorded run that is gone, or several runs and no record, is an error listing them."""
+    finished = sorted(p.parent.name for p in dataset.runs_dir.glob("*/manifest.json")) \
+        if dataset.runs_dir.is_dir() else []
+    listing = ", ".join(finished[:12]) + (f" … ({len(finished)} in all)" if len(finished) > 12 else "")
+    recorded = read_current(dataset).get("run")
+    if recorded in finished:
+        return recorded
+    if recorded:
+        raise NotFoundError(f"the current run {recorded!r} (from the last `mhr train`) is missing or unfinished "
+                            f"in {dataset.runs_dir}; finished: {listing or 'none'}",
+                            hint="name one: `mhr eval RUN`")
+    if not finished:
+        raise NotFoundError(f"no finished run in {dataset.runs_dir}", hint="train one with `mhr train`")
+    if len(finished) > 1:
+        raise UsageError(f"several runs and none chosen: {listing}", hint="name one: `mhr eval RUN`")
+    return finished[0]
+
+
 def record_current(dataset: Dataset, **choices: str) -> None:
     """Make `choices` (e.g. `windows=key`, `run=name`) the dataset's current ones.
 

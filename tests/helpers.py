@@ -109,7 +109,7 @@ def interrupt_at_batch(monkeypatch, n: int, run) -> None:
 
     import mhr.training.train as mt
 
-    real_batch, calls = mt._batch, {"n": 0}
+    real_batch, calls = mt.make_batch, {"n": 0}
 
     def crashing_batch(*args, **kwargs):
         calls["n"] += 1
@@ -117,10 +117,10 @@ def interrupt_at_batch(monkeypatch, n: int, run) -> None:
             raise KeyboardInterrupt
         return real_batch(*args, **kwargs)
 
-    monkeypatch.setattr(mt, "_batch", crashing_batch)
+    monkeypatch.setattr(mt, "make_batch", crashing_batch)
     with pytest.raises(KeyboardInterrupt):
         run()
-    monkeypatch.setattr(mt, "_batch", real_batch)
+    monkeypatch.setattr(mt, "make_batch", real_batch)
 
 
 def weighted_head_means(sums: list, counts: list[int], head_weights: str):

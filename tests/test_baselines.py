@@ -16,7 +16,9 @@ from mhr.priors.synthetic import synthetic_prior
 from mhr.ranking.evaluate import EvalParams, evaluate
 from mhr.ranking.inference import rank_split
 from mhr.training.loss import Positives, loss_from_negatives, multihead_loss
-from mhr.training.train import TrainParams, default_run_name, load_run, train
+from mhr.training.params import TrainParams, default_run_name
+from mhr.training.runs import load_run
+from mhr.training.train import train
 from mhr.windows import build_windows, load_windows
 from tests.helpers import dot, interrupt_at_batch, make_dataset
 

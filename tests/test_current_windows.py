@@ -8,10 +8,9 @@ import shutil
 
 import pytest
 
-from mhr.cli.evaluate import latest_run
 from mhr.errors import NotFoundError, StaleError, UsageError
 from mhr.windows import build_windows, describe_windows, find_windows, load_windows
-from mhr.workspace import read_current, record_current
+from mhr.workspace import current_run, read_current, record_current
 from tests.helpers import make_dataset
 
 
@@ -45,7 +44,7 @@ def test_cached_build_becomes_current_and_train_uses_it(tmp_path, cli):
 
     status = json.loads(cli("--dataset", "tiny", "status", "--json", workspace=ds.root).stdout)
     assert _ref(status[0]["current"]["windows"]) == first and status[0]["current"]["run"] == "tour"
-    assert latest_run(ds) == "tour"
+    assert current_run(ds) == "tour"
 
 
 def test_explicit_windows_override_the_current(tmp_path):
@@ -99,17 +98,17 @@ def test_legacy_workspace_without_a_record(tmp_path):
 def test_current_run_follows_the_last_training(tmp_path):
     ds = make_dataset(tmp_path / "ws")
     with pytest.raises(NotFoundError, match="no finished run"):
-        latest_run(ds)
+        current_run(ds)
     for name in ("a", "b"):
         (ds.runs_dir / name).mkdir(parents=True)
         (ds.runs_dir / name / "manifest.json").write_text("{}")
     with pytest.raises(UsageError, match="several runs.*a, b"):
-        latest_run(ds)
+        current_run(ds)
     record_current(ds, run="a")
     (ds.runs_dir / "b" / "manifest.json").touch()  # newer, but not the user's choice
-    assert latest_run(ds) == "a"
+    assert current_run(ds) == "a"
     shutil.rmtree(ds.runs_dir / "a")
     with pytest.raises(NotFoundError, match="current run 'a'.*finished: b"):
-        latest_run(ds)
+        current_run(ds)
     record_current(ds, windows="k")  # records are merged, not replaced
     assert read_current(ds) == {"run": "a", "windows": "k"}

@@ -15,7 +15,10 @@ from mhr.models.dualvae import PROTOTYPE_WEIGHT, TEMPERATURE, DualVAE, kl_diverg
 from mhr.models.heads import Compatibility
 from mhr.models.multihead import DecoderOptions, backbone_config, build_model, interest_layout
 from mhr.ranking.evaluate import EvalParams, evaluate
-from mhr.training.train import TrainParams, _LossStep, load_run, train
+from mhr.training.params import TrainParams
+from mhr.training.runs import load_run
+from mhr.training.step import LossStep
+from mhr.training.train import train
 from mhr.windows import build_windows
 from tests.helpers import interrupt_at_batch, make_dataset
 
@@ -225,7 +228,7 @@ def test_gradients_reach_every_parameter_in_a_training_step():
     model.train()
     compat = Compatibility(layout, n_items)
     params = TrainParams(decoder="dualvae", interests=3, gamma=1.0)
-    step = _LossStep(model, compat, params, torch.Generator().manual_seed(0), compat.omega)
+    step = LossStep(model, compat, params, torch.Generator().manual_seed(0), compat.omega)
     items = torch.randint(1, n_items + 1, (4, 8))
     items[1, 5:] = 0
     ts = torch.arange(8).expand(4, -1) * 3600

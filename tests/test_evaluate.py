@@ -13,7 +13,9 @@ from mhr.ranking.recommend import recommend
 from mhr.recipe import run_recipe
 from mhr.report import build_report
 from mhr.store import connect, set_meta
-from mhr.training.train import TrainParams, load_run, train
+from mhr.training.params import TrainParams
+from mhr.training.runs import load_run
+from mhr.training.train import train
 from mhr.windows import build_windows
 from mhr.workspace import Workspace
 from tests.helpers import make_dataset
@@ -169,7 +171,8 @@ k = [10]
 
 
 def test_learned_and_invvar_fusion_fit_on_valid_and_cached(trained):
-    from mhr.ranking.evaluate import eval_key, fusion_path
+    from mhr.ranking.evaluate import eval_key
+    from mhr.ranking.fusion_fit import fusion_path
 
     run = load_run(trained, "both-s0")
     for kind in ("learned", "invvar"):
@@ -299,8 +302,8 @@ def test_empty_new_interest_subset_does_not_crash(cold, capsys):
 def test_recommend_learned_and_invvar_use_evals_cached_fit(trained):
     import torch
 
-    from mhr.ranking.evaluate import fusion_path, load_or_fit_fusion
     from mhr.ranking.fusion import head_contributions, scoring_args
+    from mhr.ranking.fusion_fit import fusion_path, load_or_fit_fusion
     from mhr.ranking.scoring import grouped_fused_topk
 
     run = load_run(trained, "both-s0")
@@ -381,7 +384,8 @@ def test_subset_split_matches_a_loop(trained):
 
 
 def test_eval_on_a_user_sample_equals_the_full_ranking_on_those_users(trained):
-    from mhr.ranking.evaluate import _metrics, _subsample
+    from mhr.ranking.evaluate import _metrics
+    from mhr.ranking.fusion_fit import subsample
     from mhr.ranking.inference import rank_split
 
     run = load_run(trained, "both-s0")
@@ -392,7 +396,7 @@ def test_eval_on_a_user_sample_equals_the_full_ranking_on_those_users(trained):
     assert part["params"]["sample_users"] == 15 and "sample_users" not in full["params"]
     split = run.windows.read_split("test")
     ranking = rank_split(run.model, run.compat, split, k=10)
-    rows = _subsample(40, 15)
+    rows = subsample(40, 15)
     expect = _metrics(ranking, split["targets"], [10], part["horizons"], rows)
     assert part["metrics"] == pytest.approx(expect)
     assert part["metrics"] != pytest.approx(full["metrics"])  # a different set of users

@@ -13,7 +13,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import mhr.models.item_text as item_text  # noqa: E402
+import mhr.item_texts as item_texts_stage  # noqa: E402
+import mhr.models.item_encoder as item_encoder  # noqa: E402
 from mhr.cache import read_manifest, stage_key  # noqa: E402
 from mhr.errors import NotFoundError, UsageError  # noqa: E402
 from mhr.models.heads import Compatibility, PriorHeads, Scorer, build_layout  # noqa: E402
@@ -105,7 +106,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def minilm():
-    return item_text.load_encoder("minilm")
+    return item_encoder.load_encoder("minilm")
 
 
 def tiny_model(n_items: int = 20, max_len: int = 8, item_dim: int = 16, seed: int = 0, **kw) -> HLLM:
@@ -122,12 +123,12 @@ def test_item_texts_reads_columns_and_attrs_fields(tmp_path):
     ds = make_store(tmp_path)
     con = connect(ds.store_path, read_only=True)
     try:
-        texts = item_text.item_texts(con, ("title", "tags", "brand"))
+        texts = item_texts_stage.item_texts(con, ("title", "tags", "brand"))
         assert len(texts) == 31
         assert texts[0] == "title: Telescope for observing planets. tags: space. brand: brand1"
-        assert item_text.item_texts(con, ("title",), max_chars=9)[0] == "title: Te"
+        assert item_texts_stage.item_texts(con, ("title",), max_chars=9)[0] == "title: Te"
         with pytest.raises(UsageError, match="nope") as e:
-            item_text.item_texts(con, ("title", "nope"))
+            item_texts_stage.item_texts(con, ("title", "nope"))
         assert "brand" in e.value.hint and "theme" in e.value.hint
     finally:
         con.close()
@@ -136,42 +137,42 @@ def test_item_texts_reads_columns_and_attrs_fields(tmp_path):
 def test_embeddings_are_cached_and_reencoded_only_on_change(tmp_path, tiny_encoder, monkeypatch):
     ds = make_store(tmp_path)
     calls = []
-    real = item_text.encode_texts
-    monkeypatch.setattr(item_text, "encode_texts", lambda texts, *a, **k: calls.append(len(texts)) or real(texts, *a, **k))
-    key, path = item_text.embed_items(ds, str(tiny_encoder), ("title", "tags"), max_text_len=32, batch_size=8)
+    real = item_encoder.encode_texts
+    monkeypatch.setattr(item_encoder, "encode_texts", lambda texts, *a, **k: calls.append(len(texts)) or real(texts, *a, **k))
+    key, path = item_texts_stage.embed_items(ds, str(tiny_encoder), ("title", "tags"), max_text_len=32, batch_size=8)
     assert calls == [31] and path == ds.dir / "item_embeddings" / key[:12]
-    table = item_text.load_item_embeddings(ds, key)
+    table = item_texts_stage.load_item_embeddings(ds, key)
     assert table.shape == (32, 16) and torch.all(table[0] == 0) and table[1:].abs().sum(1).min() > 0
     manifest = read_manifest(path)
     assert manifest["key"] == key and manifest["n_items"] == 31 and manifest["params"]["model"]["dim"] == 16
 
-    again, _ = item_text.embed_items(ds, str(tiny_encoder), ("title", "tags"), max_text_len=32, batch_size=8)
+    again, _ = item_texts_stage.embed_items(ds, str(tiny_encoder), ("title", "tags"), max_text_len=32, batch_size=8)
     assert again == key and calls == [31]  # cached: nothing re-encoded
-    item_text.embed_items(ds, str(tiny_encoder), ("title", "tags"), max_text_len=32, force=True)
+    item_texts_stage.embed_items(ds, str(tiny_encoder), ("title", "tags"), max_text_len=32, force=True)
     assert calls == [31, 31]
-    other, _ = item_text.embed_items(ds, str(tiny_encoder), ("title",), max_text_len=32)
-    token, _ = item_text.embed_items(ds, str(tiny_encoder), ("title", "tags"), max_text_len=32, pooling="token")
+    other, _ = item_texts_stage.embed_items(ds, str(tiny_encoder), ("title",), max_text_len=32)
+    token, _ = item_texts_stage.embed_items(ds, str(tiny_encoder), ("title", "tags"), max_text_len=32, pooling="token")
     assert len({key, other, token}) == 3 and calls == [31, 31, 31, 31]
-    t = item_text.load_item_embeddings(ds, token)
+    t = item_texts_stage.load_item_embeddings(ds, token)
     assert t.shape == (32, 16) and torch.isfinite(t).all() and not torch.allclose(t, table)
 
 
 def test_token_pooling_reads_the_appended_token_at_each_items_own_length(tiny_encoder):
-    tokenizer, model = item_text.load_encoder(str(tiny_encoder))
+    tokenizer, model = item_encoder.load_encoder(str(tiny_encoder))
     texts = ["garden hose", "telescope for observing planets in the night sky"]
-    together = item_text.encode_texts(texts, tokenizer, model, pooling="token", batch_size=2)
-    alone = torch.cat([item_text.encode_texts([t], tokenizer, model, pooling="token") for t in texts])
+    together = item_encoder.encode_texts(texts, tokenizer, model, pooling="token", batch_size=2)
+    alone = torch.cat([item_encoder.encode_texts([t], tokenizer, model, pooling="token") for t in texts])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)  # padding does not leak in
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
     ds = make_store(tmp_path)
     with pytest.raises(NotFoundError, match="no model at") as e:
-        item_text.embed_items(ds, str(tmp_path / "no-such-model"))
+        item_texts_stage.embed_items(ds, str(tmp_path / "no-such-model"))
     assert "bundled" in e.value.hint
     (tmp_path / "empty").mkdir()
     with pytest.raises(NotFoundError, match="config.json"):
-        item_text.embed_items(ds, str(tmp_path / "empty"))
+        item_texts_stage.embed_items(ds, str(tmp_path / "empty"))
     with pytest.raises(NotFoundError, match="no user LLM"):
         HLLMConfig(n_items=5, max_len=4, user_llm=str(tmp_path / "no-such-model"))
     with pytest.raises(NotFoundError, match="no model at"):
@@ -180,7 +181,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 def test_bundled_minilm_loads_offline_with_384_dims(minilm):
     tokenizer, model = minilm
-    vecs = item_text.encode_texts(["a telescope for stargazing", "astronomy binoculars", "a frying pan"],
+    vecs = item_encoder.encode_texts(["a telescope for stargazing", "astronomy binoculars", "a frying pan"],
                                   tokenizer, model)
     assert vecs.shape == (3, 384)
     v = torch.nn.functional.normalize(vecs, dim=-1)
@@ -267,9 +268,9 @@ def test_user_llm_from_a_local_model_directory(tmp_path):
 
 def test_cold_item_gets_a_text_vector_and_ranks_for_textually_similar_users(tmp_path, minilm, monkeypatch):
     ds = make_store(tmp_path)
-    monkeypatch.setattr(item_text, "load_encoder", lambda *a, **k: minilm)  # loaded once per module
-    key, _ = item_text.embed_items(ds, "minilm", ("title",), max_text_len=32)
-    table = item_text.load_item_embeddings(ds, key)
+    monkeypatch.setattr(item_encoder, "load_encoder", lambda *a, **k: minilm)  # loaded once per module
+    key, _ = item_texts_stage.embed_items(ds, "minilm", ("title",), max_text_len=32)
+    table = item_texts_stage.load_item_embeddings(ds, key)
     n = table.shape[0] - 1
     con = connect(ds.store_path, read_only=True)
     seqs = con.execute("SELECT list(item_id ORDER BY pos) FROM interactions GROUP BY user_id ORDER BY user_id").fetchall()

@@ -9,7 +9,9 @@ from mhr.errors import UsageError
 from mhr.ranking.evaluate import EvalParams, evaluate
 from mhr.ranking.inference import rank_split
 from mhr.ranking.metrics import ndcg_at_k, recall_at_k
-from mhr.training.train import TrainParams, load_run, train
+from mhr.training.params import TrainParams
+from mhr.training.runs import load_run
+from mhr.training.train import train
 from mhr.windows import build_windows, load_windows
 from tests.helpers import make_dataset
 

@@ -9,7 +9,6 @@ import pytest
 
 from mhr.ranking.metrics import (
     coverage,
-    default_horizons,
     entropy_at_k,
     has_targets,
     head_usage,
@@ -87,7 +86,6 @@ def test_batched_equals_per_user_and_horizons() -> None:
                 recall_at_k(ranked, targets, k, horizon=h),
                 [recall_at_k(r, t[:h], k) for r, t in zip(ranked, targets, strict=True)],
             )
-    assert default_horizons(8) == [1, 4, 8] and default_horizons(1) == [1]
 
 
 def test_entropy_by_hand() -> None:

@@ -20,7 +20,9 @@ from mhr.errors import NotFoundError, UsageError
 from mhr.ranking.recommend import EXPORT_SCHEMA, export_recommendations, recommend
 from mhr.ranking.service import UnknownItemsWarning
 from mhr.store import connect
-from mhr.training.train import TrainParams, load_run, train
+from mhr.training.params import TrainParams
+from mhr.training.runs import load_run
+from mhr.training.train import train
 from mhr.windows import build_windows
 from tests.helpers import make_dataset
 

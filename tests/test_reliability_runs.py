@@ -21,9 +21,11 @@ from safetensors.torch import load_file
 
 import mhr.training.train as mt
 from mhr.cache import find_leftovers, lock_path, locked, remove_leftovers
-from mhr.cli.status import collect_status
 from mhr.errors import BusyError, InputError, TrainingError, UsageError
-from mhr.training.train import TrainParams, load_run, run_lock_path, train
+from mhr.status import collect_status
+from mhr.training.params import TrainParams
+from mhr.training.runs import check_device, load_run, run_lock_path
+from mhr.training.train import train
 from mhr.windows import build_windows
 from mhr.workspace import Workspace
 from tests.helpers import interrupt_at_batch, make_dataset
@@ -130,7 +132,7 @@ def test_unusable_device_is_a_usage_error(fresh, monkeypatch):
     with pytest.raises(UsageError, match="sees no CUDA GPU"):
         load_run(fresh, "r", device="cuda")
     with pytest.raises(UsageError, match="unknown --device"):
-        mt.check_device("gpu0")
+        check_device("gpu0")
 
 
 def test_cli_bad_values_are_one_line_errors(fresh, cli):

@@ -17,7 +17,9 @@ from mhr.ranking.evaluate import EvalParams, evaluate
 from mhr.ranking.fusion import fuse_dense, head_log_normalisers, router_offsets
 from mhr.ranking.scoring import dense_fused_topk, grouped_fused_topk
 from mhr.training.loss import router_loss
-from mhr.training.train import TrainParams, load_run, train
+from mhr.training.params import TrainParams
+from mhr.training.runs import load_run
+from mhr.training.train import train
 from mhr.windows import build_windows
 from tests.helpers import make_dataset
 
@@ -80,12 +82,10 @@ def test_every_golden_record_reads_back_with_its_key(name):
 
 def test_a_historical_record_reads_back_with_its_key():
     """A run config written before the sampler options existed loads as what it was trained with."""
-    from mhr.training.train import _params_from_record
-
     config, key = GOLDEN["sampled256"]
     old = TrainParams(**config).as_dict()
     assert "negatives_per" not in old and "logq" not in old  # as the old code wrote it
-    back = _params_from_record({"params": old})
+    back = TrainParams.from_record(old)
     assert back.negatives_per == "batch" and back.logq is False
     assert stage_key("train", back.as_dict(), {"windows": "w" * 64}) == key
 

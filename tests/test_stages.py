@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mhr.recipe import WINDOW_KEYS, load_recipe
-from mhr.training.train import TrainParams
+from mhr.training.params import TrainParams
 
 STAGES = sorted((Path(__file__).resolve().parents[1] / "stages").glob("*.toml"))
 KNOWN = {f.name for f in fields(TrainParams)} | set(WINDOW_KEYS)

@@ -19,7 +19,9 @@ from mhr.ranking.inference import history_mask, iter_queries
 from mhr.ranking.objectives import Boost, Objectives, Steer, item_distribution
 from mhr.ranking.recommend import profile_path
 from mhr.store import connect
-from mhr.training.train import TrainParams, load_run, train
+from mhr.training.params import TrainParams
+from mhr.training.runs import load_run
+from mhr.training.train import train
 from mhr.windows import build_windows
 from tests.helpers import GENRES, _prior_row, make_dataset
 from tests.test_recommend_export import TINY, in_process

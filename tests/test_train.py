@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from mhr.errors import NotFoundError, TrainingError, UsageError
-from mhr.training.train import TrainParams, load_run, train
+from mhr.training.params import TrainParams
+from mhr.training.runs import load_run
+from mhr.training.train import train
 from mhr.windows import build_windows
 from tests.helpers import interrupt_at_batch, make_dataset
 
@@ -89,7 +91,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, extra):
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny, monkeypatch):
-    import mhr.training.train as mt
+    import mhr.training.step as mt
 
     real, calls = mt.multihead_loss, {"n": 0}
 
@@ -162,6 +164,7 @@ def test_each_process_reads_only_its_shard_and_batches_stay_global(tiny, tmp_pat
     import pyarrow.parquet as pq
 
     import mhr.training.train as mt
+    from mhr.training.step import batch_rows, make_batch
     from mhr.windows import load_windows
 
     wref = load_windows(tiny)
@@ -179,7 +182,7 @@ def test_each_process_reads_only_its_shard_and_batches_stay_global(tiny, tmp_pat
                         lambda self, i, *a, **k: groups_read.append(i) or real(self, i, *a, **k))
 
     shards, contributions = [], []
-    rows = mt._batch_rows(seed=0, step=1, batch_size=16, n_windows=n)
+    rows = batch_rows(seed=0, step=1, batch_size=16, n_windows=n)
     for rank in range(world):
         lo, hi = mt.shard_bounds(n, rank, world)
         groups_read.clear()
@@ -191,8 +194,8 @@ def test_each_process_reads_only_its_shard_and_batches_stay_global(tiny, tmp_pat
         contributions.append(mt.held_rows(shard, lo, rows))
     assert shards[0][0] == 0 and shards[-1][1] == n and all(a[1] == b[0] for a, b in zip(shards, shards[1:], strict=False))
     gathered = mt.unpack_rows(sum(contributions))
-    one = mt._batch(full, rows, 12, 4, "cpu")
+    one = make_batch(full, rows, 12, 4, "cpu")
     for rank in range(world):
         mine = np.arange(len(rows))[rank::world]
-        ddp = mt._batch(gathered, mine, 12, 4, "cpu")
+        ddp = make_batch(gathered, mine, 12, 4, "cpu")
         assert all(torch.equal(ddp[k], one[k][rank::world]) for k in one)

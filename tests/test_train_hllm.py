@@ -15,10 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mhr.cache import stage_key  # noqa: E402
 from mhr.errors import UsageError  # noqa: E402
-from mhr.models.item_text import item_texts, load_item_embeddings  # noqa: E402
+from mhr.item_texts import item_texts, load_item_embeddings  # noqa: E402
 from mhr.ranking.evaluate import EvalParams, evaluate  # noqa: E402
 from mhr.store import connect  # noqa: E402
-from mhr.training.train import TrainParams, load_run, train  # noqa: E402
+from mhr.training.params import TrainParams  # noqa: E402
+from mhr.training.runs import load_run  # noqa: E402
+from mhr.training.train import train  # noqa: E402
 from mhr.windows import build_windows  # noqa: E402
 from tests.helpers import interrupt_at_batch, make_dataset  # noqa: E402
 from tests.test_hllm import save_tiny_encoder  # noqa: E402

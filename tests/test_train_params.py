@@ -11,7 +11,8 @@ from mhr.cli import app
 from mhr.cli.common import from_options
 from mhr.errors import UsageError
 from mhr.models.multihead import DecoderOptions
-from mhr.training.params import RUN_KEY_RULES, KeyRule, TrainParams, flag_name
+from mhr.options import flag_name, option_flags
+from mhr.training.params import RUN_KEY_RULES, KeyRule, TrainParams
 
 
 def _train_command():
@@ -57,7 +58,7 @@ def test_old_flag_spellings_still_work():
 ])
 def test_flags_give_back_the_parameters(params):
     """What `mhr run` logs as the equivalent `mhr train` command trains exactly these parameters."""
-    assert _parse(*params.flags()) == params
+    assert _parse(*option_flags(params)) == params
 
 
 def test_negatives_text_is_parsed_and_checked():

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from mhr.errors import UsageError
+from mhr.options import field_flag
 from mhr.workspace import Dataset, Workspace
 
 
@@ -81,13 +83,13 @@ def _option_given(value: str) -> str | None:
 
 
 def dataclass_options(cls: type) -> list[inspect.Parameter]:
-    """One typer option per field of the dataclass `cls` declared with `mhr.training.params.option`:
+    """One typer option per field of the dataclass `cls` declared with `mhr.options.option`:
     `--<field-name>` (`--x/--no-x` for a bool) plus its aliases, its help text and `--help` panel, and
     the field's own default (as its flag's text where the field has `show`)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        meta, flag = f.metadata, field_flag(f)
         annotation, default = hints[f.name], f.default
         if meta.get("multiple"):
             annotation, default = list[str], None
@@ -97,6 +99,68 @@ def dataclass_options(cls: type) -> list[inspect.Parameter]:
             flag = f"{flag}/--no-{flag[2:]}"
         option = typer.Option(default, flag, *meta["aliases"], help=meta["help"], rich_help_panel=meta["panel"])
         out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return out
+
+
+def union_options(classes: dict[str, type]) -> list[inspect.Parameter]:
+    """One typer option per field name of several dataclasses (`mhr priors build`: every kind's
+    parameters), each `None` when not given so the chosen class keeps its own default. The help text
+    is the first declaration's plus, generated, the classes it applies to and their defaults; the
+    `--help` panel groups the options by the classes they apply to."""
+    owners: dict[str, list[tuple[str, dataclasses.Field, Any]]] = {}
+    for label, cls in classes.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            owners.setdefault(f.name, []).append((label, f, hints[f.name]))
+    out = []
+    for name, decls in owners.items():
+        _, f, annotation = decls[0]
+        meta, flag, labels = f.metadata, field_flag(f), [label for label, _, _ in decls]
+        if meta["parse"]:
+            annotation = str
+        elif annotation is bool:
+            flag = f"{flag}/--no-{flag[2:]}"
+        help_text = f"{meta['help']} {escape(_defaults(decls))}"
+        option = typer.Option(None, flag, *meta["aliases"], help=help_text,
+                              rich_help_panel=" / ".join(labels) + " options")
+        out.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                     annotation=annotation | None))
+    return out
+
+
+def _defaults(decls: list[tuple[str, dataclasses.Field, Any]]) -> str:
+    """'[graph, user; default 16]', '[graph: 1000, user: 2000]' or '[item]' (no default: not set)."""
+    def shown(f: dataclasses.Field) -> str | None:
+        if f.default is None or f.default == ():
+            return None
+        return (f.metadata["show"] or str)(f.default)
+
+    values = [(label, shown(f)) for label, f, _ in decls]
+    labels = ", ".join(label for label, _ in values)
+    distinct = {v for _, v in values}
+    if distinct == {None}:
+        return f"[{labels}]"
+    if len(distinct) == 1:
+        return f"[{labels}; default {values[0][1]}]"
+    return "[" + ", ".join(f"{label}: {v or 'not set'}" for label, v in values) + "]"
+
+
+def given_options(classes: dict[str, type], values: dict) -> dict[str, Any]:
+    """The options of `union_options` that were given, parsed as their first declaration says (a value
+    its parser refuses is a UsageError naming the flag)."""
+    fields: dict[str, dataclasses.Field] = {}
+    for cls in classes.values():
+        for f in dataclasses.fields(cls):
+            fields.setdefault(f.name, f)
+    out = {}
+    for name, value in values.items():
+        if name not in fields or value is None:
+            continue
+        parse = fields[name].metadata["parse"]
+        try:
+            out[name] = parse(value) if parse else value
+        except UsageError as e:
+            raise UsageError(f"{field_flag(fields[name])} {e.message}", hint=e.hint) from None
     return out
 
 

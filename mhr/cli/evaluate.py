@@ -9,30 +9,7 @@ from rich.table import Table
 
 from mhr.cli.common import context, dataclass_options, from_options, run_name, with_options
 from mhr.console import emit, emit_json, err
-
-
-def latest_run(dataset) -> str:
-    """The run `mhr eval` uses when given none: the last one `mhr train` finished (or found cached), as
-    recorded in the dataset's `current.json`; without a record, the only finished run. Never the newest
-    by time: a recorded run that is gone, or several runs and no record, is an error listing them."""
-    from mhr.errors import NotFoundError, UsageError
-    from mhr.workspace import read_current
-
-    finished = sorted(p.parent.name for p in dataset.runs_dir.glob("*/manifest.json")) \
-        if dataset.runs_dir.is_dir() else []
-    listing = ", ".join(finished[:12]) + (f" … ({len(finished)} in all)" if len(finished) > 12 else "")
-    recorded = read_current(dataset).get("run")
-    if recorded in finished:
-        return recorded
-    if recorded:
-        raise NotFoundError(f"the current run {recorded!r} (from the last `mhr train`) is missing or unfinished "
-                            f"in {dataset.runs_dir}; finished: {listing or 'none'}",
-                            hint="name one: `mhr eval RUN`")
-    if not finished:
-        raise NotFoundError(f"no finished run in {dataset.runs_dir}", hint="train one with `mhr train`")
-    if len(finished) > 1:
-        raise UsageError(f"several runs and none chosen: {listing}", hint="name one: `mhr eval RUN`")
-    return finished[0]
+from mhr.workspace import current_run
 
 
 def print_eval(result: dict) -> None:
@@ -120,7 +97,7 @@ def eval_cmd(
 
     c = context(ctx)
     ds = c.dataset()
-    name = run_name(run) or latest_run(ds)
+    name = run_name(run) or current_run(ds)
     params = from_options(EvalParams, options)
     path, result, cached = evaluate(ds, name, params, force=force, device=device)
     if cached:

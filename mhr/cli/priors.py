@@ -2,81 +2,51 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.table import Table
 
-from mhr.cli.common import context, parse_list
+from mhr.cli.common import context, given_options, union_options, with_options
 from mhr.console import emit, emit_json, err
+from mhr.priors.kinds import EVENTS, HORIZON, ITEMS, KINDS, USERS, prior_kind
 
 app = typer.Typer(help="Human priors: item categories, co-engagement communities, events, horizon "
                   "segments, user segments.", no_args_is_help=True)
-
-_ITEM = "item options"
-_GRAPH = "graph / user options"
-_OTHER = "event / temporal / user options"
 
 
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
 
-@app.command("build")
+# every kind's parameters: the flags of `mhr priors build` (an option of another kind is refused)
+_PARAMS = {kind: entry.params for kind, entry in KINDS.items()}
+
+
 def build_cmd(
     ctx: typer.Context,
-    kind: str = typer.Option(..., "--kind", "-k", help="item, graph, event, temporal or user."),
+    kind: str = typer.Option(..., "--kind", "-k", help=f"{', '.join(KINDS)}."),
     name: str = typer.Option(None, "--name", help="Prior name (default: the kind), e.g. graph-11."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a prior with the same key exists."),
-    categories: str = typer.Option(None, "--categories", help="Target category names 'A,B,C' (MiniLM zero-shot, or the LLM's choices).", rich_help_panel=_ITEM),
-    n_categories: int = typer.Option(None, "--n-categories", help="Cluster tags into K categories named from member tags.", rich_help_panel=_ITEM),
-    map_file: str = typer.Option(None, "--map", help="Tag -> categories file (TOML or CSV).", rich_help_panel=_ITEM),
-    llm: str = typer.Option(None, "--llm", help="'openai': consolidate with an OpenAI-compatible endpoint (OPENAI_BASE_URL, OPENAI_API_KEY).", rich_help_panel=_ITEM),
-    model: str = typer.Option(None, "--model", help="LLM model name (default: $OPENAI_MODEL or gpt-4o-mini).", rich_help_panel=_ITEM),
-    base_url: str = typer.Option(None, "--base-url", help="LLM endpoint (default: $OPENAI_BASE_URL).", rich_help_panel=_ITEM),
-    batch_size: int = typer.Option(None, "--batch-size", help="Tags per LLM request [40].", rich_help_panel=_ITEM),
-    timeout: float = typer.Option(None, "--timeout", help="Seconds per LLM request [60].", rich_help_panel=_ITEM),
-    retries: int = typer.Option(None, "--retries", help="Attempts per LLM request [4].", rich_help_panel=_ITEM),
-    threshold: float = typer.Option(None, "--threshold", help="Zero-shot cosine threshold for extra labels [0.5].", rich_help_panel=_ITEM),
-    template: str = typer.Option(None, "--template", help="Text around each tag/category for MiniLM, e.g. '{} movies' ['{}'].", rich_help_panel=_ITEM),
-    level: int = typer.Option(None, "--level", help="Category-path level to use (1 = top).", rich_help_panel=_ITEM),
-    top: int = typer.Option(None, "--top", help="Keep the N most frequent categories, the rest -> 'other'.", rich_help_panel=_ITEM),
-    untagged: str = typer.Option(None, "--untagged", help="Items without a tag: all (every group) or other ['all'].", rich_help_panel=_ITEM),
-    unknown_tags: str = typer.Option(None, "--unknown-tags", help="Tags meaning 'unknown' (treated as no tag) ['unknown,(no genres listed),…'].", rich_help_panel=_ITEM),
-    clusters: int = typer.Option(None, "--clusters", help="Number of communities to reach (resolution search).", rich_help_panel=_GRAPH),
-    min_size: int = typer.Option(None, "--min-size", help="Communities smaller than this merge into 'other' [5].", rich_help_panel=_GRAPH),
-    holdout: int = typer.Option(None, "--holdout", help="Last interactions per user never read (≥ 2τ of the windows) [16].", rich_help_panel=_GRAPH),
-    cap: int = typer.Option(None, "--cap", help="graph: last training interactions per user [1000].", rich_help_panel=_GRAPH),
-    per_item: int = typer.Option(None, "--per-item", help="user: users sampled per item [2000].", rich_help_panel=_GRAPH),
-    neighbors: int = typer.Option(None, "--neighbors", help="Edges kept per node (top cosine; 0 = all) [50].", rich_help_panel=_GRAPH),
-    weights: str = typer.Option(None, "--weights", help="Edge weights: count (co-count) or binary ['count'].", rich_help_panel=_GRAPH),
-    isolated: str = typer.Option(None, "--isolated", help="graph: items without edges -> other or all ['other'].", rich_help_panel=_GRAPH),
-    seed: int = typer.Option(None, "--seed", help="Leiden / sampling seed [0].", rich_help_panel=_GRAPH),
-    buckets: str = typer.Option(None, "--buckets", help="event: 'dislike:1-2,neutral:3,like:4,love:5' (default for 1–5 ratings).", rich_help_panel=_OTHER),
-    horizon: int = typer.Option(None, "--horizon", help="temporal: forecast horizon τ [8].", rich_help_panel=_OTHER),
-    segments: int = typer.Option(None, "--segments", help="temporal: equal segments (2 = ST/LT) [2].", rich_help_panel=_OTHER),
-    boundaries: str = typer.Option(None, "--boundaries", help="temporal: last offset of each segment, e.g. '2,8'.", rich_help_panel=_OTHER),
-    from_attributes: str = typer.Option(None, "--from-attributes", help="user: segment by attributes 'age,gender'.", rich_help_panel=_OTHER),
-    bins: int = typer.Option(None, "--bins", help="user: quantile bins for numeric attributes [4].", rich_help_panel=_OTHER),
+    **options: Any,
 ) -> None:
     """Derive one prior into the store; prints `prior:<name>`.
+
+    The options of each kind are grouped below; an option of another kind is refused, one left out
+    keeps the kind's default (shown in brackets).
 
     Examples: mhr priors build --kind item · mhr priors build --kind graph --clusters 11 --name graph-11 ·
     mhr priors build --kind temporal --horizon 8 --segments 2
     """
     from mhr.priors.build import build_prior, log_result, make_params
 
-    options = dict(
-        categories=tuple(parse_list(categories)), n_categories=n_categories, map_file=map_file, llm=llm,
-        model=model, llm_base_url=base_url, batch_size=batch_size, timeout=timeout, retries=retries,
-        threshold=threshold, template=template, level=level, top=top, untagged=untagged,
-        unknown_tags=tuple(parse_list(unknown_tags)), clusters=clusters, min_size=min_size, holdout=holdout,
-        cap=cap, per_item=per_item, neighbors=neighbors, weights=weights, isolated=isolated, seed=seed,
-        buckets=buckets, horizon=horizon, segments=segments, boundaries=tuple(parse_list(boundaries, int)),
-        from_attributes=tuple(parse_list(from_attributes)), bins=bins,
-    )
-    params = make_params(kind, options)
+    params = make_params(kind, given_options(_PARAMS, options))
     result = build_prior(context(ctx).dataset(), kind, params, name=name, force=force)
     log_result(result)
     emit(result.reference)
+
+
+app.command("build")(with_options(build_cmd, union_options(_PARAMS)))
 
 
 def _table(info: dict) -> Table:
@@ -85,7 +55,7 @@ def _table(info: dict) -> Table:
     table = Table(title=f"{info['reference']}  kind {kind}, {d['n_groups']} groups", title_justify="left")
     table.add_column("id", justify="right")
     table.add_column("group")
-    size_col = {"item": "items", "graph": "items", "user": "users", "event": "interactions", "temporal": "offsets"}[kind]
+    size_col = {ITEMS: "items", USERS: "users", EVENTS: "interactions", HORIZON: "offsets"}[prior_kind(kind).maps]
     table.add_column(size_col, justify="right")
     share_cols = [c for c in ("share_items", "share_users", "share_interactions", "share_targets")
                   if any(c in g for g in d["groups"])]

@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         from mhr.errors import UsageError
         from mhr.ranking.recommend import as_json as rec_json
         from mhr.ranking.recommend import export_recommendations, read_user_file, recommend
-        from mhr.training.train import load_run
+        from mhr.training.runs import load_run
 
         if all_users == (user is not None):
             raise UsageError("say whom to recommend for: --user ID or --all", hint="one of the two, not both")

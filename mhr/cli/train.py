@@ -44,7 +44,8 @@ def train_cmd(
     groups), --priors all:8 (8 heads over every item), --decoder comirec --interests 8,
     --decoder remi --interests 8 --negatives 256 --beta 1.
     """
-    from mhr.training.train import resume_params, train
+    from mhr.training.runs import resume_params
+    from mhr.training.train import train
     from mhr.workspace import record_current
 
     c = context(ctx)

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import typer
 
-from mhr.cli.common import context
+from mhr.cli.common import context, dataclass_options, from_options, with_options
 from mhr.console import emit, emit_json, err
+from mhr.windows import WindowsParams
 
 app = typer.Typer(help="Training windows and the valid/test split.", no_args_is_help=True)
 
 
-@app.command("build")
 def build_cmd(
     ctx: typer.Context,
-    context_: int = typer.Option(50, "--context", "-T", help="Context length T (input positions per window)."),
-    horizon: int = typer.Option(None, "--horizon", help="Forecast horizon τ \\[default: 8; 1 with --protocol loo]."),
-    protocol: str = typer.Option("paper", help="paper (last τ test, τ before valid) or loo (leave-one-out, τ = 1)."),
-    holdout: int = typer.Option(
-        None, "--holdout", help="Held-out targets H ≥ τ per user: the last H are test, the H before them valid; "
-        "training windows (horizon τ) come from the rest, so `mhr eval --horizons` may go up to H \\[default: τ]."),
     force: bool = typer.Option(False, help="Rebuild even if windows with the same key exist."),
+    **options: Any,
 ) -> None:
     """Cut every user's history into training windows and valid/test targets; prints `windows:<key>`.
 
@@ -32,9 +30,12 @@ def build_cmd(
     from mhr.windows import build_windows, log_build
 
     ds = context(ctx).dataset()
-    key, _, cached = build_windows(ds, context=context_, horizon=horizon, protocol=protocol, force=force,
-                                   holdout=holdout)
+    params = from_options(WindowsParams, options)
+    key, _, cached = build_windows(ds, force=force, **dataclasses.asdict(params))
     emit(log_build(ds, key, cached))
+
+
+app.command("build")(with_options(build_cmd, dataclass_options(WindowsParams)))
 
 
 @app.command("show")

@@ -1,2 +1,2 @@
-"""Models: one file per backbone (hstu, sasrec, hllm + its item_text) and per baseline decoder
+"""Models: one file per backbone (hstu, sasrec, hllm + its item_encoder) and per baseline decoder
 (comirec, remi, dualvae); the prior heads (heads) and their assembly with a backbone (multihead)."""

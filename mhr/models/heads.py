@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhr.errors import StaleError, UsageError
+from mhr.priors.kinds import EVENTS, HORIZON, ITEMS, USERS
 from mhr.priors.spec import PriorSpec
 
 COMPOSITIONS = ("flat", "additive", "multiplicative", "hierarchical")
@@ -435,7 +436,7 @@ class Compatibility:
         self.n_items = n_items
         n_heads, n_leaves = layout.n_heads, len(layout.leaves)
         omega = torch.ones(n_heads, n_items + 1, dtype=torch.bool)
-        # one entry per prior: (kind, leaf group [K] with -1 = unconstrained, lookup table)
+        # one entry per prior: (what it maps, leaf group [K] with -1 = unconstrained, lookup table)
         self.levels: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         for p, spec in enumerate(layout.priors):
             leaf_group = torch.full((n_heads,), -1, dtype=torch.long)
@@ -445,21 +446,19 @@ class Compatibility:
                         leaf_group[k] = g
             constrained = leaf_group >= 0
             table: torch.Tensor | None = None
-            if spec.restricts_items:
+            if spec.maps == ITEMS:
                 items = self._item_table(spec, n_items)
                 omega[constrained] &= items[leaf_group[constrained]]
-            elif spec.kind == "event":
+            elif spec.maps == EVENTS:
                 codes = [None] + list(event_vocab)[1:]
                 table = torch.tensor([spec.event_groups.get(e, -1) for e in codes], dtype=torch.long)
-            elif spec.kind == "temporal":
+            elif spec.maps == HORIZON:
                 table = torch.as_tensor(np.asarray(spec.horizon_groups, dtype=np.int64))
                 if horizon is not None and horizon > len(table):
                     raise self._horizon_error(spec, horizon)
-            elif spec.kind == "user":
+            else:  # USERS
                 table = torch.as_tensor(np.asarray(spec.user_groups, dtype=np.int64))
-            else:
-                raise UsageError(f"prior {spec.name!r} has unknown kind {spec.kind!r}")
-            self.levels.append((spec.kind, leaf_group, table))
+            self.levels.append((spec.maps, leaf_group, table))
         omega[:, 0] = False
         self.omega = omega
         self.n_leaves = n_leaves
@@ -485,7 +484,7 @@ class Compatibility:
     def to(self, device: torch.device | str) -> Compatibility:
         self.omega = self.omega.to(device)
         self.levels = [
-            (kind, lg.to(device), None if table is None else table.to(device)) for kind, lg, table in self.levels
+            (maps, lg.to(device), None if table is None else table.to(device)) for maps, lg, table in self.levels
         ]
         return self
 
@@ -509,18 +508,18 @@ class Compatibility:
         targets = targets.long()
         tau = targets.shape[-1]
         ok = self.omega.t()[targets]  # [B, L, τ, K]: item levels (and item 0 -> False)
-        for (kind, leaf_group, table), spec in zip(self.levels, self.layout.priors, strict=True):
-            if kind == "event":
+        for (maps, leaf_group, table), spec in zip(self.levels, self.layout.priors, strict=True):
+            if maps == EVENTS:
                 if target_events is None:
                     raise UsageError(f"event prior {spec.name!r} needs the targets' events")
                 group = table[target_events.long()]  # [B, L, τ]
-            elif kind == "temporal":
+            elif maps == HORIZON:
                 if tau > len(table):
                     raise self._horizon_error(spec, tau)
                 group = table[:tau]  # [τ]
-            elif kind == "user":
+            elif maps == USERS:
                 group = self._user_group(table, users).view(-1, 1, 1)  # [B, 1, 1]
-            else:
+            else:  # ITEMS: already in omega
                 continue
             ok = ok & ((leaf_group < 0) | (group.unsqueeze(-1) == leaf_group))
         return ok
@@ -529,8 +528,8 @@ class Compatibility:
         """Bool [B, K]: heads usable for each user — a leaf with a user level only for users of
         that group. A user with no group (-1, or unseen) may use every head, so still gets a list."""
         ok = torch.ones(len(users), self.layout.n_heads, dtype=torch.bool, device=self.device)
-        for kind, leaf_group, table in self.levels:
-            if kind == "user":
+        for maps, leaf_group, table in self.levels:
+            if maps == USERS:
                 group = self._user_group(table, users.to(self.device)).unsqueeze(-1)
                 ok &= (leaf_group < 0) | (group == leaf_group) | (group < 0)
         return ok

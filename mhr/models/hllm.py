@@ -9,7 +9,7 @@ with a contrastive loss against the item embeddings (here: the shared loss of `m
 Two ways to treat the item LLM:
 
 - **Frozen** (the default, and a departure from the paper): its embeddings are computed once and
-  cached by `mhr.models.item_text.embed_items` (a [N + 1, d_item] table, row 0 = padding) and handed to
+  cached by `mhr.item_texts.embed_items` (a [N + 1, d_item] table, row 0 = padding) and handed to
   the constructor, where they live as a buffer (saved with the weights, so a run rebuilds without
   the cache). "token" pooling then uses a fixed [ITEM] input embedding (the mean of the encoder's
   input-embedding table).
@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from mhr.errors import NotFoundError, UsageError
-from mhr.models.item_text import POOLINGS
+from mhr.models.item_encoder import POOLINGS
 
 TINY = "tiny"
 ADAPTERS = ("linear", "mlp")
@@ -212,7 +212,7 @@ def build_item_llm(config: HLLMConfig, meta: bool = False) -> tuple[Any, nn.Modu
 
     meta=True builds it on the meta device (shapes only, no weights read, no tokenizer): for counting.
     """
-    from mhr.models.item_text import encoder_config, load_encoder
+    from mhr.models.item_encoder import encoder_config, load_encoder
 
     if meta:
         from transformers import AutoModel
@@ -284,7 +284,7 @@ class HLLM(nn.Module):
         self.register_buffer("item_text_embeddings", table)
 
     def _init_item_llm(self, item_texts: Sequence[str] | None) -> None:
-        from mhr.models.item_text import embedding_token, tokenize_texts
+        from mhr.models.item_encoder import embedding_token, tokenize_texts
 
         config = self.config
         tokenizer, self.item_llm = build_item_llm(config)
@@ -307,7 +307,7 @@ class HLLM(nn.Module):
     def _encode(self, ids: torch.Tensor) -> torch.Tensor:
         """Item LLM embeddings [len(ids), d_item] of items `ids` (all != 0), in length-sorted
         batches; with gradient when grad is enabled."""
-        from mhr.models.item_text import pool_states
+        from mhr.models.item_encoder import pool_states
 
         lengths = self.item_token_lengths[ids].long()
         order = torch.argsort(lengths, descending=True, stable=True)
@@ -461,7 +461,7 @@ def estimate_memory_bytes(config: HLLMConfig, batch: int, seq_len: int, bytes_pe
     per_layer = batch * seq_len * (12 * d + 3 * inter) + 2 * batch * heads * seq_len * seq_len
     activations = (n_layers * per_layer + batch * seq_len * (config.item_dim + 4 * d)) * bytes_per_value
     if config.train_item_llm:
-        from mhr.models.item_text import encoder_config
+        from mhr.models.item_encoder import encoder_config
 
         c = encoder_config(config.item_llm)
         texts, t = min(n - 1, 2 * batch * seq_len), config.max_text_len

@@ -43,12 +43,15 @@ class Backbone:
     sizes: dict[str, dict[str, Any]]
     module_cls: Callable[..., nn.Module]
     estimate_memory: Callable[..., int]
+    # reads item texts (HLLM): built from the catalogue's texts or their cached embeddings, so every
+    # item, cold ones included, has a text-derived vector
+    reads_item_texts: bool = False
 
 
 BACKBONES: dict[str, Backbone] = {
     "hstu": Backbone(hstu.HSTUConfig, hstu.SIZES, hstu.HSTU, hstu.estimate_memory_bytes),
     "sasrec": Backbone(sasrec.SASRecConfig, sasrec.SIZES, sasrec.SASRec, sasrec.estimate_memory_bytes),
-    "hllm": Backbone(hllm.HLLMConfig, hllm.SIZES, hllm.HLLM, hllm.estimate_memory_bytes),
+    "hllm": Backbone(hllm.HLLMConfig, hllm.SIZES, hllm.HLLM, hllm.estimate_memory_bytes, reads_item_texts=True),
 }
 
 

@@ -2,7 +2,7 @@
 
 The stage key is `stage_key("priors", {"kind": …, **params}, {"data": data_key})`; the build is
 skipped when the store's `priors` row of that name has the same key. Otherwise the kind's builder
-(one pure function per kind, dispatched through `BUILDERS`) computes the groups, and the old rows
+(one pure function per kind, found in `mhr.priors.kinds.KINDS`) computes the groups, and the old rows
 of that name are replaced by the new ones — groups, mapping, the `priors` row with its
 diagnostics, and a `stage_runs` row — in ONE transaction: a failure rolls back and leaves the
 previous prior of that name intact. LLM answers are the one exception: they are committed to
@@ -13,42 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from mhr.cache import file_sha256, stage_key
+from mhr.cache import stage_key
 from mhr.console import err
 from mhr.errors import UsageError
-from mhr.priors.coengagement import RESOLUTION_SEARCH
-from mhr.priors.event import EventParams, build_event_prior
-from mhr.priors.graph import GraphParams, build_graph_prior
+from mhr.options import field_flag, flag_name
 from mhr.priors.groups import PriorGroups, delete_prior, write_groups
-from mhr.priors.item import ItemParams, build_item_prior
-from mhr.priors.spec import KINDS
-from mhr.priors.temporal import TemporalParams, build_temporal_prior
-from mhr.priors.user import UserParams, build_user_prior
+from mhr.priors.kinds import ITEMS, KINDS, USERS, key_params, prior_kind
 from mhr.store import connect, data_key, record_stage_run
 from mhr.workspace import Dataset, check_name, writing
 
 STAGE = "priors"
-# the `mhr priors build` flags not spelled like the field they set (a recipe may use either)
-FLAG_FIELDS = {"map": "map_file", "base_url": "llm_base_url"}
-
-# kind -> (its parameters, its builder); the one place a kind name is resolved
-BUILDERS: dict[str, tuple[type, Callable[[duckdb.DuckDBPyConnection, Any], PriorGroups]]] = {
-    "item": (ItemParams, build_item_prior),
-    "graph": (GraphParams, build_graph_prior),
-    "event": (EventParams, build_event_prior),
-    "temporal": (TemporalParams, build_temporal_prior),
-    "user": (UserParams, build_user_prior),
-}
-assert tuple(BUILDERS) == KINDS
+# the `mhr priors build` flags not spelled like the field they set (a recipe may use either), e.g.
+# map -> map_file: from the declarations (`mhr.options.option(flag=…)`)
+FLAG_FIELDS = {field_flag(f)[2:].replace("-", "_"): f.name
+               for entry in KINDS.values() for f in dataclasses.fields(entry.params) if f.metadata.get("flag")}
 
 
 @dataclass(frozen=True)
@@ -64,55 +48,39 @@ class BuildResult:
         return f"prior:{self.name}"
 
 
+def _flag(name: str) -> str:
+    """The `mhr priors build` flag of parameter `name` (of any kind)."""
+    inverse = {v: k for k, v in FLAG_FIELDS.items()}
+    return flag_name(inverse.get(name, name))
+
+
 def make_params(kind: str, options: dict[str, Any]) -> Any:
     """The kind's parameter dataclass from the options that were given (None = not given).
 
     An option that the kind does not take is a UsageError rather than silently ignored."""
-    if kind not in BUILDERS:
-        raise UsageError(f"unknown prior kind {kind!r}", hint=f"use --kind with one of: {', '.join(KINDS)}")
-    cls = BUILDERS[kind][0]
+    cls = prior_kind(kind).params
     fields = {f.name for f in dataclasses.fields(cls)}
     given = {k: v for k, v in options.items() if v is not None and v != ()}
     foreign = sorted(k for k in given if k not in fields)
     if foreign:
-        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        flags = ", ".join(_flag(k) for k in foreign)
         raise UsageError(f"{flags} does not apply to --kind {kind}",
                          hint="see `mhr priors build --help` for the options of each kind")
     return cls(**given)
-
-
-def key_params(kind: str, params: Any) -> dict[str, Any]:
-    """What the stage key covers: the kind, every parameter, the resolution search's version when
-    graph/user communities are searched for a count, and for LLM consolidation the endpoint (without
-    credentials) and model — never the API key."""
-    out = {"kind": kind, **dataclasses.asdict(params)}
-    if kind in ("graph", "user") and params.clusters is not None:
-        out["search"] = RESOLUTION_SEARCH  # another search finds other communities: another key
-    if kind == "item":
-        if params.map_file:
-            path = Path(params.map_file)
-            if not path.is_file():
-                raise UsageError(f"--map {path}: no such file")
-            out["map_sha256"] = file_sha256(path)
-        if params.llm:
-            from mhr.priors.llm import public_url
-
-            out["llm_base_url"] = public_url(params.llm_base_url or os.environ.get("OPENAI_BASE_URL"))
-            out["model"] = params.model or os.environ.get("OPENAI_MODEL") or "gpt-4o-mini"
-    return out
 
 
 def _check(groups: PriorGroups, kind: str, con: duckdb.DuckDBPyConnection) -> None:
     """Invariants every kind must meet before anything is written."""
     g = len(groups.names)
     assert g > 0 and len(set(groups.names)) == g, f"{kind}: group names must be unique and non-empty"
-    if kind in ("item", "graph"):
+    maps = KINDS[kind].maps
+    if maps == ITEMS:
         ids, gids = groups.item_pairs
         assert gids.min() >= 0 and gids.max() < g
         n_items = con.execute("SELECT count(*) FROM items").fetchone()[0]
         covered = len(set(ids.tolist()))
         assert covered == n_items, f"{kind}: {n_items - covered} items are in no group"
-    if kind == "user":
+    if maps == USERS:
         ids, gids = groups.user_pairs
         assert gids.min() >= 0 and gids.max() < g
 
@@ -135,8 +103,7 @@ def build_prior(
     """Build (or find cached) the prior `name` (default: the kind) of `dataset`."""
     from mhr.priors.diagnostics import describe
 
-    if kind not in BUILDERS:
-        raise UsageError(f"unknown prior kind {kind!r}", hint=f"use --kind with one of: {', '.join(KINDS)}")
+    entry = prior_kind(kind)
     name = check_name(name or kind, "prior")
     if not force:  # a prior built already needs no write lock, so it never waits for another writer
         con = connect(dataset.require().store_path, read_only=True)
@@ -154,7 +121,7 @@ def build_prior(
                 return hit
             started = time.time()
             try:
-                groups = BUILDERS[kind][1](con, params)
+                groups = entry.build(con, params)
                 _check(groups, kind, con)
                 con.execute("BEGIN TRANSACTION")
                 try:

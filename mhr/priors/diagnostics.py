@@ -18,6 +18,7 @@ from typing import Any
 import duckdb
 
 from mhr.errors import NotFoundError
+from mhr.priors.kinds import EVENTS, HORIZON, ITEMS, USERS, prior_kind
 
 TARGETS_CTE = """
 t AS (SELECT user_id, item_id, event,
@@ -44,7 +45,7 @@ def _share(n: int | float, total: int | float) -> float:
     return round(n / total, 6) if total else 0.0
 
 
-def _item_kind(con: duckdb.DuckDBPyConnection, p: dict, groups: list[dict], out: dict) -> None:
+def _items(con: duckdb.DuckDBPyConnection, p: dict, groups: list[dict], out: dict) -> None:
     n_items = _q(con, "SELECT count(*) FROM items", p).fetchone()[0]
     sizes = dict(_q(con, "SELECT group_id, count(*) FROM item_groups WHERE prior = $prior GROUP BY 1", p).fetchall())
     labels = _q(con,
@@ -95,7 +96,7 @@ def _item_kind(con: duckdb.DuckDBPyConnection, p: dict, groups: list[dict], out:
     )
 
 
-def _event_kind(con: duckdb.DuckDBPyConnection, p: dict, groups: list[dict], out: dict) -> None:
+def _events(con: duckdb.DuckDBPyConnection, p: dict, groups: list[dict], out: dict) -> None:
     rows = _q(con,
         f"""WITH {TARGETS_CTE} SELECT coalesce(e.group_id, -1), count(*), count(*) FILTER (WHERE is_target)
         FROM t LEFT JOIN event_groups e ON e.prior = $prior AND e.event IS NOT DISTINCT FROM t.event
@@ -120,7 +121,7 @@ def _event_kind(con: duckdb.DuckDBPyConnection, p: dict, groups: list[dict], out
                label_entropy_normalised=round(hn, 4), history_concentration=round(float(conc or 0.0), 4))
 
 
-def _temporal_kind(con: duckdb.DuckDBPyConnection, p: dict, groups: list[dict], out: dict) -> None:
+def _horizon(con: duckdb.DuckDBPyConnection, p: dict, groups: list[dict], out: dict) -> None:
     rows = dict(_q(con,
         'SELECT group_id, count(*) FROM horizon_groups WHERE prior = $prior GROUP BY 1', {"prior": p["prior"]}
     ).fetchall())
@@ -137,7 +138,7 @@ def _temporal_kind(con: duckdb.DuckDBPyConnection, p: dict, groups: list[dict], 
     out.update(horizon=tau)
 
 
-def _user_kind(con: duckdb.DuckDBPyConnection, p: dict, groups: list[dict], out: dict) -> None:
+def _users(con: duckdb.DuckDBPyConnection, p: dict, groups: list[dict], out: dict) -> None:
     n_users = _q(con, "SELECT count(*) FROM users", p).fetchone()[0]
     rows = _q(con,
         f"""WITH {TARGETS_CTE}, u AS (SELECT user_id, count(*) AS a, count(*) FILTER (WHERE is_target) AS b
@@ -159,6 +160,10 @@ def _user_kind(con: duckdb.DuckDBPyConnection, p: dict, groups: list[dict], out:
                label_entropy_normalised=round(hn, 4))
 
 
+# what a kind maps -> the diagnostics of its groups
+_BY_MAPPING = {ITEMS: _items, EVENTS: _events, HORIZON: _horizon, USERS: _users}
+
+
 def describe(con: duckdb.DuckDBPyConnection, name: str, tau: int = 8) -> dict[str, Any]:
     """Diagnostics of prior `name` from the store's current rows (see the module docstring)."""
     row = con.execute("SELECT kind FROM priors WHERE prior = ?", [name]).fetchone()
@@ -175,14 +180,7 @@ def describe(con: duckdb.DuckDBPyConnection, name: str, tau: int = 8) -> dict[st
     ]
     out: dict[str, Any] = {"kind": kind, "n_groups": len(groups), "targets_per_user": tau}
     p = {"prior": name, "tau": tau}
-    if kind in ("item", "graph"):
-        _item_kind(con, p, groups, out)
-    elif kind == "event":
-        _event_kind(con, p, groups, out)
-    elif kind == "temporal":
-        _temporal_kind(con, p, groups, out)
-    elif kind == "user":
-        _user_kind(con, p, groups, out)
+    _BY_MAPPING[prior_kind(kind).maps](con, p, groups, out)
     out["groups"] = groups
     out["notes"] = notes(out)
     return out
@@ -192,19 +190,20 @@ def notes(d: dict[str, Any]) -> list[str]:
     """Plain-language remarks that bear on choosing this prior."""
     out = []
     shares = [g.get("share_targets", 0.0) for g in d["groups"]]
-    if d["kind"] in ("item", "graph", "event", "user") and shares and max(shares) > 0.6 and len(shares) > 1:
+    maps = prior_kind(d["kind"]).maps
+    if maps != HORIZON and shares and max(shares) > 0.6 and len(shares) > 1:
         big = d["groups"][shares.index(max(shares))]["name"]
         out.append(f"group {big!r} holds {100 * max(shares):.0f}% of the targets: heads are unbalanced")
     empty = [g["name"] for g, s in zip(d["groups"], shares, strict=True) if s == 0]
-    if empty and d["kind"] != "temporal":
+    if empty and maps != HORIZON:
         out.append(f"{len(empty)} groups receive no target (e.g. {empty[0]!r}): their heads never train on test-like data")
     if d.get("items_without_group"):
         out.append(f"{d['items_without_group']} items are in no group: no head can recommend them")
     if d.get("multi_label_rate", 0) > 0.5:
         out.append("most items carry several labels: heads overlap strongly")
-    if d["kind"] in ("item", "graph") and d.get("history_concentration", 0) > 0.7:
+    if maps == ITEMS and d.get("history_concentration", 0) > 0.7:
         out.append("users' histories concentrate in one group: per-group heads can specialise")
-    if d["kind"] in ("item", "graph") and d.get("new_interest_users", 0) > 0.3:
+    if maps == ITEMS and d.get("new_interest_users", 0) > 0.3:
         out.append(f"{100 * d['new_interest_users']:.0f}% of users' targets reach a group absent from their history")
     return out
 

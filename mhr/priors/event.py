@@ -15,6 +15,7 @@ import duckdb
 import numpy as np
 
 from mhr.errors import InputError, UsageError
+from mhr.options import option
 from mhr.priors.groups import PriorGroups
 
 RATING_BUCKETS = "dislike:1-2,neutral:3,like:4,love:5"
@@ -23,7 +24,8 @@ RARE_SHARE = 0.01
 
 @dataclass(frozen=True)
 class EventParams:
-    buckets: str | None = None  # None: RATING_BUCKETS for 1–5 numeric events, else one group per value
+    buckets: str | None = option(
+        None, f"Event buckets, e.g. '{RATING_BUCKETS}' (not set: that for 1–5 ratings, else one group per value).")
 
 
 def parse_buckets(text: str) -> list[tuple[str, float, float]]:

@@ -18,7 +18,7 @@ import duckdb
 import numpy as np
 
 from mhr.errors import UsageError
-from mhr.priors.coengagement import binary_matrix, communities, knn_edges, training_pairs
+from mhr.options import option
 from mhr.priors.groups import PriorGroups, pairs_from_membership
 
 WEIGHTS = ("binary", "count")
@@ -27,14 +27,14 @@ ISOLATED = ("other", "all")
 
 @dataclass(frozen=True)
 class GraphParams:
-    clusters: int | None = None
-    min_size: int = 5
-    holdout: int = 16
-    cap: int = 1000
-    neighbors: int = 50
-    weights: str = "count"
-    isolated: str = "other"
-    seed: int = 0
+    clusters: int | None = option(None, "Number of communities to reach (resolution search).")
+    min_size: int = option(5, "Communities smaller than this merge into 'other'.")
+    holdout: int = option(16, "Last interactions per user never read (≥ 2τ of the windows).")
+    cap: int = option(1000, "Last training interactions per user.")
+    neighbors: int = option(50, "Edges kept per node (top cosine; 0 = all).")
+    weights: str = option("count", "Edge weights: count (co-count) or binary.")
+    isolated: str = option("other", "Items without edges -> other or all.")
+    seed: int = option(0, "Leiden / sampling seed.")
 
     def check(self) -> None:
         if self.weights not in WEIGHTS:
@@ -70,6 +70,8 @@ def top_tags(con: duckdb.DuckDBPyConnection, item_ids: np.ndarray, group_ids: np
 
 def build_graph_prior(con: duckdb.DuckDBPyConnection, p: GraphParams) -> PriorGroups:
     p.check()
+    from mhr.priors.coengagement import binary_matrix, communities, knn_edges, training_pairs  # igraph: slow
+
     n_items = int(con.execute("SELECT coalesce(max(item_id), 0) FROM items").fetchone()[0])
     n_users = int(con.execute("SELECT coalesce(max(user_id), 0) FROM users").fetchone()[0])
     users, items = training_pairs(con, p.holdout, p.cap)

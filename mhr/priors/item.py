@@ -14,15 +14,19 @@ with no category go to every group (`untagged = "all"`, as the paper's "unknown"
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
 
+from mhr.cache import file_sha256
 from mhr.errors import InputError, UsageError
+from mhr.options import join_names, option, split_names
 from mhr.priors.groups import PriorGroups, pairs_from_membership
 
 UNKNOWN_TAGS = ("unknown", "(no genres listed)", "(none)", "none", "n/a")
@@ -31,21 +35,25 @@ _LEVEL_SPLIT = re.compile(r",(?! )")
 
 @dataclass(frozen=True)
 class ItemParams:
-    categories: tuple[str, ...] = ()
-    n_categories: int | None = None
-    map_file: str | None = None
-    llm: str | None = None  # "openai"
-    model: str | None = None
-    llm_base_url: str | None = None
-    batch_size: int = 40
-    timeout: float = 60.0
-    retries: int = 4
-    threshold: float = 0.5
-    template: str = "{}"
-    level: int | None = None
-    top: int | None = None
-    untagged: str = "all"
-    unknown_tags: tuple[str, ...] = UNKNOWN_TAGS
+    categories: tuple[str, ...] = option(
+        (), "Target category names 'A,B,C' (MiniLM zero-shot, or the LLM's choices).", parse=split_names,
+        show=join_names)
+    n_categories: int | None = option(None, "Cluster tags into K categories named from member tags.")
+    map_file: str | None = option(None, "Tag -> categories file (TOML or CSV).", flag="--map")
+    llm: str | None = option(None, "'openai': consolidate with an OpenAI-compatible endpoint (OPENAI_BASE_URL, "
+                             "OPENAI_API_KEY).")
+    model: str | None = option(None, "LLM model name (not set: $OPENAI_MODEL, else gpt-4o-mini).")
+    llm_base_url: str | None = option(None, "LLM endpoint (not set: $OPENAI_BASE_URL).", flag="--base-url")
+    batch_size: int = option(40, "Tags per LLM request.")
+    timeout: float = option(60.0, "Seconds per LLM request.")
+    retries: int = option(4, "Attempts per LLM request.")
+    threshold: float = option(0.5, "Zero-shot cosine threshold for extra labels.")
+    template: str = option("{}", "Text around each tag/category for MiniLM, e.g. '{} movies'.")
+    level: int | None = option(None, "Category-path level to use (1 = top).")
+    top: int | None = option(None, "Keep the N most frequent categories, the rest -> 'other'.")
+    untagged: str = option("all", "Items without a tag: all (every group) or other.")
+    unknown_tags: tuple[str, ...] = option(UNKNOWN_TAGS, "Tags meaning 'unknown' (treated as no tag).",
+                                           parse=split_names, show=join_names)
 
     def check(self) -> None:
         if self.untagged not in ("all", "other"):
@@ -71,6 +79,23 @@ class ItemParams:
             raise UsageError("--categories repeats a name")
         if "{}" not in self.template:
             raise UsageError(f"--template {self.template!r} has no '{{}}' for the tag", hint="e.g. '{} movies'")
+
+
+def item_key_extras(p: ItemParams) -> dict[str, Any]:
+    """Beyond the parameters, an item prior's key covers the map file's content and, for LLM
+    consolidation, the endpoint (without credentials) and the model — never the API key."""
+    out: dict[str, Any] = {}
+    if p.map_file:
+        path = Path(p.map_file)
+        if not path.is_file():
+            raise UsageError(f"--map {path}: no such file")
+        out["map_sha256"] = file_sha256(path)
+    if p.llm:
+        from mhr.priors.llm import public_url
+
+        out["llm_base_url"] = public_url(p.llm_base_url or os.environ.get("OPENAI_BASE_URL"))
+        out["model"] = p.model or os.environ.get("OPENAI_MODEL") or "gpt-4o-mini"
+    return out
 
 
 def at_level(tag: str, level: int | None) -> str:

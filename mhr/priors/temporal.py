@@ -14,14 +14,16 @@ import duckdb
 import numpy as np
 
 from mhr.errors import UsageError
+from mhr.options import join_names, option, split_ints
 from mhr.priors.groups import PriorGroups
 
 
 @dataclass(frozen=True)
 class TemporalParams:
-    horizon: int = 8
-    segments: int = 2
-    boundaries: tuple[int, ...] = ()
+    horizon: int = option(8, "Forecast horizon τ.")
+    segments: int = option(2, "Equal segments (2 = ST/LT).")
+    boundaries: tuple[int, ...] = option((), "Last offset of each segment, e.g. '2,8'.", parse=split_ints,
+                                         show=join_names)
 
 
 def segment_of_offsets(p: TemporalParams) -> np.ndarray:

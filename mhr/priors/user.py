@@ -17,21 +17,22 @@ import duckdb
 import numpy as np
 
 from mhr.errors import InputError, UsageError
-from mhr.priors.coengagement import binary_matrix, communities, knn_edges, training_pairs
+from mhr.options import join_names, option, split_names
 from mhr.priors.groups import PriorGroups, pairs_from_membership
 
 
 @dataclass(frozen=True)
 class UserParams:
-    clusters: int | None = None
-    from_attributes: tuple[str, ...] = ()
-    bins: int = 4
-    min_size: int = 5
-    holdout: int = 16
-    per_item: int = 2000
-    neighbors: int = 50
-    weights: str = "count"
-    seed: int = 0
+    clusters: int | None = option(None, "Number of communities to reach (resolution search).")
+    from_attributes: tuple[str, ...] = option((), "Segment by attributes 'age,gender'.", parse=split_names,
+                                              show=join_names)
+    bins: int = option(4, "Quantile bins for numeric attributes.")
+    min_size: int = option(5, "Communities smaller than this merge into 'other'.")
+    holdout: int = option(16, "Last interactions per user never read (≥ 2τ of the windows).")
+    per_item: int = option(2000, "Users sampled per item.")
+    neighbors: int = option(50, "Edges kept per node (top cosine; 0 = all).")
+    weights: str = option("count", "Edge weights: count (co-count) or binary.")
+    seed: int = option(0, "Leiden / sampling seed.")
 
     def check(self) -> None:
         if self.from_attributes and self.clusters is not None:
@@ -56,6 +57,8 @@ def sample_per_item(users: np.ndarray, items: np.ndarray, per_item: int, seed: i
 
 
 def _from_graph(con: duckdb.DuckDBPyConnection, p: UserParams, n_users: int) -> PriorGroups:
+    from mhr.priors.coengagement import binary_matrix, communities, knn_edges, training_pairs  # igraph: slow
+
     n_items = int(con.execute("SELECT coalesce(max(item_id), 0) FROM items").fetchone()[0])
     users, items = training_pairs(con, p.holdout)
     order = np.lexsort((items, users))  # canonical order so sampling does not depend on the scan

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from mhr.errors import NotFoundError, UsageError
-from mhr.priors.spec import ITEM_KINDS, PriorSpec
+from mhr.priors.kinds import ITEM_KINDS
+from mhr.priors.spec import PriorSpec
 from mhr.ranking.fusion import fuse_dense, head_log_normalisers, router_offsets
 from mhr.ranking.inference import Ranking, history_mask, iter_queries, rank_split
 from mhr.ranking.objectives import (
@@ -44,7 +45,7 @@ from mhr.ranking.objectives import (
     quota_rerank,
     resolve_group,
 )
-from mhr.training.train import LoadedRun
+from mhr.training.runs import LoadedRun
 from mhr.workspace import Dataset
 
 _DENSE_ELEMENTS = 1 << 24  # profile: users per pass × heads × catalogue
@@ -299,7 +300,7 @@ def profile_priors(run: LoadedRun, dataset: Dataset, names: list[str] | None = N
 
     con = connect(dataset.store_path, read_only=True)
     try:
-        rows = con.execute("SELECT prior FROM priors WHERE kind IN ('item', 'graph') ORDER BY prior").fetchall()
-        return [load_prior(con, r[0]) for r in rows]
+        rows = con.execute("SELECT prior, kind FROM priors ORDER BY prior").fetchall()
+        return [load_prior(con, r[0]) for r in rows if r[1] in ITEM_KINDS]
     finally:
         con.close()

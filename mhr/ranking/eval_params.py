@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mhr.errors import UsageError
+from mhr.options import option, split_names
 from mhr.ranking.objectives import Objectives, parse_boost, parse_steer
-from mhr.training.params import option, split_names
 
 
 def _ints(flag: str) -> Callable[[str], tuple[int, ...]]:

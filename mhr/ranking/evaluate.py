@@ -23,8 +23,7 @@ history) and `cold` (targets restricted to items that never occur in the trainin
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,17 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from mhr.cache import canonical_json, stage_key
+from mhr.cache import stage_key, write_json_atomic
 from mhr.errors import UsageError
+from mhr.priors.kinds import EVENTS, ITEM_KINDS
 from mhr.priors.spec import PriorSpec
 from mhr.ranking import fusion as fusion_mod
 from mhr.ranking.decode import item_prior, rank_objectives, resolve
 from mhr.ranking.diversity import greedy_diverse
 from mhr.ranking.eval_params import EvalParams
 from mhr.ranking.fusion import FITTED, FusionFit
-from mhr.ranking.inference import Ranking, history_mask, iter_queries
+from mhr.ranking.fusion_fit import fit_fusion, fusion_key, load_or_fit_fusion, subsample
+from mhr.ranking.inference import Ranking
 from mhr.ranking.metrics import (
     category_coverage,
     coverage,
@@ -55,8 +56,8 @@ from mhr.ranking.metrics import (
     recall_at_k,
 )
 from mhr.ranking.objectives import resolve_group
-from mhr.training.train import LoadedRun, load_run
-from mhr.windows import sample_rows, subset_split
+from mhr.training.runs import LoadedRun, load_run
+from mhr.windows import subset_split
 from mhr.workspace import Dataset
 
 EVAL_FORMAT = 2
@@ -88,16 +89,15 @@ def _category_prior(run: LoadedRun, dataset: Dataset, name: str | None) -> Prior
         name = "item"
     con = connect(dataset.store_path, read_only=True)
     try:
-        exists = con.execute("SELECT count(*) FROM priors WHERE prior = ? AND kind IN ('item', 'graph')",
-                             [name]).fetchone()[0]
-        return load_prior(con, name) if exists else None
+        row = con.execute("SELECT kind FROM priors WHERE prior = ?", [name]).fetchone()
+        return load_prior(con, name) if row is not None and row[0] in ITEM_KINDS else None
     finally:
         con.close()
 
 
 def _oracle_event_mask(run: LoadedRun, split: dict[str, np.ndarray]) -> torch.Tensor | None:
     """ORACLE: heads usable per user restricted to the true event type of the first target."""
-    levels = [i for i, s in enumerate(run.priors) if s.kind == "event"]
+    levels = [i for i, s in enumerate(run.priors) if s.maps == EVENTS]
     if not levels:
         raise UsageError("--oracle-event needs a run with an event prior")
     level = levels[0]
@@ -125,7 +125,7 @@ def _oracle_group_items(run: LoadedRun, dataset: Dataset, prior: str, split: dic
     con = connect(dataset.store_path, read_only=True)
     try:
         exists = con.execute("SELECT kind FROM priors WHERE prior = ?", [prior]).fetchone()
-        if exists is None or exists[0] not in ("item", "graph"):
+        if exists is None or exists[0] not in ITEM_KINDS:
             raise UsageError(f"--oracle-group needs an item or graph prior; {prior!r} is "
                              f"{'not built' if exists is None else 'a ' + exists[0] + ' prior'}",
                              hint="name one from `mhr priors list`")
@@ -218,7 +218,7 @@ def _setup(run: LoadedRun, dataset: Dataset, params: EvalParams) -> _Setup:
     split = run.windows.read_split(params.split)
     n_split = len(split["user"])
     if params.sample_users is not None and params.sample_users < n_split:
-        split = subset_split(split, _subsample(n_split, params.sample_users))
+        split = subset_split(split, subsample(n_split, params.sample_users))
     user_mask = _oracle_event_mask(run, split) if params.oracle_event else None
     allowed = _oracle_group_items(run, dataset, params.oracle_group, split) if params.oracle_group else None
     cat = _category_prior(run, dataset, params.entropy_prior)
@@ -436,89 +436,6 @@ def eval_key(run: LoadedRun, params: EvalParams, baseline: LoadedRun | None) -> 
     return stage_key("eval", _jsonable(params), inputs)
 
 
-# ---------------------------------------------------------------------------------------------
-# fitted fusions (learned, invvar): fitted on the validation split, cached per run
-
-
-def fusion_key(run: LoadedRun, kind: str) -> str:
-    return stage_key("fusion", fusion_mod.fit_settings(kind), {"run": run.config["key"]})
-
-
-def _subsample(n: int, cap: int) -> np.ndarray:
-    """All of 0..n-1, or a sorted seeded sample of `cap` of them (`windows.sample_rows`)."""
-    return sample_rows(n, cap, fusion_mod.FIT_SEED)
-
-
-def fit_fusion(run: LoadedRun, kind: str, device: str = "cpu") -> FusionFit:
-    """Fit a fusion's per-head parameters on the run's VALIDATION split (pure: no files)."""
-    key = fusion_key(run, kind)
-    names = run.layout.names
-    if run.layout.n_heads == 1:
-        fit = fusion_mod.identity_fit(kind, names, note="one head: plain scoring, nothing to fit")
-        return replace(fit, key=key)
-    split = run.windows.read_split("valid")
-    n_users = len(split["user"])
-    model, omega = run.model, run.compat.omega.to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            item_vecs = model.item_vectors().float()
-        if kind == "invvar":
-            rows = _subsample(n_users, fusion_mod.VAR_MAX_USERS)
-            batches = ((q, heads) for _, q, heads in iter_queries(model, run.compat, split, rows, device=device))
-            var, counted = fusion_mod.head_variances(batches, item_vecs, model.scorer, omega)
-            w = fusion_mod.inverse_variance_weights(var)
-            info = {"users": int(len(rows)),
-                    "variance": {n: (float(v) if np.isfinite(v) else None) for n, v in zip(names, var, strict=True)}}
-            return FusionFit(kind, names, weights=tuple(float(x) for x in w), info=info, key=key)
-        # kept per fit user: scores of every eligible (head, item) pair, and [N+1] count/mask rows
-        per_user = int(omega[:, 1:].sum()) + 2 * int(omega.shape[1])
-        cap = max(fusion_mod.FIT_MIN_USERS, fusion_mod.FIT_MAX_ELEMENTS // max(1, per_user))
-        rows = _subsample(n_users, cap)
-        parts = list(iter_queries(model, run.compat, split, rows, device=device))
-        if parts:
-            q = torch.cat([p[1] for p in parts])
-            heads = torch.cat([p[2] for p in parts])
-        else:
-            q = torch.zeros(0, run.layout.n_heads, item_vecs.shape[1])
-            heads = torch.zeros(0, run.layout.n_heads, dtype=torch.bool)
-        n_items = int(item_vecs.shape[0] - 1)
-        exclude = history_mask(split, rows, n_items)
-        scale, offset, info = fusion_mod.fit_calibration(
-            q, item_vecs, model.scorer, omega, split["targets"][rows], exclude, heads
-        )
-        info = {**info, "sampled_users": int(len(rows)), "valid_users": int(n_users)}
-        return FusionFit(kind, names, scale=tuple(float(x) for x in scale),
-                         offset=tuple(float(x) for x in offset), info=info, key=key)
-    finally:
-        model.train(was_training)
-
-
-def fusion_path(run: LoadedRun, kind: str) -> Path:
-    return run.path / "eval" / "fusion" / f"{kind}-{fusion_key(run, kind)[:12]}.json"
-
-
-def load_or_fit_fusion(run: LoadedRun, kind: str, force: bool = False, device: str = "cpu") -> FusionFit:
-    """The run's fitted fusion, read back from its cache file when the key matches, else fitted
-    and written (atomically)."""
-    key = fusion_key(run, kind)
-    path = fusion_path(run, kind)
-    if not force:
-        try:
-            data = json.loads(path.read_text())
-            if data.get("key") == key:
-                return FusionFit.from_json(data)
-        except (OSError, ValueError, KeyError):
-            pass
-    fit = fit_fusion(run, kind, device=device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(fit.as_json(), indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return fit
-
-
 def read_eval(path: Path, key: str) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
@@ -549,15 +466,5 @@ def evaluate(dataset: Dataset, run_name: str, params: EvalParams, force: bool = 
             baseline_fit = load_or_fit_fusion(baseline, params.fusion, force=force, device=device)
     result = evaluate_run(run, dataset, params, baseline, device=device, fit=fit, baseline_fit=baseline_fit)
     result["key"] = key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, result)
     return path, result, False
-
-
-def summary_line(result: dict[str, Any]) -> str:
-    """A short digest used in logs."""
-    m = result["metrics"]
-    h = result["horizons"][-1]
-    return canonical_json({k: round(v, 4) for k, v in m.items() if k.startswith(("ndcg@10/", "recall@10/")) and k.endswith(f"h{h}")})

@@ -43,7 +43,7 @@ The two fitted fusions are settings of that formula:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -393,6 +393,92 @@ def _first_occurrence(targets: torch.Tensor) -> torch.Tensor:
     return ~(same & earlier).any(2)
 
 
+@dataclass
+class _CalibrationData:
+    """What the `learned` fit's loss reads, cached once: the users kept (a target to score) and their
+    flat eligible (head, item) scores."""
+
+    scores: torch.Tensor  # [U, M] float, M = eligible (head, item) pairs
+    head: torch.Tensor  # [M]
+    item: torch.Tensor  # [M]
+    allowed: torch.Tensor | None  # [U, K] float, None = every head for every user
+    count: torch.Tensor  # [U, N+1] allowed eligible heads per item
+    blocked: torch.Tensor  # [U, N+1] bool: no allowed head, or history
+    targets: torch.Tensor  # [U, τ]
+    valid: torch.Tensor  # [U, τ] bool: a distinct target that can be scored
+    n_cols: int  # N + 1
+
+    def cross_entropy(self, log_scale: torch.Tensor, offset: torch.Tensor, backward: bool = False) -> torch.Tensor:
+        """The mean -log softmax of the valid targets under (log a, b). The loss is a sum over users:
+        evaluated (and differentiated) in chunks of users, so the graph holds a few [chunk, M] and
+        [chunk, N+1] double tensors whatever the number of users."""
+        chunk = max(1, FIT_CHUNK_ELEMENTS // max(1, self.scores.shape[1] + self.n_cols))
+        n_valid = float(self.valid.sum())
+        total = torch.zeros((), dtype=torch.float64)
+        for c0 in range(0, len(self.scores), chunk):
+            c1 = c0 + chunk
+            mask = None if self.allowed is None else self.allowed[c0:c1][:, self.head].double()
+            fused = calibrated_mean(self.scores[c0:c1].double(), self.head, self.item, mask,
+                                    self.count[c0:c1].double(), log_scale, offset, self.n_cols)
+            fused = fused.masked_fill(self.blocked[c0:c1], NEG_INF)
+            logp = torch.log_softmax(fused, dim=1).gather(1, self.targets[c0:c1])
+            part = -torch.where(self.valid[c0:c1], logp, 0.0).sum() / n_valid
+            if backward:
+                part.backward()
+            total = total + part.detach()
+        return total
+
+
+def _calibration_data(q, item_vecs, score_fn, eligible, targets, exclude, user_heads,
+                      info: dict[str, Any]) -> _CalibrationData | None:
+    """The fit's cached inputs (see `fit_calibration`); None when there is nothing to fit. Fills
+    info's `users` and `targets`."""
+    n_users, n_heads, _ = q.shape
+    targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    allowed = torch.ones(n_users, n_heads) if user_heads is None else user_heads.to("cpu").float()
+    elig = eligible.detach().to("cpu", torch.bool).clone()
+    elig[:, 0] = False
+    count = allowed @ elig.float()  # [U, N+1]
+    blocked = count == 0
+    if exclude is not None:
+        blocked = blocked | torch.as_tensor(exclude).to("cpu", torch.bool)
+    tgt_blocked = blocked.gather(1, targets) | (targets == 0)
+    valid = ~tgt_blocked & _first_occurrence(targets)
+    keep = valid.any(1)
+    info.update(users=int(keep.sum()), targets=int(valid.sum()))
+    if n_heads == 1 or not bool(keep.any()):
+        return None
+    rows = torch.nonzero(keep).flatten()
+    scores, head, item = flat_head_scores(q[rows].float(), item_vecs.float(), score_fn, eligible)
+    return _CalibrationData(scores, head, item, None if user_heads is None else allowed[rows], count[rows],
+                            blocked[rows], targets[rows], valid[rows], item_vecs.shape[0])
+
+
+def _lbfgs(params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], max_iter: int) -> int:
+    """Full-batch L-BFGS (strong Wolfe) on `loss_fn`, which computes its own gradients; the iterations run."""
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        return loss_fn()
+
+    opt.step(closure)
+    return int(opt.state[opt._params[0]].get("n_iter", 0))
+
+
+def _canonical_gauge(a: np.ndarray, b: np.ndarray, info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(log a, b) → (a, b) with geometric mean of a = 1 and mean of b = 0 (the ranking does not change)."""
+    m = float(a.mean())
+    if m < -MAX_LOG_RESCALE:
+        # the fit drove the common temperature towards 0 (seen on barely trained runs): in the
+        # canonical gauge the offsets would be ~1e9 and float32 scores would tie, so keep none
+        a, b, m = np.zeros_like(a), np.zeros_like(b), 0.0
+        info["fallback"] = True
+        info["ce_learned"] = info["ce_avg"]
+    return np.exp(a - m), (b - b.mean()) * math.exp(-m)
+
+
 def fit_calibration(
     q: torch.Tensor,
     item_vecs: torch.Tensor,
@@ -415,63 +501,17 @@ def fit_calibration(
     ce_avg_temperature (avg with the best single global temperature — what calibration gains beyond a
     temperature), ce_learned, iterations.
     """
-    n_users, n_heads, _ = q.shape
-    n_cols = item_vecs.shape[0]
-    targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
-    allowed = torch.ones(n_users, n_heads) if user_heads is None else user_heads.to("cpu").float()
-    elig = eligible.detach().to("cpu", torch.bool).clone()
-    elig[:, 0] = False
-    count = allowed @ elig.float()  # [U, N+1]
-    blocked = count == 0
-    if exclude is not None:
-        blocked = blocked | torch.as_tensor(exclude).to("cpu", torch.bool)
-    tgt_blocked = blocked.gather(1, targets) | (targets == 0)
-    valid = ~tgt_blocked & _first_occurrence(targets)
-    keep = valid.any(1)
-    info: dict[str, Any] = {"users": int(keep.sum()), "targets": int(valid.sum())}
-    zeros = torch.zeros(n_heads, dtype=torch.float64)
-    if n_heads == 1 or not bool(keep.any()):
+    n_heads = q.shape[1]
+    info: dict[str, Any] = {}
+    data = _calibration_data(q, item_vecs, score_fn, eligible, targets, exclude, user_heads, info)
+    if data is None:
         return np.ones(n_heads), np.zeros(n_heads), {**info, "iterations": 0}
-    rows = torch.nonzero(keep).flatten()
-    scores, head, item = flat_head_scores(q[rows].float(), item_vecs.float(), score_fn, eligible)
-    allowed, count, blocked = allowed[rows], count[rows], blocked[rows]
-    targets, valid = targets[rows], valid[rows]
-    n_valid = float(valid.sum())
-    # the loss is a sum over users: evaluated (and differentiated) in chunks of users, so the graph
-    # holds a few [chunk, M] and [chunk, N+1] double tensors whatever the number of users
-    chunk = max(1, FIT_CHUNK_ELEMENTS // max(1, scores.shape[1] + n_cols))
-
-    def ce(log_scale: torch.Tensor, offset: torch.Tensor, backward: bool = False) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float64)
-        for c0 in range(0, len(rows), chunk):
-            c1 = c0 + chunk
-            mask = None if user_heads is None else allowed[c0:c1][:, head].double()
-            fused = calibrated_mean(scores[c0:c1].double(), head, item, mask, count[c0:c1].double(),
-                                    log_scale, offset, n_cols)
-            fused = fused.masked_fill(blocked[c0:c1], NEG_INF)
-            logp = torch.log_softmax(fused, dim=1).gather(1, targets[c0:c1])
-            part = -torch.where(valid[c0:c1], logp, 0.0).sum() / n_valid
-            if backward:
-                part.backward()
-            total = total + part.detach()
-        return total
-
-    def lbfgs(params: list[torch.Tensor], loss_fn) -> int:
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20,
-                                tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            return loss_fn()
-
-        opt.step(closure)
-        return int(opt.state[opt._params[0]].get("n_iter", 0))
-
+    ce, zeros = data.cross_entropy, torch.zeros(n_heads, dtype=torch.float64)
     with torch.no_grad():
         info["ce_avg"] = float(ce(zeros, zeros))
     # a single global temperature, for reference: how much of the gain a temperature alone gives
     g = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    lbfgs([g], lambda: ce(g.expand(n_heads), zeros, backward=True))
+    _lbfgs([g], lambda: ce(g.expand(n_heads), zeros, backward=True), max_iter)
     with torch.no_grad():
         info["ce_avg_temperature"] = float(ce(g.detach().expand(n_heads), zeros))
     alpha = torch.zeros(n_heads, dtype=torch.float64, requires_grad=True)
@@ -483,7 +523,7 @@ def fit_calibration(
         reg.backward()
         return ce(alpha, beta, backward=True) + reg.detach()
 
-    info["iterations"] = lbfgs([alpha, beta], objective)
+    info["iterations"] = _lbfgs([alpha, beta], objective, max_iter)
     with torch.no_grad():
         info["ce_learned"] = float(ce(alpha, beta))
         if not math.isfinite(info["ce_learned"]) or info["ce_learned"] > info["ce_avg"]:
@@ -492,16 +532,5 @@ def fit_calibration(
             beta.zero_()
             info["ce_learned"] = info["ce_avg"]
             info["fallback"] = True
-        a = alpha.detach().numpy()
-        b = beta.detach().numpy()
-    # canonical gauge: geometric mean of a = 1, mean of b = 0 (the ranking does not change)
-    m = float(a.mean())
-    if m < -MAX_LOG_RESCALE:
-        # the fit drove the common temperature towards 0 (seen on barely trained runs): in the
-        # canonical gauge the offsets would be ~1e9 and float32 scores would tie, so keep none
-        a, b, m = np.zeros_like(a), np.zeros_like(b), 0.0
-        info["fallback"] = True
-        info["ce_learned"] = info["ce_avg"]
-    scale = np.exp(a - m)
-    offset = (b - b.mean()) * math.exp(-m)
+    scale, offset = _canonical_gauge(alpha.detach().numpy(), beta.detach().numpy(), info)
     return scale, offset, info

@@ -99,12 +99,6 @@ def ndcg_at_k(ranked, targets, k: int, horizon: int | None = None) -> np.ndarray
     return _out(np.where(n > 0, dcg / np.where(ideal > 0, ideal, 1.0), 0.0), single)
 
 
-def default_horizons(tau: int) -> list[int]:
-    """The default evaluation horizons {1, τ/2, τ} — next item, middle and end of the horizon trained
-    for — distinct and ascending."""
-    return sorted({1, max(1, tau // 2), tau})
-
-
 def has_targets(targets) -> np.ndarray | bool:
     """True for users with at least one (non-zero) target: [U] (or a bool for one user)."""
     t = np.asarray(targets)

@@ -8,7 +8,7 @@ item of it is excluded, as evaluation does.
 
 The fusions are `mhr eval`'s, called the same way (`mhr.ranking.fusion.scoring_args`): max and avg as in the
 paper, learned and invvar with the per-head parameters fitted on the run's validation split and
-cached beside its evaluations (`mhr.ranking.evaluate.load_or_fit_fusion`), so recommend and eval rank alike.
+cached beside its evaluations (`mhr.ranking.fusion_fit.load_or_fit_fusion`), so recommend and eval rank alike.
 
 The explanation (`Recommendation.head`): under max, the head that won the item. avg, learned and
 invvar add the eligible heads' (weighted, calibrated) scores, so no head wins; the head named is
@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mhr.console import log, progress
+from mhr.console import err, progress
 from mhr.errors import InputError, NotFoundError, UsageError
 from mhr.priors.spec import PriorSpec
 from mhr.ranking import fusion as fusion_mod
@@ -45,10 +45,11 @@ from mhr.ranking.decode import (
     with_head_boost,
 )
 from mhr.ranking.fusion import FITTED, FUSIONS, FusionFit
+from mhr.ranking.fusion_fit import load_or_fit_fusion
 from mhr.ranking.inference import iter_queries
 from mhr.ranking.objectives import Objectives
 from mhr.store import connect
-from mhr.training.train import LoadedRun
+from mhr.training.runs import LoadedRun
 from mhr.workspace import Dataset
 
 
@@ -88,8 +89,6 @@ def scoring_for(run: LoadedRun, fusion: str, fit: FusionFit | None = None) -> di
     fusion uses `fit` when given, else the run's cached fit (fitted on valid on first use)."""
     check_fusion(fusion)
     if fusion in FITTED and fit is None:
-        from mhr.ranking.evaluate import load_or_fit_fusion
-
         fit = load_or_fit_fusion(run, fusion)
     return fusion_mod.scoring_args(fusion, fit if fusion in FITTED else None)
 
@@ -373,8 +372,8 @@ def export_recommendations(run: LoadedRun, dataset: Dataset, out: Path, top: int
     finally:
         con.close()
     seconds = time.perf_counter() - started
-    log(f"{done} users, {rows} rows in {seconds:.1f} s ({done / max(seconds, 1e-9):.0f} users/s)"
-        + (f"; {skipped} users without interactions skipped" if skipped else ""))
+    err.print(f"{done} users, {rows} rows in {seconds:.1f} s ({done / max(seconds, 1e-9):.0f} users/s)"
+              + (f"; {skipped} users without interactions skipped" if skipped else ""))
     return ExportSummary(out, done, skipped, rows, seconds)
 
 

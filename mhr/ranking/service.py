@@ -43,7 +43,7 @@ from mhr.ranking.recommend import (
     user_profiles,
 )
 from mhr.store import connect
-from mhr.training.train import LoadedRun, load_run
+from mhr.training.runs import LoadedRun, load_run
 from mhr.workspace import Dataset, Workspace
 
 

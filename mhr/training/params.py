@@ -1,7 +1,7 @@
 """The training parameters: every option declared once, with its help text and its run-key rule.
 
 `TrainParams` holds everything that decides the trained weights. Each field is declared with
-`option(default, help)`: the default lives only here, `mhr train` builds its flag `--<field-name>`
+`mhr.options.option(default, help)`: the default lives only here, `mhr train` builds its flag `--<field-name>`
 (with `-` for `_`) and help text from the field, and `mhr run` logs the same flags. Fields added
 after runs had been keyed are listed once in `RUN_KEY_RULES`, which both the run key (`as_dict`)
 and the reading of a run's record (`from_record`) follow, so no cached run changes key.
@@ -12,37 +12,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mhr.errors import UsageError
-
-
-def option(default: Any, help: str, *, aliases: tuple[str, ...] = (), panel: str | None = None,
-           parse: Callable[[str], Any] | None = None, show: Callable[[Any], str] | None = None,
-           multiple: bool = False) -> Any:
-    """A dataclass field that is also the command-line option `--<field-name>`.
-
-    `aliases`: older spellings of the flag, still accepted; `panel`: the `--help` group; `parse` /
-    `show`: how a value is read from and written as its flag's text, for fields whose values are
-    not plain str/int/float/bool (a list, or "full" for None); `multiple`: a repeatable flag, whose
-    texts `parse` receives as a list."""
-    meta = {"help": help, "aliases": aliases, "panel": panel, "parse": parse, "show": show, "multiple": multiple}
-    return field(default=default, metadata=meta)
-
-
-def flag_name(name: str) -> str:
-    """The command-line flag of field `name`."""
-    return "--" + name.replace("_", "-")
-
-
-def split_names(text: str) -> tuple[str, ...]:
-    """'a, b,c' -> ('a', 'b', 'c'); '' -> ()."""
-    return tuple(v.strip() for v in text.split(",") if v.strip())
-
-
-def join_names(values: tuple[str, ...]) -> str:
-    return ",".join(values)
+from mhr.options import flag_name, join_names, option, split_names
 
 
 def parse_negatives(text: str) -> int | None:
@@ -149,7 +123,7 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         if self.train_item_llm and self.negatives is not None:
-            # a fine-tuned item LLM encodes exactly one shared draw per batch (see `train._LossStep`)
+            # a fine-tuned item LLM encodes exactly one shared draw per batch (see `step.LossStep`)
             object.__setattr__(self, "negatives_per", "batch")
             object.__setattr__(self, "logq", False)
             object.__setattr__(self, "in_batch_negatives", False)
@@ -180,20 +154,6 @@ class TrainParams:
         if "text_cols" in p:
             p["text_cols"] = tuple(p["text_cols"])
         return cls(**p)
-
-    def flags(self) -> list[str]:
-        """The `mhr train` flags giving these parameters (those that differ from the defaults)."""
-        out: list[str] = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value == f.default:
-                continue
-            if isinstance(value, bool):
-                out.append(flag_name(f.name) if value else "--no-" + flag_name(f.name)[2:])
-            else:
-                show = f.metadata["show"] or str
-                out += [flag_name(f.name), show(value)]
-        return out
 
     def decoder_options(self) -> Any:
         """The `mhr.models.multihead.DecoderOptions` the model is built with."""

@@ -23,7 +23,6 @@ trains on every N-th row. DistributedDataParallel averages gradients; only rank 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -38,33 +37,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from mhr.cache import is_done, lock_path, locked, stage_key, write_manifest
+from mhr.cache import is_done, locked, stage_key, write_manifest
 from mhr.console import err, progress
-from mhr.errors import InputError, NotFoundError, StaleError, TrainingError, UsageError
-from mhr.models.heads import Compatibility, HeadLayout, PriorHeads, SelectedQueries, build_layout, dot_scores
+from mhr.errors import TrainingError, UsageError
+from mhr.models.heads import Compatibility, HeadLayout
 from mhr.models.multihead import (
     BACKBONES,
     MultiHeadRecommender,
     backbone_config,
     build_model,
-    interest_layout,
     refresh_eligibility,
 )
-from mhr.priors.spec import PriorSpec, load_prior
-from mhr.priors.synthetic import is_synthetic, synthetic_prior
+from mhr.priors.kinds import HORIZON
+from mhr.priors.spec import PriorSpec
 from mhr.ranking.inference import rank_split
 from mhr.ranking.metrics import ndcg_at_k
-from mhr.store import connect, data_key
+from mhr.store import connect
 from mhr.training import checkpoint
-from mhr.training.loss import multihead_loss, router_loss, sample_negatives
-from mhr.training.params import RUN_KEY_RULES, TrainParams, default_run_name
-from mhr.windows import WindowsRef, horizon_targets, load_windows, sample_rows, subset_split
+from mhr.training.params import TrainParams, default_run_name
+from mhr.training.runs import check_device, load_priors, make_layout, read_record, run_lock_path, run_record
+from mhr.training.step import LossStep, batch_rows, make_batch
+from mhr.windows import WindowsRef, load_windows, sample_rows, subset_split
 from mhr.workspace import Dataset, check_name
 
-__all__ = ["RUN_KEY_RULES", "LoadedRun", "TrainParams", "TrainResult", "check_device", "default_run_name",
-           "load_run", "make_layout", "resume_params", "run_lock_path", "train"]
-
-RUN_FORMAT = 1
+__all__ = ["TrainResult", "held_rows", "shard_bounds", "train", "unpack_rows"]
 
 
 @dataclass
@@ -76,46 +72,15 @@ class TrainResult:
     best: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class LoadedRun:
-    """A trained run rebuilt from its directory and the store."""
-
-    name: str
-    path: Path
-    config: dict[str, Any]
-    model: MultiHeadRecommender
-    layout: HeadLayout
-    compat: Compatibility
-    windows: WindowsRef
-    priors: tuple[PriorSpec, ...]
-
-
 # ---------------------------------------------------------------------------------------------
 # pieces
-
-
-def _load_priors(dataset: Dataset, names: tuple[str, ...], n_items: int, seed: int) -> tuple[PriorSpec, ...]:
-    """The named priors: built ones from the store; `random:K` / `all:K` made here (their
-    assignment drawn from the run's seed). Training and `load_run` both read them here."""
-    con = connect(dataset.store_path, read_only=True)
-    try:
-        return tuple(synthetic_prior(n, n_items, seed) if is_synthetic(n) else load_prior(con, n) for n in names)
-    finally:
-        con.close()
-
-
-def make_layout(p: TrainParams, specs: tuple[PriorSpec, ...], n_items: int) -> HeadLayout:
-    """The heads of a run: the priors' layout, or K interests for a baseline decoder."""
-    if p.decoder != "heads":
-        return interest_layout(p.interests, n_items)
-    return build_layout(specs, p.compose, p.global_head)
 
 
 def _check_horizon(specs: tuple[PriorSpec, ...], windows: WindowsRef) -> None:
     tau = windows.params["horizon"]
     hold = int(windows.params.get("holdout", tau))  # held-out targets per split (H ≥ τ)
     for spec in specs:
-        if spec.kind == "temporal" and len(spec.horizon_groups) != tau:
+        if spec.maps == HORIZON and len(spec.horizon_groups) != tau:
             raise UsageError(
                 f"temporal prior {spec.name!r} covers a horizon of {len(spec.horizon_groups)}, "
                 f"the windows have τ = {tau}",
@@ -191,17 +156,6 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The batch order of one epoch: a function of (seed, epoch) only, so resume can recompute it."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def _batch_rows(seed: int, step: int, batch_size: int, n_windows: int) -> np.ndarray:
-    """The windows (indices over all of them) of the global batch of `step`."""
-    epoch, offset = divmod(step, math.ceil(n_windows / batch_size))
-    return _epoch_order(seed, epoch, n_windows)[offset * batch_size : (offset + 1) * batch_size]
-
-
 def shard_bounds(n_windows: int, rank: int, world: int) -> tuple[int, int]:
     """Windows [lo, hi) that process `rank` of `world` holds: a contiguous slice, the sizes
     differing by at most one."""
@@ -237,23 +191,6 @@ def _gather_batch(shard: dict[str, np.ndarray], lo: int, rows: np.ndarray, devic
     return unpack_rows(packed.cpu().numpy())
 
 
-def _batch(train: dict[str, np.ndarray], rows: np.ndarray, context: int, horizon: int, device) -> dict:
-    items = train["items"][rows]
-    events = train["events"][rows]
-    tgt = horizon_targets(items, horizon)[:, :context]
-    tgt_ev = horizon_targets(events.astype(np.int64), horizon)[:, :context]
-    # a target beyond the window's real length is padding (item 0) in `tgt`; its event is 0 too
-    tgt_ev = np.where(tgt > 0, tgt_ev, 0)
-    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    return {
-        "items": to(items[:, :context]),
-        "ts": to(train["ts"][rows][:, :context]),
-        "targets": to(tgt),
-        "target_events": to(tgt_ev),
-        "users": to(train["user"][rows].astype(np.int64)),
-    }
-
-
 def _valid_split(wref: WindowsRef, params: TrainParams) -> dict[str, np.ndarray]:
     """The users validation scores: all of the valid split, or a seeded sample of `valid_users`."""
     valid = wref.read_split("valid")
@@ -274,28 +211,6 @@ def _dist_info() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     return world, rank
-
-
-def check_device(device: str) -> str:
-    """`device` if this machine and PyTorch build can use it, else a UsageError saying why."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown --device {device!r}", hint="use cpu, cuda, cuda:N or mps") from None
-    hint = "use --device cpu (or install a PyTorch build for this accelerator)"
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: this PyTorch build sees no CUDA GPU", hint=hint)
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPUs", hint=hint)
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device}: MPS is not available here", hint=hint)
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {device} is not supported", hint="use cpu, cuda, cuda:N or mps")
-    return device
-
-
-def run_lock_path(dataset: Dataset, name: str) -> Path:
-    return lock_path(dataset.runs_dir / name)
 
 
 @contextmanager
@@ -322,13 +237,6 @@ def _deterministic(on: bool, device: str) -> Iterator[None]:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(algorithms)
 
-
-def _recorded(run_dir: Path) -> dict[str, Any]:
-    try:
-        record = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
 
 # ---------------------------------------------------------------------------------------------
 # the stage, phase by phase
@@ -358,7 +266,7 @@ def train(
     name = check_name(name or default_run_name(params), "run")
     run_dir = dataset.runs_dir / name
     if resume and not deterministic:  # a resumed run keeps the mode it was started in
-        deterministic = _recorded(run_dir).get("deterministic") is True
+        deterministic = read_record(run_dir).get("deterministic") is True
     holder = f"mhr train (pid {os.getpid()})"
     lock = locked(run_lock_path(dataset, name), holder, f"run {name}") if _dist_info()[1] == 0 else nullcontext()
     with lock, _deterministic(deterministic, device):
@@ -389,25 +297,28 @@ class _Inputs:
 
 def _resolve_inputs(dataset: Dataset, params: TrainParams, windows: str | None, device: str,
                     show_progress: bool) -> _Inputs:
-    """Phase 1: the windows, the priors and (HLLM) the item texts or their embeddings → the run key."""
+    """Phase 1: the windows, the priors and (a backbone reading item texts) the texts or their embeddings
+    → the run key."""
     wref = load_windows(dataset, windows)
     inp = _Inputs(wref, (), int(wref.stats["max_item_id"]), {"windows": wref.key}, "")
-    if params.backbone == "hllm":
-        _hllm_inputs(dataset, params, device, show_progress, inp)
-    inp.specs = _load_priors(dataset, params.priors, inp.n_items, params.seed)
+    if BACKBONES[params.backbone].reads_item_texts:
+        _item_text_inputs(dataset, params, device, show_progress, inp)
+    inp.specs = load_priors(dataset, params.priors, inp.n_items, params.seed)
     _check_horizon(inp.specs, wref)
     inp.keys.update({f"prior:{s.name}": s.key for s in inp.specs})
     inp.key = stage_key("train", params.as_dict(), inp.keys)
     return inp
 
 
-def _hllm_inputs(dataset: Dataset, params: TrainParams, device: str, show_progress: bool, inp: _Inputs) -> None:
+def _item_text_inputs(dataset: Dataset, params: TrainParams, device: str, show_progress: bool,
+                      inp: _Inputs) -> None:
     """HLLM reads the item texts (a fine-tuned item LLM) or their cached embeddings (a frozen one);
     either way it covers the whole catalogue, so cold items keep their text vectors."""
     common = dict(user_llm=params.user_llm, item_llm=params.item_llm, pooling=params.pooling,
                   max_text_len=params.max_text_len)
     if params.train_item_llm:
-        from mhr.models.item_text import item_texts, model_identity
+        from mhr.item_texts import item_texts
+        from mhr.models.item_encoder import model_identity
 
         con = connect(dataset.store_path, read_only=True)
         try:
@@ -420,7 +331,7 @@ def _hllm_inputs(dataset: Dataset, params: TrainParams, device: str, show_progre
         inp.config_overrides = dict(common, item_dim=identity["dim"], train_item_llm=True)
         inp.n_items = len(texts)
         return
-    from mhr.models.item_text import embed_items, load_item_embeddings
+    from mhr.item_texts import embed_items, load_item_embeddings
 
     emb_key, _ = embed_items(dataset, params.item_llm, params.text_cols, params.max_text_len,
                              params.pooling, device=device, show_progress=show_progress)
@@ -438,7 +349,7 @@ def _prepare_run_dir(run_dir: Path, key: str, force: bool, resume: bool) -> Trai
         manifest = json.loads((run_dir / "manifest.json").read_text())
         return TrainResult(run_dir.name, run_dir, key, True, manifest.get("best", {}))
     if run_dir.exists() and not force:
-        if _recorded(run_dir).get("key") != key:
+        if read_record(run_dir).get("key") != key:
             raise UsageError(
                 f"run {run_dir.name!r} exists with other parameters or inputs",
                 hint="pass --force to retrain it, or --name for a new run",
@@ -488,7 +399,7 @@ class _Run:
     gen: torch.Generator
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    loss_step: torch.nn.Module  # `_LossStep`, wrapped in DistributedDataParallel under torchrun
+    loss_step: torch.nn.Module  # `LossStep`, wrapped in DistributedDataParallel under torchrun
     train: dict[str, np.ndarray]  # this process's shard of the training windows…
     shard_start: int  # … from window `shard_start` on
     valid: dict[str, np.ndarray]
@@ -528,14 +439,14 @@ def _build(dataset: Dataset, params: TrainParams, inp: _Inputs, dist: _Dist, nam
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(params.warmup_steps, total))
     train_omega = compat.omega
-    if params.backbone == "hllm":
+    if BACKBONES[params.backbone].reads_item_texts:
         # items never seen in training are left out of the negatives, so cold items keep the
         # text-derived vectors they are recommended by instead of being pushed down (every
         # process's windows counted, so all draw from the same sets)
         seen = torch.zeros(n_items + 1, dtype=torch.bool)
         seen[torch.from_numpy(wref.seen_items("train"))] = True
         train_omega = compat.omega & seen.to(device)
-    loss_step = _LossStep(model, compat, params, gen, train_omega)
+    loss_step = LossStep(model, compat, params, gen, train_omega)
     if dist.world > 1:
         loss_step = torch.nn.parallel.DistributedDataParallel(loss_step)
     return _Run(name, run_dir, params, inp, dist, config, layout, model, compat, gen, optimizer, scheduler,
@@ -554,32 +465,13 @@ def _start(run: _Run, resume: bool, deterministic: bool) -> dict[str, Any]:
         state = checkpoint.load(ckpt, run.model, run.optimizer, run.scheduler, run.gen)
     elif run.dist.rank == 0:
         run.dir.mkdir(parents=True, exist_ok=True)
-        (run.dir / "config.json").write_text(json.dumps(_record(run, deterministic), indent=2, sort_keys=True))
+        record = run_record(run.name, run.inputs.key, run.params, run.inputs.keys, run.config, run.layout,
+                            run.inputs.windows, run.dataset, run.dist.device, run.dist.world, deterministic)
+        (run.dir / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True))
         (run.dir / "log.jsonl").write_text("")
     if run.dist.rank == 0:
         checkpoint.trim_log(run.dir / "log.jsonl", state["step"])
     return state
-
-
-def _record(run: _Run, deterministic: bool) -> dict[str, Any]:
-    """config.json: everything `load_run` rebuilds the model from, and how it was trained."""
-    wref, layout = run.inputs.windows, run.layout
-    return {
-        "format": RUN_FORMAT,
-        "key": run.inputs.key,
-        "name": run.name,
-        "params": run.params.as_dict(),
-        "inputs": run.inputs.keys,
-        "backbone_config": dataclasses.asdict(run.config),
-        "layout": {"names": list(layout.names), "compose": layout.compose, "global_head": layout.global_head},
-        "windows": {"key": wref.key, "params": wref.params},
-        "dataset": run.dataset,
-        "data_key": wref.data_key,
-        "device": run.dist.device,
-        "world_size": run.dist.world,
-        "deterministic": deterministic,
-        "threads": torch.get_num_threads(),
-    }
 
 
 def _announce(run: _Run, show_progress: bool) -> None:
@@ -633,11 +525,11 @@ def _step(run: _Run, step: int) -> tuple[dict[str, Any], int]:
     """One optimisation step on this process's rows of the global batch; returns the log entry
     (the global batch's loss) and how many rows this process trained on."""
     p, dist = run.params, run.dist
-    rows, windows = _batch_rows(p.seed, step, p.batch_size, run.n_windows), run.train
+    rows, windows = batch_rows(p.seed, step, p.batch_size, run.n_windows), run.train
     if dist.world > 1:  # every N-th row of the global batch, whichever process holds it
         windows = _gather_batch(run.train, run.shard_start, rows, dist.device)
         rows = np.arange(len(rows))[dist.rank :: dist.world]
-    b = _batch(windows, rows, run.context, run.horizon, dist.device)
+    b = make_batch(windows, rows, run.context, run.horizon, dist.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.startswith("cuda") else nullcontext()
     with autocast:
         loss, _ = run.loss_step(b["items"], b["ts"], b["targets"], b["target_events"], b["users"])
@@ -707,159 +599,3 @@ def _finish(run: _Run, state: dict[str, Any], step: int) -> TrainResult:
     return TrainResult(run.name, run.dir, key, False, best)
 
 
-class _LossStep(torch.nn.Module):
-    """Model + loss as one module, so DistributedDataParallel sees every parameter that the loss
-    touches (the scorer's temperature and the scoring item table included) inside forward."""
-
-    def __init__(self, model: MultiHeadRecommender, compat: Compatibility, params: TrainParams,
-                 gen: torch.Generator, omega: torch.Tensor, selective: bool = True) -> None:
-        super().__init__()
-        self.model = model
-        self.compat = compat
-        self.params = params
-        self.gen = gen
-        self.omega = omega
-        # the prior heads decode state by state, so only the queries the loss reads are computed;
-        # `selective=False` keeps the dense reference (every head at every position)
-        self.selective = selective and isinstance(model.heads, PriorHeads)
-
-    def forward(self, items, ts, targets, target_events, users):
-        p = self.params
-        negs, step = None, nullcontext()
-        if getattr(self.model.backbone, "trains_item_llm", False):
-            # a fine-tuned item LLM encodes only this step's items, once: the inputs, the targets and
-            # the negatives, drawn first (from the same generator, so runs stay resumable)
-            negs = sample_negatives(self.omega, p.negatives, p.negatives_from, p.global_ratio, self.gen)
-            step = self.model.backbone.encoding(torch.unique(torch.cat([items.flatten(), targets.flatten(),
-                                                                        negs.flatten()])))
-        with step:
-            scorer = self.model.scorer
-            h = self.model.backbone(items, ts)
-            if self.selective:  # prior heads: each query computed only where the loss reads it
-                h = h.float()
-                q, aux = SelectedQueries(self.model.heads, h, scorer.prepare_queries), {}
-            else:
-                q, aux = self.model.heads.decode(h, items != 0)
-                q = q.float()
-            item_vecs = self.model.item_vectors().float()
-            omega = self.omega
-            own = self.model.heads.eligibility(item_vecs)  # DualVAE: each item's own aspect
-            if own is not None:
-                omega = omega & own
-            compat_t = self.compat.targets(targets, target_events, users)
-            compat_t = self.model.heads.assign(q, item_vecs, scorer, targets, compat_t)
-            # normalised once, then plain dot products inside the loss
-            if self.selective:
-                item_vecs = scorer.prepare_items(item_vecs)
-            else:
-                q, item_vecs = scorer.prepare(q, item_vecs)
-            loss, stats = multihead_loss(
-                q,
-                item_vecs,
-                dot_scores,
-                targets,
-                compat_t,
-                omega,
-                gamma=p.gamma,
-                head_weights=p.head_weights,
-                negatives=p.negatives,
-                negatives_from=p.negatives_from,
-                global_ratio=p.global_ratio,
-                generator=self.gen,
-                hard_negative_beta=p.beta,
-                negative_ids=negs,
-                negatives_per=p.negatives_per,
-                in_batch=p.in_batch_negatives,
-                logq=p.logq,
-            )
-        if self.model.router is not None:  # p(k | h), trained jointly with the heads
-            route = router_loss(self.model.router(h.float()), targets, compat_t, p.gamma)
-            loss = loss + p.router_weight * route
-            stats["router"] = route.detach()
-        if self.selective:  # heads without a positive in this batch still count as used (DDP)
-            loss = loss + q.anchor()
-        for term, value in aux.items():  # the decoder's regularisers (REMI's routing, DualVAE's KL)
-            loss = loss + value.float()
-            stats[term] = value.detach()
-        return loss, stats
-
-
-
-# ---------------------------------------------------------------------------------------------
-# finished runs
-
-
-def resume_params(dataset: Dataset, name: str) -> tuple[TrainParams, str]:
-    """The parameters and windows key an interrupted run was started with."""
-    path = dataset.runs_dir / check_name(name, "run") / "config.json"
-    if not path.is_file():
-        raise NotFoundError(f"no run {name!r} in {dataset.runs_dir}", hint="see `mhr status` for runs")
-    record = json.loads(path.read_text())
-    return _params_from_record(record), record["windows"]["key"]
-
-
-def _params_from_record(record: dict[str, Any]) -> TrainParams:
-    return TrainParams.from_record(record["params"])
-
-
-def _verify_run(run_dir: Path, hint: str) -> None:
-    """The run's config and weights against the sizes and sha256 its manifest recorded (a file the
-    manifest does not list is taken as it is: nothing to check it against)."""
-    try:
-        files = json.loads((run_dir / "manifest.json").read_text())["files"]
-        json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"run {run_dir.name!r} in {run_dir} is damaged ({type(e).__name__}: {e})",
-                         hint=hint) from None
-    for file in ("config.json", "model.safetensors"):
-        if file in files:
-            checkpoint.verify_file(run_dir / file, files[file]["sha256"], files[file]["size"], hint)
-
-
-def load_run(dataset: Dataset, name: str, device: str = "cpu") -> LoadedRun:
-    """Rebuild a finished run; refuses when the store's priors or data changed since training."""
-    run_dir = dataset.runs_dir / check_name(name, "run")
-    if not (run_dir / "manifest.json").is_file():
-        raise NotFoundError(
-            f"run {name!r} is not finished in {dataset.runs_dir}",
-            hint="train it with `mhr train` (or finish it with `mhr train --resume NAME`)",
-        )
-    check_device(device)
-    hint = f"retrain it with `mhr train … --name {name} --force`"
-    _verify_run(run_dir, hint)
-    record = json.loads((run_dir / "config.json").read_text())
-    con = connect(dataset.store_path, read_only=True)
-    try:
-        current = data_key(con)
-        if current != record["data_key"]:
-            raise StaleError(
-                f"run {name!r} was trained on another version of dataset {dataset.name} "
-                f"(data key {record['data_key'][:12]} ≠ {current[:12]})",
-                hint="retrain the run on the current data",
-            )
-    finally:
-        con.close()
-    params = _params_from_record(record)
-    n_items = int(record["backbone_config"]["n_items"])
-    specs = _load_priors(dataset, params.priors, n_items, params.seed)
-    for spec in specs:
-        if record["inputs"].get(f"prior:{spec.name}") != spec.key:
-            raise StaleError(
-                f"prior {spec.name!r} was rebuilt since run {name!r} was trained (keys differ)",
-                hint="retrain the run, or rebuild the prior with its old parameters",
-            )
-    wref = load_windows(dataset, record["windows"]["key"])
-    layout = make_layout(params, specs, n_items)
-    family = BACKBONES[params.backbone]
-    config = family.config_cls(**record["backbone_config"])
-    model = build_model(params.backbone, config, layout, params.score, params.temperature, params.decoder_options(),
-                        router=params.router)
-    try:
-        model.load_state_dict(checkpoint.read_tensors(run_dir / "model.safetensors", hint))
-    except RuntimeError as e:  # names or shapes that do not fit the config
-        raise InputError(f"{run_dir / 'model.safetensors'} does not fit {run_dir / 'config.json'} ({e})",
-                         hint=hint) from None
-    model.to(device).eval()
-    compat = Compatibility(layout, config.n_items, wref.event_vocab).to(device)
-    refresh_eligibility(model, compat)
-    return LoadedRun(name, run_dir, record, model, layout, compat, wref, specs)
