@@ -34,7 +34,12 @@ from mhr.serve.batcher import MicroBatcher
 from mhr.serve.catalogue import Catalogue
 
 MAX_HISTORY = 10_000  # items in a POSTed history; longer is a 413 (the model reads only the last T anyway)
+HISTORY_SHOWN = 50  # latest history items described in a /recommend answer
 STATIC = files("mhr.serve") / "static"
+
+
+# parts of a validation error's location that name no field: where it came from, a union member's type
+NOT_FIELDS = ("body", "query", "path", "str", "int", "float", "bool")
 
 
 class FieldError(Exception):
@@ -185,7 +190,8 @@ async def _answer(s: Service, items: np.ndarray, ts: np.ndarray, uid: int, k: in
     return {**context, "k": k, "fusion": s.rec.fusion, "run": s.rec.run.name,
             "items": [{"rank": r.rank, **cat.describe(r.item_id), "score": r.score, "head": r.head,
                        "heads_fused": r.heads_fused} for r in recs],
-            "exposure": cat.exposure(ids)}
+            "exposure": cat.exposure(ids), "profile": cat.exposure(items), "history_length": int(len(items)),
+            "history": [cat.describe(int(i)) for i in items[-HISTORY_SHOWN:]]}
 
 
 def _errors(app: FastAPI) -> None:
@@ -197,7 +203,7 @@ def _errors(app: FastAPI) -> None:
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        loc = [str(p) for p in first.get("loc", ()) if p not in NOT_FIELDS]
         field = ".".join(loc) or "body"
         if first.get("type") == "json_invalid":
             return JSONResponse({"error": f"malformed JSON: {first.get('msg')}", "field": "body",
