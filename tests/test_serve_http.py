@@ -4,12 +4,6 @@ ways a request can be wrong, on a tiny run trained in the fixture."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,72 +15,18 @@ pytest.importorskip("fastapi", reason="mhr serve needs the serve extra: pip inst
 pytest.importorskip("uvicorn", reason="mhr serve needs the serve extra: pip install -e '.[serve]'")
 
 from mhr.data.dense import normalise_id  # noqa: E402
+from mhr.ranking.objectives import Boost, Objectives, Steer  # noqa: E402
 from mhr.ranking.recommend import recommend  # noqa: E402
+from mhr.ranking.service import Recommender  # noqa: E402
 from mhr.store import connect  # noqa: E402
-from mhr.training.train import TrainParams, load_run, train  # noqa: E402
-from mhr.windows import build_windows  # noqa: E402
-from tests.helpers import GENRES, make_dataset  # noqa: E402
-
-TINY = dict(backbone="hstu", size="tiny", batch_size=16, eval_every=4, patience=0, lr=3e-3,
-            warmup_steps=2, max_steps=8)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(ds, run: str, *extra: str, timeout: float = 90) -> tuple[subprocess.Popen, str]:
-    """`mhr serve` in a subprocess; returns once /health answers (or fails with the server's stderr)."""
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "mhr", "--workspace", str(ds.root), "--dataset", ds.name,
-                             "serve", run, "--port", str(port), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mhr serve exited {proc.returncode}:\n{proc.stderr.read()}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"mhr serve did not answer within {timeout} s")
-
-
-def stop_server(proc: subprocess.Popen) -> str:
-    proc.terminate()
-    try:
-        _, err = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return err
-
-
-def call(url: str, path: str, body: bytes | dict | None = None, content_type: str = "application/json"
-         ) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    req = urllib.request.Request(url + path, data=data, headers={"content-type": content_type} if data else {})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as res:
-            return res.status, json.loads(res.read())
-    except urllib.error.HTTPError as e:
-        text = e.read().decode()
-        assert "Traceback" not in text
-        return e.code, json.loads(text)
+from mhr.training.train import load_run  # noqa: E402
+from tests.helpers import GENRES  # noqa: E402
+from tests.serving import call, free_port, start_server, stop_server, tiny_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, one_thread):
-    root = tmp_path_factory.mktemp("serve") / "ws"
-    ds = make_dataset(root, n_users=40)
-    build_windows(ds, context=12, horizon=4)
-    train(ds, TrainParams(priors=("item",), **TINY), name="heads", show_progress=False)
+    ds = tiny_run(tmp_path_factory.mktemp("serve") / "ws")
     proc, url = start_server(ds, "heads", "--wait-ms", "30")
     yield ds, url
     stop_server(proc)
@@ -164,7 +104,7 @@ def test_user_and_item(served):
     tags = dict(con.execute("SELECT raw_id, tags FROM items").fetchall())
     con.close()
     for g in GENRES:
-        assert user["profile"]["item"][g] == pytest.approx(np.mean([g in tags[i] for i in items]))
+        assert user["history_mix"]["item"][g] == pytest.approx(np.mean([g in tags[i] for i in items]))
     code, users = call(url, "/users?limit=3&offset=1")
     assert code == 200 and users == {"total": 40, "users": ["u1", "u2", "u3"]}
     code, item = call(url, "/items/i5")  # item 5 is Drama + Action (see tests.helpers)
@@ -193,12 +133,57 @@ def test_user_and_item(served):
     ("POST", "/recommend", {"history": ["i1"], "unknown": "ignore"}, 422, "unknown"),
     ("POST", "/recommend", {"history": [{"id": 1}]}, 422, "history.0"),
     ("POST", "/recommend", {"history": ["i1"] * 10_001}, 413, "history"),
+    ("GET", "/recommend?user=u1&steer=item:Action", None, 422, "steer"),
+    ("GET", "/recommend?user=u1&steer=item:Action=1.5", None, 422, "steer"),
+    ("GET", "/recommend?user=u1&steer=item:Westerns=0.2", None, 422, "steer"),
+    ("GET", "/recommend?user=u1&boost=item:Drama=lots", None, 422, "boost"),
+    ("GET", "/recommend?user=u1&boost=nope:Drama=1", None, 422, "boost"),
+    ("GET", "/recommend?user=u1&calibrate=item&calibrate_lambda=2", None, 422, "calibrate_lambda"),
+    ("GET", "/recommend?user=u1&calibrate=temporal", None, 422, "calibrate"),
+    ("POST", "/recommend", {"history": ["i1"], "steer": ["item:Drama=0.5"], "calibrate": "item"}, 422, "steer"),
 ])
 def test_bad_requests_are_4xx_naming_the_field(served, method, path, body, status, field):
     _, url = served
     code, answer = call(url, path, body if method == "POST" else None)
     assert (code, answer["field"]) == (status, field), answer
     assert answer["error"] and "Traceback" not in json.dumps(answer)
+
+
+def test_objectives_rank_as_the_recommender_does(served):
+    ds, url = served
+    rec = Recommender.load(ds.root, ds.name, "heads")
+    items, ts = stored_history(ds, "u2")
+    _, plain = call(url, "/recommend?user=u2&k=5")
+    low = min(GENRES, key=lambda g: plain["exposure"]["item"][g])
+    cases = [(f"boost=item:{low}=5", Objectives(boost=(Boost("item", low, 5.0),))),
+             (f"steer=item:{low}=0.5", Objectives(steer=(Steer("item", low, 0.5),))),
+             ("calibrate=item&calibrate_lambda=0.9", Objectives(calibrate="item", calibrate_lambda=0.9))]
+    for query, objectives in cases:
+        code, got = call(url, f"/recommend?user=u2&k=5&{query}")
+        want = rec.recommend(items, 5, timestamps=ts, user="u2", objectives=objectives)
+        assert code == 200 and [r["item"] for r in got["items"]] == [w.raw_id for w in want], query
+        assert [r["score"] for r in got["items"]] == pytest.approx([w.score for w in want], abs=1e-5)
+    _, boosted = call(url, f"/recommend?user=u2&k=5&boost=item:{low}=5")
+    assert boosted["objectives"]["boost"] == [f"item:{low}=5"]
+    assert boosted["exposure"]["item"][low] > plain["exposure"]["item"][low]
+    _, steered = call(url, f"/recommend?user=u2&k=5&steer=item:{low}=0.5")
+    assert steered["exposure"]["item"][low] >= 0.5
+    code, posted = call(url, "/recommend", {"history": items, "timestamps": ts, "user": "u2", "k": 5,
+                                            "steer": [f"item:{low}=0.5"]})
+    assert code == 200 and [r["item"] for r in posted["items"]] == [r["item"] for r in steered["items"]]
+
+
+def test_interest_profile(served):
+    ds, url = served
+    items, ts = stored_history(ds, "u5")
+    rec = Recommender.load(ds.root, ds.name, "heads")
+    want = rec.profile(items, timestamps=ts, user="u5")
+    _, user = call(url, "/users/u5")
+    _, listed = call(url, "/recommend?user=u5&k=3&profile=true")
+    for got in (user["profile"], listed["profile"]):
+        assert set(got) == {"item"} and sum(got["item"].values()) == pytest.approx(1.0)
+        assert got["item"] == pytest.approx(want["item"], abs=1e-6)
+    assert call(url, "/recommend?user=u5&k=3")[1]["profile"] is None
 
 
 def test_concurrent_requests_share_scoring_calls(served):

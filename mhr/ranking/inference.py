@@ -86,6 +86,7 @@ def rank_split(
     scale: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     allowed_items=None,
+    head_boost: torch.Tensor | None = None,
 ) -> Ranking:
     """Rank the full catalogue for every user of a valid/test split (history excluded by default).
 
@@ -94,7 +95,8 @@ def rank_split(
     `offset` [K]: per-head fusion parameters (`mhr.ranking.fusion`; a fitted fusion's `scoring_kwargs()`).
     `fusion="router"`: max fusion of log p(k | h) + log p(i | k, h) with the run's joint router.
     `allowed_items(rows) -> bool [b, N+1]`: items each user may be recommended (the labelled
-    group oracle); everything else is excluded like history.
+    group oracle); everything else is excluded like history. `head_boost` [K]: added to the router's
+    per-user offsets (router fusion; for the others it is part of `offset`, `mhr.ranking.decode`).
     """
     routed = fusion == "router"
     if routed:
@@ -104,6 +106,8 @@ def rank_split(
         if offset is not None or scale is not None or weights is not None:
             raise ValueError("router fusion sets its own per-user offsets")
         fusion = "max"
+    elif head_boost is not None:
+        raise ValueError("head_boost goes with router fusion; for the others add it to `offset`")
     was_training = model.training
     model.eval()
     item_vecs = model.item_vectors().float()
@@ -117,6 +121,8 @@ def rank_split(
             heads = heads & user_heads[rows].to(device)
         if routed:
             offset = router_offsets(log_p, head_log_normalisers(q, item_vecs, model.scorer, omega, members))
+            if head_boost is not None:
+                offset = offset + head_boost.to(offset.device)
         exclude = history_mask(split, rows, n_items).to(device) if exclude_history else None
         if allowed_items is not None:
             outside = ~allowed_items(rows).to(device)

@@ -34,9 +34,11 @@ import torch
 
 from mhr.console import log, progress
 from mhr.errors import InputError, NotFoundError, UsageError
+from mhr.priors.spec import PriorSpec
 from mhr.ranking import fusion as fusion_mod
+from mhr.ranking.decode import Resolved, interest_profile, rank_objectives, with_head_boost
 from mhr.ranking.fusion import FITTED, FUSIONS, FusionFit
-from mhr.ranking.inference import iter_queries, rank_split
+from mhr.ranking.inference import iter_queries
 from mhr.store import connect
 from mhr.training.train import LoadedRun
 from mhr.workspace import Dataset
@@ -92,22 +94,25 @@ def check_fusion(fusion: str) -> None:
 @torch.no_grad()
 def rank_histories(run: LoadedRun, histories: Sequence[tuple[np.ndarray, np.ndarray]], users: np.ndarray,
                    top: int, scoring: dict[str, Any], exclude_history: bool = True,
-                   explain: bool = True) -> TopK:
+                   explain: bool = True, objectives: Resolved | None = None) -> TopK:
     """Top `top` items after each whole history, the one ranking path of `mhr recommend` (one user,
     `--all`) and `mhr.ranking.service.Recommender`: `mhr.ranking.inference.rank_split`, the ranking of `mhr eval`,
     on the histories laid out as a split, so every fusion eval knows ranks here alike.
 
     `histories`: per user (item ids, timestamps), chronological; the last T are the context and,
     with `exclude_history`, every item of it is excluded. `users` [B]: store user ids for user
-    priors' heads (-1: anonymous, every head). `scoring`: `scoring_for(...)`."""
+    priors' heads (-1: anonymous, every head). `scoring`: `scoring_for(...)`. `objectives`: steer,
+    boost or calibrate the lists (`mhr.ranking.decode.rank_objectives`; None: the plain ranking)."""
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
     if not histories:
         raise ValueError("no history to rank after")
     split = _as_split(histories, users, int(run.windows.params["context"]))
     device = run.compat.omega.device
-    ranking = rank_split(run.model, run.compat, split, top, exclude_history=exclude_history,
-                         batch_size=QUERY_BATCH, device=device, **scoring)
+    ranking = rank_objectives(run, split, top, scoring, objectives, exclude_history=exclude_history,
+                              batch_size=QUERY_BATCH, device=device)
+    if objectives is not None:  # explanations of boosted heads name the boosted terms
+        scoring = with_head_boost(scoring, objectives.head_boost)
     items = torch.from_numpy(ranking.items)
     filled = torch.from_numpy(np.isfinite(ranking.scores)) & (items > 0)
     heads, n_fused = torch.full_like(items, -1), torch.zeros_like(items)
@@ -118,6 +123,22 @@ def rank_histories(run: LoadedRun, histories: Sequence[tuple[np.ndarray, np.ndar
             route_p = _route_probabilities(run, split, heads.masked_fill(~filled, -1))
     return TopK(ranking.items, ranking.scores.astype(np.float32),
                 heads.masked_fill(~filled, -1).numpy(), n_fused.masked_fill(~filled, 0).numpy(), route_p)
+
+
+def user_profiles(run: LoadedRun, histories: Sequence[tuple[np.ndarray, np.ndarray]], users: np.ndarray,
+                  scoring: dict[str, Any], specs: list[PriorSpec], exclude_history: bool = True
+                  ) -> list[dict[str, dict[str, float]]]:
+    """Per history: {prior: {group: p(group | history)}}, largest first (`decode.interest_profile`)."""
+    split = _as_split(histories, users, int(run.windows.params["context"]))
+    prof = interest_profile(run, split, scoring, specs, exclude_history)
+    out = []
+    for r in range(len(histories)):
+        per = {}
+        for s in specs:
+            row = prof[s.name][r]
+            per[s.name] = {s.group_names[g]: float(row[g]) for g in np.argsort(-row, kind="stable")}
+        out.append(per)
+    return out
 
 
 def _route_probabilities(run: LoadedRun, split: dict[str, np.ndarray], heads: torch.Tensor) -> np.ndarray:

@@ -35,12 +35,16 @@ import pyarrow as pa
 
 from mhr.data.dense import normalise_id, normalise_ids
 from mhr.errors import NotFoundError, UsageError
+from mhr.priors.spec import PriorSpec
+from mhr.ranking.decode import Resolved, profile_priors, resolve
+from mhr.ranking.objectives import Objectives
 from mhr.ranking.recommend import (
     Recommendation,
     as_recommendations,
     check_fusion,
     rank_histories,
     scoring_for,
+    user_profiles,
 )
 from mhr.store import connect
 from mhr.training.train import LoadedRun, load_run
@@ -59,6 +63,7 @@ class Recommender:
     scoring: dict = field(repr=False)
     item_ids: dict[str, int] = field(repr=False)  # raw id -> item id
     meta: dict[int, tuple[str, str | None]] = field(repr=False)  # item id -> (raw id, title)
+    _resolved: dict = field(default_factory=dict, repr=False)  # Objectives -> Resolved, looked up once
 
     @classmethod
     def load(cls, workspace: str | Path | None, dataset: str | None, run: str, fusion: str = "max",
@@ -78,14 +83,37 @@ class Recommender:
 
     def recommend(self, history: Sequence[str], top: int = 10, explain: bool = True, *,
                   timestamps: Sequence[int] | None = None, user: str | None = None,
-                  exclude_history: bool = True, unknown: str = "error") -> list[Recommendation]:
+                  exclude_history: bool = True, unknown: str = "error",
+                  objectives: Objectives | None = None) -> list[Recommendation]:
         """The top `top` items after `history` (raw item ids, oldest first), best first; with
-        `explain`, each names its head (`Recommendation.head`, `heads_fused`)."""
+        `explain`, each names its head (`Recommendation.head`, `heads_fused`). `objectives`: steer,
+        boost or calibrate the list (`mhr.ranking.objectives`; unknown priors or groups: UsageError)."""
+        resolved = self._resolve(objectives)
         items, ts = self._encode(history, timestamps, unknown)
         user_id = self._user_id(user) if user is not None else -1
         ranked = rank_histories(self.run, [(items, ts)], np.array([user_id]), top, self.scoring,
-                                exclude_history, explain)
+                                exclude_history, explain, objectives=resolved)
         return as_recommendations(ranked, 0, self.meta, self.run.layout.names)
+
+    def profile(self, history: Sequence[str], *, timestamps: Sequence[int] | None = None,
+                user: str | None = None, priors: Sequence[str] | None = None, exclude_history: bool = True,
+                unknown: str = "error") -> dict[str, dict[str, float]]:
+        """The interest profile after `history`: {prior: {group name: p(group | history)}}, largest
+        first, per item prior (`priors`, default the run's item priors, else every item or graph prior
+        of the store) — the mass of the run's softmax over the catalogue per group (router runs: the
+        router's p(k | h) for the priors of its heads); `mhr.ranking.decode.interest_profile`."""
+        items, ts = self._encode(history, timestamps, unknown)
+        user_id = self._user_id(user) if user is not None else -1
+        specs = profile_priors(self.run, self.dataset, list(priors) if priors else None)
+        return user_profiles(self.run, [(items, ts)], np.array([user_id]), self.scoring, specs,
+                             exclude_history)[0]
+
+    def _resolve(self, objectives: Objectives | None) -> Resolved | None:
+        if objectives is None or not objectives.active:
+            return None
+        if objectives not in self._resolved:
+            self._resolved[objectives] = resolve(objectives, self.run, self.dataset)
+        return self._resolved[objectives]
 
     def encode(self, history: Sequence[str], timestamps: Sequence[int] | None = None, unknown: str = "error"
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -94,12 +122,23 @@ class Recommender:
         return self._encode(history, timestamps, unknown)
 
     def rank_encoded(self, histories: Sequence[tuple[np.ndarray, np.ndarray]], users: Sequence[int], top: int,
-                     explain: bool = True, exclude_history: bool = True) -> list[list[Recommendation]]:
+                     explain: bool = True, exclude_history: bool = True, objectives: Resolved | None = None
+                     ) -> list[list[Recommendation]]:
         """Several `encode`d histories ranked in one `rank_histories` call (the path of `recommend`);
-        `users`: store user ids for user priors' heads (-1: anonymous). One list per history."""
+        `users`: store user ids for user priors' heads (-1: anonymous); `objectives`: resolved
+        (`mhr.ranking.decode.resolve`) once by the caller. One list per history."""
         ranked = rank_histories(self.run, list(histories), np.asarray(users, dtype=np.int64), top, self.scoring,
-                                exclude_history, explain)
+                                exclude_history, explain, objectives=objectives)
         return [as_recommendations(ranked, r, self.meta, self.run.layout.names) for r in range(len(histories))]
+
+    def profile_encoded(self, histories: Sequence[tuple[np.ndarray, np.ndarray]], users: Sequence[int],
+                        specs: Sequence[PriorSpec] | None = None, exclude_history: bool = True
+                        ) -> list[dict[str, dict[str, float]]]:
+        """`profile` of several `encode`d histories in one pass; `specs`: the priors to cover (None:
+        `profile`'s default, `mhr.ranking.decode.profile_priors`, looked up on every call)."""
+        specs = list(specs) if specs is not None else profile_priors(self.run, self.dataset)
+        return user_profiles(self.run, list(histories), np.asarray(users, dtype=np.int64), self.scoring, specs,
+                             exclude_history)
 
     def _encode(self, history: Sequence[str], timestamps: Sequence[int] | None, unknown: str
                 ) -> tuple[np.ndarray, np.ndarray]:

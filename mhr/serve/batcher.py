@@ -33,7 +33,8 @@ class Job:
     future: asyncio.Future = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
 
-# rank(histories, users, top, key) -> one list per history (best first, at least `top` long if possible)
+# rank(histories, users, top, key) -> one result per history (a ranked list at least `top` long where the
+# catalogue allows, which the caller cuts to its own length)
 RankFn = Callable[[Sequence[tuple[np.ndarray, np.ndarray]], Sequence[int], int, Hashable], list[Any]]
 
 
@@ -62,7 +63,7 @@ class MicroBatcher:
         self._pool.shutdown(wait=True)
 
     async def rank(self, items: np.ndarray, ts: np.ndarray, user: int, top: int, key: Hashable = ()) -> Any:
-        """The ranked list of one history, computed together with whatever else is queued."""
+        """What `rank` gives for one history, computed together with whatever else is queued."""
         assert self._queue is not None, "MicroBatcher.start() was not awaited"
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(Job(items, ts, user, top, key, future))
@@ -95,6 +96,6 @@ class MicroBatcher:
             return
         self.calls += 1
         self.requests += len(jobs)
-        for j, ranked in zip(jobs, lists, strict=True):
+        for j, result in zip(jobs, lists, strict=True):
             if not j.future.done():
-                j.future.set_result(ranked[: j.top])
+                j.future.set_result(result)

@@ -48,7 +48,8 @@ def serve(dataset: Dataset, run: str, host: str = "127.0.0.1", port: int = 8000,
     import uvicorn
 
     from mhr.ranking.service import Recommender
-    from mhr.serve.app import Service, create_app
+    from mhr.serve.app import create_app
+    from mhr.serve.work import Service
 
     if max_batch < 1 or wait_ms < 0:
         raise UsageError("--max-batch must be at least 1 and --wait-ms at least 0")

@@ -85,12 +85,12 @@ async function refresh(withBaseline) {
   try {
     const extra = objectives();
     const steered = Object.keys(extra).length > 0;
-    if (withBaseline || !state.baseline) state.baseline = await rank({});
+    if (withBaseline || !state.baseline) state.baseline = await rank({ profile: true });
     const answer = steered ? await rank(extra) : state.baseline;
     if (seq !== state.seq) return;  // a newer request is under way
     renderList(answer, steered ? state.baseline : null);
     renderBars($("#exposure"), answer.exposure[state.prior] || {}, steered ? state.baseline.exposure[state.prior] : null);
-    renderHistory(answer);
+    renderHistory(state.baseline);
   } catch (e) {
     if (seq === state.seq) showError(e.message);
   }
@@ -145,11 +145,14 @@ function renderBars(box, shares, before) {
 }
 
 function renderHistory(answer) {
-  renderBars($("#profile"), (answer.profile || {})[state.prior] || {}, null);
+  // the model's p(group | history) as bars; the marks: the history's own mix of the groups
+  renderBars($("#profile"), (answer.profile || answer.history_mix || {})[state.prior] || {},
+             answer.profile ? (answer.history_mix || {})[state.prior] : null);
   const list = $("#history-list");
   list.replaceChildren();
   const items = (answer.history || []).slice().reverse();  // latest first
   for (const h of items) list.append(el("li", {}, el("span", { title: h.item }, h.title || h.item), " ", chips(h.groups)));
+  list.setAttribute("start", String(answer.history_length || items.length));
   $("#history-note").textContent = answer.history_length ? `${answer.history_length} items, latest first` : "";
 }
 
