@@ -4,6 +4,8 @@ ways a request can be wrong, on a tiny run trained in the fixture."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -216,3 +218,10 @@ def test_serve_refuses_a_busy_port_and_a_missing_run(served, cli):
 def test_readme_names_the_serve_extra():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "-e '.[serve]'" in readme and "mhr serve" in readme
+
+
+def test_cli_start_loads_no_web_stack_nor_torch():
+    code = ("import sys, mhr, mhr.cli; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
