@@ -3,6 +3,7 @@ ways a request can be wrong, on a tiny run trained in the fixture."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from tests.serving import call, free_port, start_server, stop_server, tiny_run  
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, one_thread):
     ds = tiny_run(tmp_path_factory.mktemp("serve") / "ws")
-    proc, url = start_server(ds, "heads", "--wait-ms", "30")
+    proc, url = start_server(ds, "heads", "--wait-ms", "10")
     yield ds, url
     stop_server(proc)
 
@@ -135,6 +136,7 @@ def test_user_and_item(served):
     ("POST", "/recommend", {"history": ["i1"], "unknown": "ignore"}, 422, "unknown"),
     ("POST", "/recommend", {"history": [{"id": 1}]}, 422, "history.0"),
     ("POST", "/recommend", {"history": ["i1"] * 10_001}, 413, "history"),
+    ("POST", "/recommend", {"history": ["i1"], "timestamps": [10**30]}, 422, "timestamps.0"),
     ("GET", "/recommend?user=u1&steer=item:Action", None, 422, "steer"),
     ("GET", "/recommend?user=u1&steer=item:Action=1.5", None, 422, "steer"),
     ("GET", "/recommend?user=u1&steer=item:Westerns=0.2", None, 422, "steer"),
@@ -149,6 +151,19 @@ def test_bad_requests_are_4xx_naming_the_field(served, method, path, body, statu
     code, answer = call(url, path, body if method == "POST" else None)
     assert (code, answer["field"]) == (status, field), answer
     assert answer["error"] and "Traceback" not in json.dumps(answer)
+
+
+def test_a_body_over_the_cap_is_refused_unread(served):
+    _, url = served
+    conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=30)
+    conn.putrequest("POST", "/recommend")
+    conn.putheader("content-type", "application/json")
+    conn.putheader("content-length", str(64 << 20))
+    conn.endheaders()  # no body sent: the answer must not wait for it
+    res = conn.getresponse()
+    answer = json.loads(res.read())
+    conn.close()
+    assert res.status == 413 and answer["field"] == "body" and "64" not in answer["hint"]
 
 
 def test_objectives_rank_as_the_recommender_does(served):

@@ -31,6 +31,7 @@ from mhr.errors import MhrError, NotFoundError
 from mhr.serve.work import RequestError, Service, Work, parse_objectives
 
 MAX_HISTORY = 10_000  # items in a POSTed history; longer is a 413 (the model reads only the last T anyway)
+MAX_BODY = 4 << 20  # bytes of a request body (a 10,000-item history of long ids fits); more is a 413 unread
 HISTORY_SHOWN = 50  # latest history items described in a /recommend answer
 STATIC = files("mhr.serve") / "static"
 
@@ -48,7 +49,8 @@ class HistoryRequest(BaseModel):
     """A raw history to rank after (oldest first), with the options of `GET /recommend`."""
 
     history: list[str | int] = Field(..., description=f"raw item ids, oldest first (at most {MAX_HISTORY})")
-    timestamps: list[int] | None = Field(None, description="seconds, one per item; left out: one second apart")
+    timestamps: list[Annotated[int, Field(ge=-(2**62), le=2**62)]] | None = Field(
+        None, description="seconds, one per item; left out: one second apart")
     user: str | None = Field(None, description="a raw user id: only selects the heads of user priors")
     k: int = Field(10, description="how many items")
     explain: bool = Field(True, description="name the head behind each item")
@@ -73,6 +75,16 @@ def create_app(service: Service) -> FastAPI:
                   "recommendations explained by the head behind each item, steerable by group.")
     _errors(app)
     _routes(app, service)
+
+    @app.middleware("http")
+    async def body_cap(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY:
+            return JSONResponse({"error": f"the request body holds {size} bytes, over the cap of {MAX_BODY}",
+                                 "field": "body", "hint": f"send at most {MAX_HISTORY} history items"},
+                                status_code=413)
+        return await call_next(request)
+
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     return app
 
