@@ -240,3 +240,29 @@ def test_cli_start_loads_no_web_stack_nor_torch():
             "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_unexpected_error_is_a_bare_500_and_the_batcher_goes_on(served, monkeypatch):
+    pytest.importorskip("httpx", reason="starlette's TestClient needs httpx")
+    from starlette.testclient import TestClient
+
+    from mhr.serve.app import create_app
+    from mhr.serve.work import Service
+
+    ds, _ = served
+    service = Service.create(Recommender.load(ds.root, ds.name, "heads"))
+    real, calls = service.rec.rank_encoded, {"n": 0}
+
+    def fails_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("/secret/path in a message")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service.rec, "rank_encoded", fails_once)
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        res = client.get("/recommend?user=u1&k=3")
+        assert res.status_code == 500 and res.json()["error"] == "internal error (RuntimeError)"
+        assert "secret" not in res.text and "Traceback" not in res.text
+        res = client.get("/recommend?user=u1&k=3")
+        assert res.status_code == 200 and len(res.json()["items"]) == 3
