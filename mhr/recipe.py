@@ -17,7 +17,10 @@ A recipe is a TOML file:
                oracle_group = ["PRIOR"] adds the labelled group-oracle evaluation of every run;
                diversity = [0.25, 0.5] adds re-ranked evaluations (the accuracy-diversity frontier);
                entropy_prior = "PRIOR" names the item prior H@K, diversity and the per-category
-               breakdown count over (default: the run's item prior, else one named "item")
+               breakdown count over (default: the run's item prior, else one named "item");
+               steer = ["PRIOR:GROUP=SHARE", ...], boost = ["PRIOR:GROUP=BETA", ...] add one
+               evaluation per entry, calibrate = "PRIOR" with calibrate_lambda = [0.2, 0.5, ...] one
+               per λ (the frontiers of `mhr report`)
 
 Every step calls the library function its command calls, and logs that command (`$ mhr …`, what a
 user copies to run the step alone). Each stage skips itself when its key is unchanged, so running a
@@ -248,7 +251,17 @@ def _train_step(dataset: Dataset, params: Any, windows: str, run_name: str, devi
 
 def _eval_step(dataset: Dataset, run_name: str, params: Any, device: str, force: bool, wait: float) -> Path:
     """`mhr eval RUN …`."""
-    from mhr.ranking.evaluate import EvalParams, evaluate
+    from mhr.ranking.evaluate import evaluate
+
+    command = eval_command(run_name, params)
+    command += (["--device", device] if device != "cpu" else []) + (["--force"] if force else [])
+    out, _, _ = _step(command, lambda: evaluate(dataset, run_name, params, force=force, device=device), wait)
+    return out
+
+
+def eval_command(run_name: str, params: Any) -> list[str]:
+    """`mhr eval RUN …` for `params` (an `EvalParams`): the flags of the fields that differ from their default."""
+    from mhr.ranking.evaluate import EvalParams
 
     command = ["eval", run_name]
     for f in dataclasses.fields(EvalParams):
@@ -256,13 +269,13 @@ def _eval_step(dataset: Dataset, run_name: str, params: Any, device: str, force:
         if value == f.default:
             continue
         flag = "--k" if f.name == "ks" else "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
+        if f.metadata.get("multiple"):  # a repeatable flag: --steer A --steer B
+            command += [part for v in value for part in (flag, v)]
+        elif isinstance(value, bool):
             command.append(flag)
         else:
             command += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-    command += (["--device", device] if device != "cpu" else []) + (["--force"] if force else [])
-    out, _, _ = _step(command, lambda: evaluate(dataset, run_name, params, force=force, device=device), wait)
-    return out
+    return command
 
 
 def _report_step(dataset: Dataset, runs: list[str], out: Path, split: str, fusion: str, title: str,
@@ -402,6 +415,17 @@ def _train_variants(path: Path, recipe: dict[str, Any], name: str, dataset: Data
     return run_names, chosen
 
 
+def _objective_extras(eval_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """[eval] steer = ["P:G=s", …] and boost = ["P:G=β", …]: one evaluation per entry; calibrate = "P"
+    (or a list) with calibrate_lambda = [λ, …]: one per prior and λ (the sweep `mhr report` plots)."""
+    out: list[dict[str, Any]] = [{"steer": (t,)} for t in _as_list(eval_cfg.get("steer", []))]
+    out += [{"boost": (t,)} for t in _as_list(eval_cfg.get("boost", []))]
+    lams = eval_cfg.get("calibrate_lambda", [0.5])
+    for prior in _as_list(eval_cfg.get("calibrate", [])):
+        out += [{"calibrate": prior, "calibrate_lambda": float(lam)} for lam in (lams if isinstance(lams, list) else [lams])]
+    return out
+
+
 def _evaluate_runs(recipe: dict[str, Any], dataset: Dataset, run_names: dict[tuple[str, int], str],
                    chosen: dict[str, dict[str, Any]], device: str, force: bool, wait: float) -> list[Path]:
     """Every run × split × fusion (+ the oracle and diversity extras the [eval] section asks for)."""
@@ -418,7 +442,7 @@ def _evaluate_runs(recipe: dict[str, Any], dataset: Dataset, run_names: dict[tup
             baseline = run_names[(baseline_variant, seed)]
         routed = bool(chosen[variant].get("router"))
         extras = [{}] + [{"oracle_group": g} for g in eval_cfg.get("oracle_group", [])] + [
-            {"diversity": float(lam)} for lam in eval_cfg.get("diversity", []) if lam]
+            {"diversity": float(lam)} for lam in eval_cfg.get("diversity", []) if lam] + _objective_extras(eval_cfg)
         for split in splits:
             for fusion in fusions:
                 if fusion == "router" and not routed:

@@ -22,6 +22,8 @@ from mhr.report_html import write_html
 from mhr.workspace import Dataset
 
 HEADLINE = ("ndcg@10", "recall@10", "ndcg@50", "recall@50")
+OBJECTIVES = ("steer", "boost", "calibrate")  # decoding-time objectives (`mhr.ranking.objectives`)
+RERANKED = ("diversity", *OBJECTIVES)  # evaluations of a changed ranking: never the variant's headline
 
 
 @dataclass
@@ -56,7 +58,7 @@ def _find_eval(run_dir: Path, split: str, fusion: str) -> dict[str, Any] | None:
             continue
         p = data.get("params", {})
         if data.get("split") == split and p.get("fusion") == fusion and not data.get("oracle") \
-                and not p.get("diversity"):
+                and not any(p.get(k) for k in RERANKED):
             best = data
     return best
 
@@ -84,7 +86,7 @@ def frontier_points(dataset: Dataset, groups: list[RunGroup], split: str = "test
             for ev in _evals(dataset.runs_dir / run, split):
                 p = ev.get("params", {})
                 ndcg, ent = _metric(ev, "ndcg@10"), _metric(ev, "H@10")
-                if ev.get("oracle") or ndcg is None or ent is None:
+                if ev.get("oracle") or ndcg is None or ent is None or any(p.get(k) for k in OBJECTIVES):
                     continue
                 # one point per run (evaluations differing only in, e.g., cut-offs agree here)
                 acc.setdefault((p.get("fusion", "max"), float(p.get("diversity", 0.0))), {})[run] = (ndcg, ent)
@@ -95,6 +97,67 @@ def frontier_points(dataset: Dataset, groups: list[RunGroup], split: str = "test
                 curves.setdefault(label, []).append(
                     (lam, float(np.mean([v[0] for v in vals])), float(np.mean([v[1] for v in vals]))))
     return {k: v for k, v in curves.items() if len(v) > 1}
+
+
+def objective_points(dataset: Dataset, groups: list[RunGroup], split: str = "test"
+                     ) -> dict[str, dict[str, list[tuple]]]:
+    """NDCG@10 against each objective's own metric along its sweep, averaged over a group's seeds:
+    {"steer" | "boost" | "calibrate": {curve: [(setting, NDCG@10, metric)]}} — steer: the group's share
+    of the top 10 per target share; boost: its share per β; calibrate: C_KL@10 per λ. One curve per
+    variant (and fusion) and steered/boosted group or calibrated prior; evaluations without objectives
+    are left out (their metric is not the objective's)."""
+    out: dict[str, dict[str, list[tuple]]] = {o: {} for o in OBJECTIVES}
+    for g in groups:
+        acc: dict[tuple, dict[str, tuple[float, float]]] = {}
+        for run in g.runs:
+            for ev in _evals(dataset.runs_dir / run, split):
+                p, ndcg = ev.get("params", {}), _metric(ev, "ndcg@10")
+                if ev.get("oracle") or ndcg is None or p.get("diversity"):
+                    continue
+                for kind, key, setting, x in _objective_cells(ev, p):
+                    acc.setdefault((kind, p.get("fusion", "max"), key, setting), {})[run] = (ndcg, x)
+        for (kind, fusion, key, setting), by_run in sorted(acc.items()):
+            if len(by_run) == len(g.runs):
+                label = (g.label if fusion == "max" else f"{g.label} · {fusion}") + f" · {key}"
+                vals = list(by_run.values())
+                out[kind].setdefault(label, []).append(
+                    (setting, float(np.mean([v[0] for v in vals])), float(np.mean([v[1] for v in vals]))))
+    return {o: {k: v for k, v in c.items() if len(v) > 1} for o, c in out.items() if any(len(v) > 1 for v in c.values())}
+
+
+def _objective_cells(ev: dict[str, Any], p: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """(objective, curve key, setting, metric at 10) of one evaluation with one objective."""
+    cells = []
+    for kind in ("steer", "boost"):
+        for text, at in (ev.get(kind) or {}).items() if len(p.get(kind) or []) == 1 else ():
+            if "@10" in at:
+                key, value = text.rsplit("=", 1)
+                cells.append((kind, key, float(value), at["@10"]["share"]))
+    if p.get("calibrate") and not p.get("steer") and (ev.get("c_kl") or {}).get("@10") is not None:
+        cells.append(("calibrate", p["calibrate"], float(p.get("calibrate_lambda", 0.5)), ev["c_kl"]["@10"]))
+    return cells if len(cells) == 1 else []
+
+
+def plot_objectives(curves: dict[str, dict[str, list[tuple]]], path: Path) -> bool:
+    """One panel per objective: NDCG@10 against its metric along the sweep, one curve per variant."""
+    if not curves:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), squeeze=False)
+    xlabel = {"steer": "group's share of the top 10 (labels: target share)",
+              "boost": "group's share of the top 10 (labels: β)", "calibrate": "C_KL@10 (labels: λ)"}
+    for ax, (kind, by_label) in zip(axes[0], curves.items(), strict=True):
+        for label, pts in by_label.items():
+            pts = sorted(pts)
+            ax.plot([q[2] for q in pts], [100 * q[1] for q in pts], marker="o", label=label)
+            for setting, ndcg, x in pts:
+                ax.annotate(f"{setting:g}", (x, 100 * ndcg), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel[kind])
+        ax.set_ylabel("NDCG@10 (%)")
+        ax.set_title(f"What --{kind} costs")
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
 
 
 def _save(fig, path: Path) -> None:
@@ -342,6 +405,10 @@ def build_report(dataset: Dataset, runs: list[str], out: Path, split: str = "tes
     if plot_frontier(curves, out / "frontier.png"):
         (out / "frontier.json").write_text(json.dumps(curves, indent=1))
         figures.append(("Accuracy-diversity frontier: NDCG@10 vs H@10 under greedy re-ranking", "frontier.png"))
+    objective_curves = objective_points(dataset, groups, split)
+    if plot_objectives(objective_curves, out / "objectives.png"):
+        (out / "objectives.json").write_text(json.dumps(objective_curves, indent=1))
+        figures.append(("Decoding-time objectives: NDCG@10 against each objective's metric", "objectives.png"))
     multi = next((g.runs[0] for g in groups if len(g.params.get("priors") or []) > 0), groups[0].runs[0])
     if plot_projection(dataset, multi, out / "projection.png"):
         figures.append((f"One user's history, targets and top items by winning head ({multi})", "projection.png"))

@@ -177,3 +177,69 @@ def test_parsing_and_groups():
         Objectives(calibrate="g", calibrate_lambda=1.5).check()
     with pytest.raises(UsageError, match="--steer and --calibrate"):
         Objectives(steer=(Steer("g", "a", 0.1),), calibrate="g").check()
+
+
+def test_objective_metrics_on_hand_computed_lists():
+    from mhr.ranking.metrics import category_coverage, group_share, miscalibration, quota_met
+
+    groups = np.zeros((3, 7), dtype=bool)
+    groups[0, [1, 2]] = groups[1, [3, 4]] = groups[2, [5, 6]] = True
+    ranked = np.array([[1, 3, 2, 0], [5, 6, 1, 2]])
+    member = groups[0]
+    assert group_share(ranked, member, 4).tolist() == [0.5, 0.5]
+    assert group_share(ranked, member, 2).tolist() == [0.5, 0.0]
+    assert quota_met(ranked, member, 0.5, 2).tolist() == [True, False]  # needs ceil(0.5·2) = 1
+    assert quota_met(ranked, member, 0.3, 4).tolist() == [True, True]  # ceil(1.2) = 2
+    assert category_coverage(ranked, groups, 4).tolist() == pytest.approx([2 / 3, 2 / 3])
+    assert category_coverage(ranked[1], groups, 2) == pytest.approx(1 / 3)
+    # user 0: history {1, 3} -> p = (½, ½, 0); top 2 = {1, 3} -> q = p: C_KL = 0
+    # user 1: history {1} -> p = (1, 0, 0); top 2 = {5, 6} -> q = (0, 0, 1), q̃_0 = 0.01: log(1/0.01)
+    # user 2: no history: undefined
+    kl, defined = miscalibration(np.array([[1, 3], [5, 6], [1, 2]]), np.array([0, 2, 3, 3]),
+                                 np.array([1, 3, 1]), groups, 2)
+    assert defined.tolist() == [True, True, False]
+    assert kl[0] == pytest.approx(0.0) and kl[1] == pytest.approx(math.log(100))
+
+
+def test_report_objective_curves_along_a_sweep(tmp_path):
+    import json
+
+    from mhr.report import RunGroup, _find_eval, objective_points, plot_objectives
+    from mhr.workspace import Workspace
+
+    ds = Workspace(tmp_path).dataset("d")
+
+    def write(run, name, params, ndcg, **extra):
+        d = ds.runs_dir / run / "eval"
+        d.mkdir(parents=True, exist_ok=True)
+        ev = {"split": "test", "horizons": [4], "params": {"fusion": "max", **params},
+              "metrics": {"ndcg@10/h4": ndcg}, **extra}
+        (d / f"{name}.json").write_text(json.dumps(ev))
+
+    for run, shift in (("a-s0", 0.0), ("a-s1", 0.02)):
+        write(run, "plain", {}, 0.30 + shift)
+        for share, ndcg, got in ((0.0, 0.30, 0.05), (0.2, 0.28, 0.2), (0.4, 0.25, 0.4)):
+            write(run, f"s{share}", {"steer": [f"g:Kids={share:g}"]}, ndcg + shift,
+                  steer={f"g:Kids={share:g}": {"@10": {"share": got, "met": 1.0}}})
+        for lam, ndcg, kl in ((0.5, 0.29, 0.4), (0.9, 0.27, 0.2)):
+            write(run, f"c{lam}", {"calibrate": "g", "calibrate_lambda": lam}, ndcg + shift, c_kl={"@10": kl})
+    curves = objective_points(ds, [RunGroup("heads", {}, ["a-s0", "a-s1"])])
+    assert curves["steer"]["heads · g:Kids"] == [
+        (0.0, pytest.approx(0.31), pytest.approx(0.05)), (0.2, pytest.approx(0.29), pytest.approx(0.2)),
+        (0.4, pytest.approx(0.26), pytest.approx(0.4))]
+    assert [pt[0] for pt in curves["calibrate"]["heads · g"]] == [0.5, 0.9]
+    assert "boost" not in curves
+    assert _find_eval(ds.runs_dir / "a-s0", "test", "max")["metrics"]["ndcg@10/h4"] == 0.30  # the plain one
+    assert plot_objectives(curves, tmp_path / "o.png") and (tmp_path / "o.png").stat().st_size > 0
+
+
+def test_recipe_eval_section_sweeps_objectives_and_logs_repeatable_flags():
+    from mhr.ranking.evaluate import EvalParams
+    from mhr.recipe import _objective_extras, eval_command
+
+    extras = _objective_extras({"steer": ["g:A=0", "g:A=0.2"], "boost": "g:B=1", "calibrate": "g",
+                                "calibrate_lambda": [0.3, 0.9], "diversity": [0.5]})
+    assert extras == [{"steer": ("g:A=0",)}, {"steer": ("g:A=0.2",)}, {"boost": ("g:B=1",)},
+                      {"calibrate": "g", "calibrate_lambda": 0.3}, {"calibrate": "g", "calibrate_lambda": 0.9}]
+    params = EvalParams(ks=(10,), steer=("g:A=0.2", "h:B=0.1"), calibrate_lambda=0.5)
+    assert eval_command("r", params) == ["eval", "r", "--k", "10", "--steer", "g:A=0.2", "--steer", "h:B=0.1"]

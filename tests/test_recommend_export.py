@@ -85,7 +85,7 @@ def test_export_all_equals_single_user_lists(trained, cli, tmp_path):
         assert [r["item"] for r in mine] == [w["raw_id"] for w in want]  # raw ids round-trip
         assert [r["head"] for r in mine] == [w["head"] for w in want]
         assert [r["score"] for r in mine] == pytest.approx([w["score"] for w in want], abs=1e-5)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["recs.parquet"]  # no temp left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == ["recs.parquet", "recs.profile.parquet"]  # no temp left
 
 
 def test_export_subset_fused_without_explain(trained, tmp_path):

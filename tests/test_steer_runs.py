@@ -3,7 +3,11 @@ steering meets quotas, the interest profile, the API and the CLI flags (`mhr eva
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -13,11 +17,12 @@ from mhr.ranking.decode import interest_profile, profile_priors, rank_objectives
 from mhr.ranking.fusion import fuse_dense
 from mhr.ranking.inference import history_mask, iter_queries
 from mhr.ranking.objectives import Boost, Objectives, Steer, item_distribution
+from mhr.ranking.recommend import profile_path
 from mhr.store import connect
 from mhr.training.train import TrainParams, load_run, train
 from mhr.windows import build_windows
-from tests.helpers import _prior_row, make_dataset
-from tests.test_recommend_export import TINY
+from tests.helpers import GENRES, _prior_row, make_dataset
+from tests.test_recommend_export import TINY, in_process
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +130,84 @@ def test_api_objectives_and_profile(runs):
         rec.recommend(hist, objectives=Objectives(steer=(Steer("item", "Horror", 0.2),)))
     with pytest.raises(UsageError, match="--boost: prior 'temporal' is a temporal prior"):
         rec.recommend(hist, objectives=Objectives(boost=(Boost("temporal", "ST", 1.0),)))
+
+
+def _eval(ds, *args):
+    code, out, err = in_process(ds, "eval", *args, "--k", "5,10", "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("name", ["base", "heads"])
+def test_eval_cli_steer_and_calibrate(runs, name):
+    plain = _eval(runs, name)
+    steered = _eval(runs, name, "--steer", "genre1:Action=0.5")
+    cell = steered["steer"]["genre1:Action=0.5"]["@10"]
+    assert cell["share"] >= 0.45 and cell["met"] > plain.get("met", 0)
+    assert "steer" not in plain and "steer" in steered["params"] and "steer" not in plain["params"]
+    calibrated = _eval(runs, name, "--calibrate", "genre1", "--calibrate-lambda", "0.99")
+    assert calibrated["c_kl"]["prior"] == "genre1" and plain["c_kl"]["prior"] == "item"
+    base_kl = _eval(runs, name, "--entropy-prior", "genre1")["c_kl"]["@10"]
+    assert calibrated["c_kl"]["@10"] < base_kl
+    boosted = _eval(runs, name, "--boost", "item:Drama=5")
+    assert boosted["metrics"] != plain["metrics"]
+    assert 0 < plain["category_coverage"]["@10"] <= 1
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--steer", "nope:Action=0.2"], "--steer"),
+    (["--steer", "item:Horror=0.2"], "--steer"),
+    (["--steer", "item:Action=1.5"], "--steer"),
+    (["--steer", "item:Action=nan"], "--steer"),
+    (["--boost", "item:Action=inf"], "--boost"),
+    (["--boost", "temporal:ST=1"], "--boost"),
+    (["--calibrate", "user"], "--calibrate"),
+    (["--calibrate", "item", "--calibrate-lambda", "2"], "--calibrate-lambda"),
+])
+@pytest.mark.parametrize("command", ["eval", "recommend"])
+def test_bad_objective_flags_exit_2_naming_the_flag(runs, args, flag, command):
+    target = ["--user", "u1"] if command == "recommend" else []
+    code, _, err = in_process(runs, command, "heads", *target, *args)
+    assert code == 2 and flag in err, err
+
+
+def test_recommend_explain_shows_the_profile_and_export_writes_it(runs, tmp_path):
+    code, out, err = in_process(runs, "recommend", "heads", "--user", "u1", "--explain", "--steer", "item:Drama=0.5")
+    assert code == 0, err
+    assert re.search(r"item: (Action|Comedy|Drama) · \d+%.* of your predicted interest", err), err
+    code, out, err = in_process(runs, "recommend", "heads", "--user", "u1", "--explain", "--json")
+    info = json.loads(out)
+    assert set(info["profile"]["item"]) == set(GENRES) and info["profile"]["item"]
+    dest = tmp_path / "recs.parquet"
+    code, _, err = in_process(runs, "recommend", "base", "--all", "--out", str(dest), "--explain", "--top", "4",
+                              "--steer", "genre1:Comedy=0.5")
+    assert code == 0, err
+    prof = pq.read_table(profile_path(dest)).to_pylist()
+    by_user = {}
+    for r in prof:
+        if r["prior"] == "genre1":
+            by_user[r["user"]] = by_user.get(r["user"], 0.0) + r["p"]
+    assert len(by_user) == 40 and all(abs(v - 1) < 1e-4 for v in by_user.values())
+    recs = pq.read_table(dest).to_pylist()
+    assert json.loads(pq.read_schema(dest).metadata[b"mhr"])["objectives"]["steer"] == ["genre1:Comedy=0.5"]
+    assert len(recs) == 40 * 4
+
+
+def test_router_run_profile_is_the_routers_group_mass_and_boosts_shift_its_offsets(runs):
+    train(runs, TrainParams(priors=("item",), router=True, **TINY), name="routed", show_progress=False)
+    run = load_run(runs, "routed")
+    split = run.windows.read_split("test")
+    spec = profile_priors(run, runs, ["item"])[0]
+    prof = interest_profile(run, split, {"fusion": "router"}, [spec])["item"]
+    _, _, _, log_p = next(iter_queries(run.model, run.compat, split, route=True))
+    p = log_p.exp().detach().numpy()
+    for g, name in enumerate(spec.group_names):
+        heads = [k for k, n in enumerate(run.layout.names) if n == name]
+        assert np.allclose(prof[: len(p), g], p[:, heads].sum(1), atol=1e-6)
+    resolved = resolve(Objectives(boost=(Boost("item", "Drama", 4.0),)), run, runs)
+    plain = rank_objectives(run, split, 8, {"fusion": "router"}, None)
+    boosted = rank_objectives(run, split, 8, {"fusion": "router"}, resolved)
+    drama = spec.item_groups[2]
+    assert drama[boosted.items].sum() > drama[plain.items].sum()
+    code, out, err = in_process(runs, "eval", "routed", "--fusion", "router", "--calibrate", "item", "--json")
+    assert code == 0 and json.loads(out)["c_kl"]["prior"] == "item", err

@@ -89,7 +89,9 @@ def dataclass_options(cls: type) -> list[inspect.Parameter]:
     for f in dataclasses.fields(cls):
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
         annotation, default = hints[f.name], f.default
-        if meta["parse"]:
+        if meta.get("multiple"):
+            annotation, default = list[str], None
+        elif meta["parse"]:
             annotation, default = str, meta["show"](f.default)
         elif annotation is bool:
             flag = f"{flag}/--no-{flag[2:]}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.table import Table
 
-from mhr.cli.common import context, parse_list, run_name
+from mhr.cli.common import context, dataclass_options, from_options, run_name, with_options
 from mhr.console import emit, emit_json, err
 
 
@@ -90,6 +92,7 @@ def print_eval(result: dict) -> None:
         cells = [(n, g["item_share"], g["metrics"].get(f"ndcg@10/h{hs[-1]}")) for n, g in tg["groups"].items()]
         extra.append(f"N@10 by the first target's {tg['prior']} group (share of items): " + ", ".join(
             f"{n} ({100 * share:.0f}%) {100 * v:.2f}" for n, share, v in cells if v is not None))
+    extra += _objective_lines(result)
     if "head_usage@10" in result and len(result["head_usage@10"]) > 1:
         top = sorted(result["head_usage@10"].items(), key=lambda kv: -kv[1])[:6]
         extra.append("heads winning top-10: " + ", ".join(f"{n} {100 * v:.0f}%" for n, v in top))
@@ -97,56 +100,54 @@ def print_eval(result: dict) -> None:
         err.print(line)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("eval")
-    def eval_cmd(
-        ctx: typer.Context,
-        run: str = typer.Argument(None, help="Run name or run:<name> (default: the current run, the last `mhr train` finished)."),
-        fusion: str = typer.Option(
-            "max", help="How eligible heads' scores fuse: max (explainable), avg, learned (per-head "
-            "calibration fitted on the valid split), invvar (inverse-variance weights from the valid split) or "
-            "router (max over heads of log p(k | h) + log p(i | k, h); runs trained with --router)."),
-        k: str = typer.Option("5,10,50,200", "--k", help="Cut-offs K."),
-        horizons: str = typer.Option(
-            "", help="Horizons to score, e.g. 1,4,8: the first h held-out targets, h ≤ H (default 1, τ/2, τ; "
-            "and H for windows built with --holdout H)."),
-        split: str = typer.Option("test", help="valid or test."),
-        keep_history: bool = typer.Option(False, "--keep-history", help="Do not exclude already-seen items."),
-        oracle_event: bool = typer.Option(False, "--oracle-event",
-                                          help="DIAGNOSTIC ORACLE: mask heads with the true next event type."),
-        oracle_group: str = typer.Option(
-            None, help="DIAGNOSTIC ORACLE: rank only items sharing a group of this item/graph prior with the "
-            "user's first target (for a head run: routing to the target's heads; for a plain backbone: its "
-            "fair control)."),
-        baseline: str = typer.Option(None, help="Baseline run for the new-interest boost."),
-        entropy_prior: str = typer.Option(None, help="Item prior whose categories H@K counts (default: item)."),
-        diversity: float = typer.Option(
-            0.0, help="λ of ComiRec's greedy category-diversity re-ranking over the top 2K fused items "
-            "(categories of --entropy-prior; 0 = plain ranking)."),
-        sample_users: int = typer.Option(
-            None, help="Score a seeded sample of this many users of the split (the same users for every run "
-            "on these windows, so runs stay paired); default: every user. For quick looks at big logs."),
-        device: str = typer.Option("cpu", help="cpu or cuda."),
-        as_json: bool = typer.Option(False, "--json", help="Print the result JSON on stdout."),
-        force: bool = typer.Option(False, help="Recompute even if cached."),
-    ) -> None:
-        """Rank the full catalogue for every user and score Recall/NDCG@K, H@K, new-interest, groups, heads."""
-        from mhr.ranking.evaluate import EvalParams, evaluate
+def eval_cmd(
+    ctx: typer.Context,
+    run: str = typer.Argument(None, help="Run name or run:<name> (default: the current run, the last `mhr train` "
+                              "finished)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result JSON on stdout."),
+    force: bool = typer.Option(False, help="Recompute even if cached."),
+    **options: Any,
+) -> None:
+    """Rank the full catalogue for every user and score Recall/NDCG@K, H@K, C_KL@K, new-interest, groups, heads.
 
-        c = context(ctx)
-        ds = c.dataset()
-        name = run_name(run) or latest_run(ds)
-        params = EvalParams(
-            fusion=fusion, ks=tuple(parse_list(k, int)), horizons=tuple(parse_list(horizons, int)),
-            split=split, keep_history=keep_history, oracle_event=oracle_event,
-            baseline=run_name(baseline), entropy_prior=entropy_prior, diversity=diversity,
-            oracle_group=oracle_group, sample_users=sample_users,
-        )
-        path, result, cached = evaluate(ds, name, params, force=force, device=device)
-        if cached:
-            err.print(f"cached: {path}")
-        print_eval(result)
-        if as_json:
-            emit_json(result)
-        else:
-            emit(str(path))
+    Example: mhr eval RUN --steer "genre6:Children's=0.2" --json
+
+    Example: mhr eval RUN --calibrate genre6 --calibrate-lambda 0.5
+    """
+    from mhr.ranking.evaluate import EvalParams, evaluate
+
+    c = context(ctx)
+    ds = c.dataset()
+    name = run_name(run) or latest_run(ds)
+    params = from_options(EvalParams, options)
+    path, result, cached = evaluate(ds, name, params, force=force, device=device)
+    if cached:
+        err.print(f"cached: {path}")
+    print_eval(result)
+    if as_json:
+        emit_json(result)
+    else:
+        emit(str(path))
+
+
+def _objective_lines(result: dict) -> list[str]:
+    """C_KL, category coverage and each steered group's exposure at K = 10 (else the smallest K)."""
+    k = 10 if 10 in result["ks"] else result["ks"][0]
+    lines = []
+    if result.get("c_kl", {}).get(f"@{k}") is not None:
+        line = f"C_KL@{k} over {result['c_kl']['prior']} {result['c_kl'][f'@{k}']:.4f}"
+        if "category_coverage" in result:
+            line += f"; category coverage@{k} {100 * result['category_coverage'][f'@{k}']:.1f}%"
+        lines.append(line)
+    for text, at in result.get("steer", {}).items():
+        cell = at[f"@{k}"]
+        lines.append(f"steer {text}: share@{k} {100 * cell['share']:.1f}%, quota met for {100 * cell['met']:.1f}% "
+                     "of users")
+    return lines
+
+
+def register(app: typer.Typer) -> None:
+    from mhr.ranking.evaluate import EvalParams
+
+    app.command("eval")(with_options(eval_cmd, dataclass_options(EvalParams)))

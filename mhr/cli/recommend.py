@@ -12,6 +12,31 @@ from mhr.cli.common import context, run_name
 from mhr.console import emit, err
 
 
+def _help(name: str) -> str:
+    """The help text `mhr eval` declares for an objective (`EvalParams`), so both commands say the same."""
+    import dataclasses
+
+    from mhr.ranking.evaluate import EvalParams
+
+    return next(f.metadata["help"] for f in dataclasses.fields(EvalParams) if f.name == name)
+
+
+def objectives_from(steer: list[str] | None, boost: list[str] | None, calibrate: str | None, lam: float):
+    from mhr.ranking.objectives import Objectives, parse_boost, parse_steer
+
+    objectives = Objectives(tuple(parse_steer(t) for t in steer or ()), tuple(parse_boost(t) for t in boost or ()),
+                            calibrate, lam)
+    objectives.check()
+    return objectives
+
+
+def print_profile(profile: dict[str, dict[str, float]], top: int = 3) -> None:
+    """"Comedy · 34% of your predicted interest", the largest groups of each prior."""
+    for prior, groups in profile.items():
+        cells = [f"{g} · {100 * p:.0f}%" for g, p in list(groups.items())[:top]]
+        err.print(f"{prior}: " + ", ".join(cells) + " of your predicted interest")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("recommend")
     def recommend_cmd(
@@ -34,6 +59,11 @@ def register(app: typer.Typer) -> None:
             "heads were fused (1 = it alone scored the item)."),
         keep_history: bool = typer.Option(False, "--keep-history", help="Allow already-seen items."),
         as_json: bool = typer.Option(False, "--json", help="JSON on stdout."),
+        steer: list[str] = typer.Option(None, "--steer", help=_help("steer"), rich_help_panel="Objectives"),
+        boost: list[str] = typer.Option(None, "--boost", help=_help("boost"), rich_help_panel="Objectives"),
+        calibrate: str = typer.Option(None, "--calibrate", help=_help("calibrate"), rich_help_panel="Objectives"),
+        calibrate_lambda: float = typer.Option(0.5, "--calibrate-lambda", help=_help("calibrate_lambda"),
+                                               rich_help_panel="Objectives"),
     ) -> None:
         """Top items for one user, with the head behind each (the winner under max fusion); or for every
         user to a Parquet file.
@@ -41,6 +71,11 @@ def register(app: typer.Typer) -> None:
         Example: mhr recommend hstu1-genre6-s0 --user 42 --fusion learned --explain
 
         Example: mhr recommend hstu1-genre6-s0 --all --out recs.parquet --top 20 --explain
+
+        Example: mhr recommend hstu1-genre6-s0 --user 42 --steer "genre6:Children's=0.2" --explain
+
+        With --explain the user's interest profile is shown too (p(group | history) per item prior); with
+        --all --explain it goes to FILE.profile.parquet (user, prior, group, p) beside the export.
         """
         from mhr.errors import UsageError
         from mhr.ranking.recommend import as_json as rec_json
@@ -54,15 +89,18 @@ def register(app: typer.Typer) -> None:
         if all_users and (out is None or as_json):
             raise UsageError("--all writes a Parquet file: give --out FILE (and no --json)",
                              hint="mhr recommend RUN --all --out recs.parquet")
+        objectives = objectives_from(steer, boost, calibrate, calibrate_lambda)
         c = context(ctx)
         ds = c.dataset()
         wanted = read_user_file(users_file) if users_file is not None else None
         loaded = load_run(ds, run_name(run))
         if all_users:
-            summary = export_recommendations(loaded, ds, out, top, fusion, explain, not keep_history, wanted)
+            summary = export_recommendations(loaded, ds, out, top, fusion, explain, not keep_history, wanted,
+                                             objectives=objectives)
             emit(str(summary.path))
             return
-        recs, info = recommend(loaded, ds, user, top, fusion, not keep_history)
+        recs, info = recommend(loaded, ds, user, top, fusion, not keep_history, objectives=objectives,
+                               profile=explain)
         if as_json:
             typer.echo(rec_json(recs, info))
             return
@@ -88,6 +126,8 @@ def register(app: typer.Typer) -> None:
                     row.append("—" if r.route_p is None else f"{r.route_p:.3f}")
             table.add_row(*row)
         err.print(table)
+        if explain and info.get("profile"):
+            print_profile(info["profile"])
         for r in recs:
             if not explain:
                 emit(r.raw_id)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,18 +37,25 @@ from mhr.cache import canonical_json, stage_key
 from mhr.errors import UsageError
 from mhr.priors.spec import PriorSpec
 from mhr.ranking import fusion as fusion_mod
+from mhr.ranking.decode import item_prior, rank_objectives, resolve
 from mhr.ranking.diversity import greedy_diverse
 from mhr.ranking.fusion import FITTED, FUSIONS, FusionFit
-from mhr.ranking.inference import Ranking, history_mask, iter_queries, rank_split
+from mhr.ranking.inference import Ranking, history_mask, iter_queries
 from mhr.ranking.metrics import (
+    category_coverage,
     coverage,
     entropy_at_k,
+    group_share,
     has_targets,
     masked_mean,
+    miscalibration,
     ndcg_at_k,
     new_interest_mask,
+    quota_met,
     recall_at_k,
 )
+from mhr.ranking.objectives import Objectives, parse_boost, parse_steer, resolve_group
+from mhr.training.params import option, split_names
 from mhr.training.train import LoadedRun, load_run
 from mhr.windows import sample_rows, subset_split
 from mhr.workspace import Dataset
@@ -55,19 +63,87 @@ from mhr.workspace import Dataset
 EVAL_FORMAT = 2
 
 
+def _ints(flag: str) -> Callable[[str], tuple[int, ...]]:
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in split_names(str(text)))
+        except ValueError:
+            raise UsageError(f"{flag} {text!r} is not a comma-separated list of integers",
+                             hint="e.g. 5,10,50") from None
+    return parse
+
+
+def _show_ints(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
+
+
+def _run_ref(text: str | None) -> str | None:
+    return text.removeprefix("run:") if text else None
+
+
+def _texts(parse_one: Callable[[str], Any]) -> Callable[[list[str] | None], tuple[str, ...]]:
+    """A repeatable objective flag's texts, each checked and written canonically (`Steer.text`)."""
+    return lambda values: tuple(parse_one(v).text() for v in (values or ()))
+
+
+def _join(values: tuple[str, ...]) -> str:
+    return " ".join(values)
+
+
+_RANK, _OBJ, _DIAG = "Ranking", "Objectives (decoding time; any run)", "Diagnostics"
+
+
 @dataclass(frozen=True)
 class EvalParams:
-    fusion: str = "max"
-    ks: tuple[int, ...] = (5, 10, 50, 200)
-    horizons: tuple[int, ...] = ()  # () = 1, τ/2, τ
-    split: str = "test"
-    keep_history: bool = False
-    oracle_event: bool = False
-    baseline: str | None = None
-    entropy_prior: str | None = None  # item-kind prior whose categories H@K counts; default: first item prior
-    diversity: float = 0.0  # λ of ComiRec's greedy category-diversity re-ranking (0 = off)
-    oracle_group: str | None = None  # ORACLE: rank only inside the first target's group(s) of this prior
-    sample_users: int | None = None  # score a seeded sample of this many users of the split (None = all)
+    """Every `mhr eval` option, declared once (`mhr.training.params.option`): the CLI's flags and
+    `mhr run`'s logged commands are generated from these fields."""
+
+    fusion: str = option(
+        "max", "How eligible heads' scores fuse: max (explainable), avg, learned (per-head calibration fitted on "
+        "the valid split), invvar (inverse-variance weights from the valid split) or router (max over heads of "
+        "log p(k | h) + log p(i | k, h); runs trained with --router).", panel=_RANK)
+    ks: tuple[int, ...] = option((5, 10, 50, 200), "Cut-offs K.", aliases=("--k",), panel=_RANK,
+                                 parse=_ints("--k"), show=_show_ints)
+    horizons: tuple[int, ...] = option(  # () = 1, τ/2, τ
+        (), "Horizons to score, e.g. 1,4,8: the first h held-out targets, h ≤ H (default 1, τ/2, τ; and H for "
+        "windows built with --holdout H).", panel=_RANK, parse=_ints("--horizons"), show=_show_ints)
+    split: str = option("test", "valid or test.", panel=_RANK)
+    keep_history: bool = option(False, "Do not exclude already-seen items.", panel=_RANK)
+    oracle_event: bool = option(False, "DIAGNOSTIC ORACLE: mask heads with the true next event type.", panel=_DIAG)
+    baseline: str | None = option(None, "Baseline run for the new-interest boost.", panel=_DIAG,
+                                  parse=_run_ref, show=lambda v: v)
+    entropy_prior: str | None = option(  # default: the run's first item prior, else one named "item"
+        None, "Item prior whose categories H@K, C_KL@K, category coverage and --diversity count (default: the "
+        "run's item prior, else 'item').", panel=_RANK)
+    diversity: float = option(
+        0.0, "λ of ComiRec's greedy category-diversity re-ranking over the top 2K fused items (categories of "
+        "--entropy-prior; 0 = plain ranking).", panel=_OBJ)
+    oracle_group: str | None = option(
+        None, "DIAGNOSTIC ORACLE: rank only items sharing a group of this item/graph prior with the user's first "
+        "target (for a head run: routing to the target's heads; for a plain backbone: its fair control).",
+        panel=_DIAG)
+    sample_users: int | None = option(
+        None, "Score a seeded sample of this many users of the split (the same users for every run on these "
+        "windows, so runs stay paired); default: every user. For quick looks at big logs.", panel=_RANK)
+    steer: tuple[str, ...] = option(
+        (), "PRIOR:GROUP=SHARE (repeatable): every prefix of K items of each list holds ≥ ceil(SHARE·K) items of "
+        "GROUP (a group of an item/graph prior, by name or id as `mhr priors show` lists it) where the user's "
+        "candidates allow; exact for one quota, greedy for several.", panel=_OBJ, multiple=True,
+        parse=_texts(parse_steer), show=_join)
+    boost: tuple[str, ...] = option(
+        (), "PRIOR:GROUP=BETA (repeatable): BETA added to the scores of the heads over GROUP before fusion (a "
+        "head run over PRIOR), else to GROUP's items' fused scores.", panel=_OBJ, multiple=True,
+        parse=_texts(parse_boost), show=_join)
+    calibrate: str | None = option(
+        None, "Item/graph prior: Steck's greedy calibrated re-ranking of the top 10·K towards the user's history "
+        "distribution over its groups.", panel=_OBJ)
+    calibrate_lambda: float = option(0.5, "λ of --calibrate: (1-λ)·Σ p(i) − λ·KL(p‖q̃) (0 = plain ranking).",
+                                     panel=_OBJ)
+
+    def objectives(self) -> Objectives:
+        return Objectives(steer=tuple(parse_steer(t) for t in self.steer),
+                          boost=tuple(parse_boost(t) for t in self.boost),
+                          calibrate=self.calibrate, calibrate_lambda=self.calibrate_lambda)
 
     def check(self) -> None:
         if self.fusion not in FUSIONS:
@@ -85,6 +161,10 @@ class EvalParams:
             raise UsageError("--diversity must be >= 0", hint="0 is the plain ranking; ComiRec used 0..1")
         if self.sample_users is not None and self.sample_users < 1:
             raise UsageError("--sample-users must be ≥ 1", hint="leave it out to score every user of the split")
+        objectives = self.objectives()
+        objectives.check()
+        if self.diversity and objectives.reranks:
+            raise UsageError("--diversity and --steer/--calibrate are re-rankings of one list", hint="use one")
 
 
 def _horizons(params: EvalParams, tau: int, holdout: int | None = None) -> list[int]:
@@ -219,6 +299,61 @@ def _fusion_args(fusion: str, fit: FusionFit | None) -> dict[str, Any]:
     return fusion_mod.scoring_args(fusion, fit)
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """What every ranking of one evaluation shares: the (sampled) split, cut-offs, oracles, categories."""
+
+    split: dict[str, np.ndarray]
+    n_split: int
+    hs: list[int]
+    ks: list[int]
+    n_items: int
+    cat: PriorSpec | None
+    user_mask: torch.Tensor | None
+    allowed: Any
+
+    @property
+    def kmax(self) -> int:
+        return max(self.ks)
+
+
+def _setup(run: LoadedRun, dataset: Dataset, params: EvalParams) -> _Setup:
+    tau = int(run.windows.params["horizon"])
+    hs = _horizons(params, tau, run.windows.holdout)
+    split = run.windows.read_split(params.split)
+    n_split = len(split["user"])
+    if params.sample_users is not None and params.sample_users < n_split:
+        split = subset_split(split, _subsample(n_split, params.sample_users))
+    user_mask = _oracle_event_mask(run, split) if params.oracle_event else None
+    allowed = _oracle_group_items(run, dataset, params.oracle_group, split) if params.oracle_group else None
+    cat = _category_prior(run, dataset, params.entropy_prior)
+    if params.diversity and cat is None:
+        raise UsageError("--diversity needs item categories: no item prior in the run or the store",
+                         hint="build one (`mhr priors build --kind item`) or name it with --entropy-prior")
+    return _Setup(split, n_split, hs, sorted(set(params.ks)), int(run.compat.omega.shape[1] - 1), cat,
+                  user_mask, allowed)
+
+
+def _ranker(st: _Setup, params: EvalParams, dataset: Dataset, device: str):
+    """`ranked(run, fit, heads) -> Ranking`: the top max(K) of a run under the evaluation's fusion,
+    objectives (`mhr.ranking.decode.rank_objectives`, resolved per run) and diversity re-ranking."""
+    objectives = params.objectives()
+
+    def ranked(r: LoadedRun, f: FusionFit | None, heads: torch.Tensor | None = None) -> Ranking:
+        resolved = resolve(objectives, r, dataset) if objectives.active else None
+        n_cand = min(st.n_items, 2 * st.kmax) if params.diversity else st.kmax
+        out = rank_objectives(r, st.split, n_cand, _fusion_args(params.fusion, f), resolved,
+                              exclude_history=not params.keep_history, device=device, user_heads=heads,
+                              allowed_items=st.allowed)
+        if not params.diversity:
+            return out
+        pick = greedy_diverse(out.items, out.scores, st.cat.item_groups, st.kmax, params.diversity)
+        take = lambda a: np.take_along_axis(a, pick, axis=1)  # noqa: E731
+        return Ranking(take(out.items), take(out.scores), take(out.winners))
+
+    return ranked
+
+
 def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
                  baseline: LoadedRun | None = None, device: str = "cpu",
                  fit: FusionFit | None = None, baseline_fit: FusionFit | None = None) -> dict[str, Any]:
@@ -227,37 +362,12 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
     A fitted fusion (learned, invvar) uses `fit` / `baseline_fit` when given (cached by `evaluate`),
     else fits on the validation split here."""
     params.check()
-    tau = int(run.windows.params["horizon"])
-    hs = _horizons(params, tau, run.windows.holdout)
-    ks = sorted(set(params.ks))
-    kmax = max(ks)
     if params.fusion in FITTED and fit is None:
         fit = fit_fusion(run, params.fusion, device=device)
-    split = run.windows.read_split(params.split)
-    n_split = len(split["user"])
-    if params.sample_users is not None and params.sample_users < n_split:
-        split = subset_split(split, _subsample(n_split, params.sample_users))
-    targets = split["targets"]
-    user_mask = _oracle_event_mask(run, split) if params.oracle_event else None
-    allowed = _oracle_group_items(run, dataset, params.oracle_group, split) if params.oracle_group else None
-    n_items = int(run.compat.omega.shape[1] - 1)
-    cat = _category_prior(run, dataset, params.entropy_prior)
-    if params.diversity and cat is None:
-        raise UsageError("--diversity needs item categories: no item prior in the run or the store",
-                         hint="build one (`mhr priors build --kind item`) or name it with --entropy-prior")
-
-    def ranked(r: LoadedRun, f: FusionFit | None, heads: torch.Tensor | None = None) -> Ranking:
-        n_cand = min(n_items, 2 * kmax) if params.diversity else kmax
-        out = rank_split(r.model, r.compat, split, k=n_cand, exclude_history=not params.keep_history,
-                         device=device, user_heads=heads, allowed_items=allowed,
-                         **_fusion_args(params.fusion, f))
-        if not params.diversity:
-            return out
-        pick = greedy_diverse(out.items, out.scores, cat.item_groups, kmax, params.diversity)
-        take = lambda a: np.take_along_axis(a, pick, axis=1)  # noqa: E731
-        return Ranking(take(out.items), take(out.scores), take(out.winners))
-
-    ranking = ranked(run, fit, user_mask)
+    st = _setup(run, dataset, params)
+    ranked = _ranker(st, params, dataset, device)
+    ranking = ranked(run, fit, st.user_mask)
+    targets, ks, hs = st.split["targets"], st.ks, st.hs
     result: dict[str, Any] = {
         "format": EVAL_FORMAT,
         "run": run.name,
@@ -265,49 +375,96 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
         "split": params.split,
         "params": _jsonable(params),
         "oracle": bool(params.oracle_event or params.oracle_group),
-        "split_users": n_split,
-        "scored_users": int(len(split["user"])),
+        "split_users": st.n_split,
+        "scored_users": int(len(st.split["user"])),
         "horizons": hs,
         "ks": ks,
         "metrics": _metrics(ranking, targets, ks, hs),
-        "coverage": {f"@{k}": float(coverage(ranking.items, n_items, k)) for k in ks},
+        "coverage": {f"@{k}": float(coverage(ranking.items, st.n_items, k)) for k in ks},
         "heads": list(run.layout.names),
     }
     if fit is not None:
         result["fusion"] = {**fit.as_json(), "fitted_on": "valid", "in_sample": params.split == "valid"}
-    result["cold"] = _cold(run, ranking, targets, ks, hs, n_items)
-    if cat is not None:
-        groups = cat.item_groups
-        result["entropy"] = {
-            "prior": cat.name,
-            **{f"H@{k}": float(np.mean(entropy_at_k(ranking.items, groups, k))) for k in ks},
-        }
-        result["target_groups"] = _per_target_group(cat, ranking, targets, ks, hs)
-        new = new_interest_mask(split["history_ptr"], split["history_items"], targets, groups)
-        rows = np.flatnonzero(new)
-        result["new_interest"] = {"prior": cat.name, "share": float(new.mean()) if len(new) else 0.0,
-                                  "metrics": _metrics(ranking, targets, ks, hs, rows)}
+    result["cold"] = _cold(run, ranking, targets, ks, hs, st.n_items)
+    if st.cat is not None:
+        result.update(_category_results(st, ranking))
         if baseline is not None:
             if params.fusion in FITTED and baseline_fit is None:
                 baseline_fit = fit_fusion(baseline, params.fusion, device=device)
-            base_rank = ranked(baseline, baseline_fit)
-            base = _metrics(base_rank, targets, ks, hs, rows)
-            mine = result["new_interest"]["metrics"]
-            result["new_interest"]["baseline"] = {"run": baseline.name, "metrics": base}
-            result["new_interest"]["boost"] = {
-                m: (mine[m] - base[m]) / base[m] if base.get(m) else None
-                for m in mine if m != "users"
-            }
-            if baseline_fit is not None:
-                result["new_interest"]["baseline"]["fusion"] = baseline_fit.as_json()
+            _baseline_boost(result["new_interest"], st, ranked(baseline, baseline_fit), baseline.name, baseline_fit)
+    result.update(_objective_results(run, dataset, params, st, ranking))
     # per user group: every user-kind prior of the run, else every user prior in the store
-    result["user_groups"] = _per_user_group(run, dataset, ranking, targets, split["user"], hs[-1])
+    result["user_groups"] = _per_user_group(run, dataset, ranking, targets, st.split["user"], hs[-1])
     if params.fusion == "max":
-        top10 = ranking.winners[:, : min(10, kmax)]
+        top10 = ranking.winners[:, : min(10, st.kmax)]
         counts = np.bincount(top10[top10 >= 0].ravel(), minlength=run.layout.n_heads)
         total = max(1, int(counts.sum()))
         result["head_usage@10"] = {run.layout.names[i]: counts[i] / total for i in range(len(counts))}
     return result
+
+
+def _category_results(st: _Setup, ranking: Ranking) -> dict[str, Any]:
+    """H@K, category coverage, C_KL@K, per-category and new-interest metrics over `st.cat`."""
+    cat, split, targets, ks, hs = st.cat, st.split, st.split["targets"], st.ks, st.hs
+    groups = cat.item_groups
+    out: dict[str, Any] = {"entropy": {
+        "prior": cat.name, **{f"H@{k}": float(np.mean(entropy_at_k(ranking.items, groups, k))) for k in ks}}}
+    out["category_coverage"] = {
+        "prior": cat.name, **{f"@{k}": float(np.mean(category_coverage(ranking.items, groups, k))) for k in ks}}
+    out["c_kl"] = _c_kl(cat, split, ranking, ks)
+    out["target_groups"] = _per_target_group(cat, ranking, targets, ks, hs)
+    new = new_interest_mask(split["history_ptr"], split["history_items"], targets, groups)
+    rows = np.flatnonzero(new)
+    out["new_interest"] = {"prior": cat.name, "share": float(new.mean()) if len(new) else 0.0,
+                           "metrics": _metrics(ranking, targets, ks, hs, rows)}
+    return out
+
+
+def _c_kl(spec: PriorSpec, split: dict[str, np.ndarray], ranking: Ranking, ks: list[int]) -> dict[str, Any]:
+    """Steck's miscalibration C_KL@K over `spec`'s groups, averaged over users with a grouped history."""
+    out: dict[str, Any] = {"prior": spec.name}
+    for k in ks:
+        values, defined = miscalibration(ranking.items, split["history_ptr"], split["history_items"],
+                                         spec.item_groups, k)
+        out[f"@{k}"] = float(values[defined].mean()) if defined.any() else None
+    return out
+
+
+def _baseline_boost(new_interest: dict[str, Any], st: _Setup, base_rank: Ranking, name: str,
+                    baseline_fit: FusionFit | None) -> None:
+    """The baseline's new-interest metrics beside the run's, and the relative boost."""
+    rows = np.flatnonzero(new_interest_mask(st.split["history_ptr"], st.split["history_items"],
+                                            st.split["targets"], st.cat.item_groups))
+    base = _metrics(base_rank, st.split["targets"], st.ks, st.hs, rows)
+    mine = new_interest["metrics"]
+    new_interest["baseline"] = {"run": name, "metrics": base}
+    new_interest["boost"] = {m: (mine[m] - base[m]) / base[m] if base.get(m) else None for m in mine if m != "users"}
+    if baseline_fit is not None:
+        new_interest["baseline"]["fusion"] = baseline_fit.as_json()
+
+
+def _objective_results(run: LoadedRun, dataset: Dataset, params: EvalParams, st: _Setup,
+                       ranking: Ranking) -> dict[str, Any]:
+    """Per steered (boosted) group and K: mean exposure `share`, and `met` (users whose top K meets the quota);
+    C_KL@K over the --calibrate prior (`c_kl`, in place of the one over --entropy-prior's categories)."""
+    objectives = params.objectives()
+    out: dict[str, Any] = {}
+    n_cols = st.n_items + 1
+    for flag, items in (("steer", objectives.steer), ("boost", objectives.boost)):
+        for s in items:
+            spec = item_prior(run, dataset, s.prior, f"--{flag}")
+            member = spec.item_groups[resolve_group(s.group, spec.group_names, s.prior, f"--{flag}"), :n_cols]
+            cells = {}
+            for k in st.ks:
+                cells[f"@{k}"] = {"share": float(np.mean(group_share(ranking.items, member, k)))}
+                if flag == "steer":
+                    cells[f"@{k}"] |= {"met": float(np.mean(quota_met(ranking.items, member, s.share, k))),
+                                       "target": s.share}
+            out.setdefault(flag, {})[s.text()] = cells
+    if objectives.calibrate:
+        out["c_kl"] = _c_kl(item_prior(run, dataset, objectives.calibrate, "--calibrate"), st.split,
+                                  ranking, st.ks)
+    return out
 
 
 def _per_target_group(cat: PriorSpec, ranking: Ranking, targets: np.ndarray, ks: list[int],
@@ -362,6 +519,14 @@ def _jsonable(params: EvalParams) -> dict[str, Any]:
         d.pop("oracle_group")
     if params.sample_users is None:
         d.pop("sample_users")
+    objectives = params.objectives()
+    d["steer"], d["boost"] = [t.text() for t in objectives.steer], [t.text() for t in objectives.boost]
+    for name in ("steer", "boost"):  # keys of evaluations without objectives stay as they were
+        if not d[name]:
+            d.pop(name)
+    if params.calibrate is None:
+        d.pop("calibrate")
+        d.pop("calibrate_lambda")
     return d
 
 

@@ -209,3 +209,55 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float]:
         return mean, float("nan")
     half = stats.t.ppf((1 + confidence) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
     return mean, float(half)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding-time objectives (`mhr.ranking.objectives`)
+
+
+def group_share(ranked, member: np.ndarray, k: int) -> np.ndarray | float:
+    """Exposure: the share of each user's K slots holding an item of the group (`member` bool [N+1];
+    empty slots count as slots without it)."""
+    ranked = np.asarray(ranked)
+    single = ranked.ndim == 1
+    top = (ranked[None] if single else ranked)[:, :k].astype(np.int64)
+    return _out(np.asarray(member, dtype=bool)[top].sum(1) / k, single)
+
+
+def quota_met(ranked, member: np.ndarray, share: float, k: int) -> np.ndarray | bool:
+    """Whether each user's top K holds at least ceil(share · K) items of the group (a list whose
+    candidates could not meet it counts as not met)."""
+    ranked = np.asarray(ranked)
+    single = ranked.ndim == 1
+    top = (ranked[None] if single else ranked)[:, :k].astype(np.int64)
+    met = np.asarray(member, dtype=bool)[top].sum(1) >= math.ceil(share * k - 1e-9)
+    return bool(met[0]) if single else met
+
+
+def miscalibration(ranked, history_ptr, history_items, item_groups: np.ndarray, k: int,
+                   alpha: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Steck's C_KL@K per user: KL(p ‖ q̃) between the history's and the top K's distributions over
+    the groups (an item's mass split evenly over its groups; q̃ = (1-α) q + α p). Returns (values [U],
+    defined [U]): undefined (0, False) for a user whose history holds no grouped item."""
+    from mhr.ranking.objectives import (
+        history_distribution,
+        item_distribution,
+        kl_calibration,
+        list_distribution,
+    )
+
+    dist = item_distribution(item_groups)
+    p = history_distribution(history_ptr, history_items, dist)
+    q = list_distribution(np.asarray(ranked), dist, k)
+    defined = p.sum(1) > 0
+    return np.where(defined, kl_calibration(p, q, alpha), 0.0), defined
+
+
+def category_coverage(ranked, item_groups: np.ndarray, k: int) -> np.ndarray | float:
+    """The share of the prior's groups present among each user's top K."""
+    ranked = np.asarray(ranked)
+    single = ranked.ndim == 1
+    top = (ranked[None] if single else ranked)[:, :k].astype(np.int64)
+    groups = np.asarray(item_groups, dtype=bool)
+    present = groups[:, top].any(axis=2).T  # [U, G]
+    return _out(present.mean(1) if groups.shape[0] else np.zeros(len(top)), single)

@@ -217,7 +217,7 @@ def quota_rerank(items: np.ndarray, scores: np.ndarray, members: np.ndarray, sha
 
 
 def calibrated_rerank(items: np.ndarray, probs: np.ndarray, dist: np.ndarray, p: np.ndarray, k: int,
-                      lam: float, alpha: float = CALIBRATION_ALPHA, chunk: int = 128) -> np.ndarray:
+                      lam: float, alpha: float = CALIBRATION_ALPHA, chunk: int | None = None) -> np.ndarray:
     """Steck's greedy calibrated re-ranking: positions [U, k] into `items` [U, M] (sorted best first;
     `probs` [U, M] the model's probabilities s(i), 0 for no candidate), adding at each step the
     candidate i maximising `(1-λ) Σ_{j ∈ S∪i} s(j) − λ KL(p ‖ q̃(S∪i))`, with q(S) the list's group
@@ -226,37 +226,38 @@ def calibrated_rerank(items: np.ndarray, probs: np.ndarray, dist: np.ndarray, p:
     keeps the plain ranking (KL is 0 for every list)."""
     n_users, m = items.shape
     k = min(k, m)
+    # the KL of S ∪ {i} depends on i only through p(· | i): computed once per distinct row ("pattern")
+    patterns_np, pattern_of = np.unique(np.asarray(dist, dtype=np.float64), axis=0, return_inverse=True)
+    patterns = torch.from_numpy(patterns_np)  # [P, G]
+    pattern_of = torch.from_numpy(pattern_of.reshape(-1).astype(np.int64))  # [N+1]
+    chunk = chunk or max(1, (1 << 21) // max(1, len(patterns) * dist.shape[1] + m))  # bounds [u, P, G] buffers
     out = np.zeros((n_users, k), dtype=np.int64)
-    d = torch.from_numpy(np.ascontiguousarray(dist, dtype=np.float64))
     for a in range(0, n_users, chunk):
         it = torch.from_numpy(np.array(items[a : a + chunk], dtype=np.int64))
         s = torch.from_numpy(np.array(probs[a : a + chunk], dtype=np.float64))
-        pu = torch.from_numpy(np.array(p[a : a + chunk], dtype=np.float64))  # [u, G]
-        w = d[it]  # [u, M, G]
+        pu = torch.from_numpy(np.array(p[a : a + chunk], dtype=np.float64)).unsqueeze(1)  # [u, 1, G]
+        pat = pattern_of[it]  # [u, M]
         valid = (it > 0) & torch.isfinite(s)
         s = torch.where(valid, s, 0.0)
-        mass = torch.zeros_like(pu)  # Σ_{j∈S} p(g | j)
-        total = torch.zeros(len(it), 1, dtype=torch.float64)  # Σ_{j∈S} Σ_g p(g | j)
-        gained = torch.zeros(len(it), dtype=torch.float64)  # Σ_{j∈S} s(j)
+        mass = torch.zeros(len(it), 1, patterns.shape[1], dtype=torch.float64)  # Σ_{j∈S} p(g | j)
+        gained = torch.zeros(len(it), 1, dtype=torch.float64)  # Σ_{j∈S} s(j)
         taken = ~valid
         rows = torch.arange(len(it))
-        log_p = torch.where(pu > 0, pu.log(), 0.0).unsqueeze(1)
+        log_p = torch.where(pu > 0, pu.log(), 0.0)
         for step in range(k):
-            new_mass = mass.unsqueeze(1) + w  # [u, M, G]
-            new_total = (total + w.sum(-1)).unsqueeze(-1)  # [u, M, 1]
-            q = new_mass / torch.where(new_total > 0, new_total, 1.0)
-            q_t = (1 - alpha) * q + alpha * pu.unsqueeze(1)
-            kl = torch.where(pu.unsqueeze(1) > 0, pu.unsqueeze(1) * (log_p - q_t.clamp(min=1e-300).log()), 0.0).sum(-1)
-            gain = (1 - lam) * (gained.unsqueeze(1) + s) - lam * kl
+            new_mass = mass + patterns.unsqueeze(0)  # [u, P, G]
+            new_total = new_mass.sum(-1, keepdim=True)
+            q_t = (1 - alpha) * new_mass / torch.where(new_total > 0, new_total, 1.0) + alpha * pu
+            kl = torch.where(pu > 0, pu * (log_p - q_t.clamp(min=1e-300).log()), 0.0).sum(-1)  # [u, P]
+            gain = (1 - lam) * (gained + s) - lam * kl.gather(1, pat)
             gain = gain.masked_fill(taken, float("-inf"))
             pick = gain.argmax(1)
             empty = torch.isinf(gain[rows, pick])  # nothing left: an untaken padding slot, or the first
             if bool(empty.any()):
                 pick[empty] = (~(taken & valid))[empty].float().argmax(1)
             taken[rows, pick] = True
-            mass += w[rows, pick]
-            total += w[rows, pick].sum(-1, keepdim=True)
-            gained += s[rows, pick]
+            mass += patterns[pat[rows, pick]].unsqueeze(1) * (~empty).unsqueeze(-1).unsqueeze(-1)
+            gained += (s[rows, pick] * ~empty).unsqueeze(1)
             out[a : a + len(it), step] = pick.numpy()
     return out
 

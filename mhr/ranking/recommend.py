@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,17 @@ from mhr.console import log, progress
 from mhr.errors import InputError, NotFoundError, UsageError
 from mhr.priors.spec import PriorSpec
 from mhr.ranking import fusion as fusion_mod
-from mhr.ranking.decode import Resolved, interest_profile, rank_objectives, with_head_boost
+from mhr.ranking.decode import (
+    Resolved,
+    interest_profile,
+    profile_priors,
+    rank_objectives,
+    resolve,
+    with_head_boost,
+)
 from mhr.ranking.fusion import FITTED, FUSIONS, FusionFit
 from mhr.ranking.inference import iter_queries
+from mhr.ranking.objectives import Objectives
 from mhr.store import connect
 from mhr.training.train import LoadedRun
 from mhr.workspace import Dataset
@@ -204,13 +212,16 @@ def as_recommendations(ranked: TopK, row: int, meta: dict[int, tuple[str, str | 
 
 @torch.no_grad()
 def recommend(run: LoadedRun, dataset: Dataset, raw_user: str, top: int = 10, fusion: str = "max",
-              exclude_history: bool = True, fit: FusionFit | None = None
-              ) -> tuple[list[Recommendation], dict[str, Any]]:
+              exclude_history: bool = True, fit: FusionFit | None = None, objectives: Objectives | None = None,
+              profile: bool = False) -> tuple[list[Recommendation], dict[str, Any]]:
     """Rank the catalogue after the user's whole history (its last T interactions as context).
 
     `fusion`: max, avg, learned or invvar; a fitted fusion uses `fit` when given, else the run's
-    cached fit (fitted on the validation split and written on first use, as `mhr eval` does)."""
+    cached fit (fitted on the validation split and written on first use, as `mhr eval` does).
+    `objectives`: steer, boost or calibrate the list; `profile`: add the interest profile to the
+    context (`"profile"`: {prior: {group: p(group | history)}}, `user_profiles`)."""
     check_fusion(fusion)
+    resolved = resolve(objectives, run, dataset) if objectives is not None and objectives.active else None
     con = connect(dataset.store_path, read_only=True)
     try:
         row = con.execute("SELECT user_id FROM users WHERE raw_id = ?", [raw_user]).fetchone()
@@ -228,8 +239,11 @@ def recommend(run: LoadedRun, dataset: Dataset, raw_user: str, top: int = 10, fu
         items_all = hist["item_id"].astype(np.int64)
         if len(items_all) == 0:
             raise NotFoundError(f"user {raw_user!r} has no interactions in dataset {dataset.name}")
-        ranked = rank_histories(run, [(items_all, hist["ts"].astype(np.int64))], np.array([user_id]), top,
-                                scoring, exclude_history)
+        histories = [(items_all, hist["ts"].astype(np.int64))]
+        ranked = rank_histories(run, histories, np.array([user_id]), top, scoring, exclude_history,
+                                objectives=resolved)
+        prof = user_profiles(run, histories, np.array([user_id]), scoring, profile_priors(run, dataset),
+                             exclude_history)[0] if profile else None
         ids = [int(i) for i in ranked.items[0][ranked.filled()[0]]]
         meta = {
             int(r[0]): (r[1], r[2])
@@ -248,7 +262,18 @@ def recommend(run: LoadedRun, dataset: Dataset, raw_user: str, top: int = 10, fu
                "recent_titles": [t[0] for t in recent], "fusion": fusion}
     if fusion in FITTED:
         context["fitted_on"] = "valid"
+    if resolved is not None:
+        context["objectives"] = objectives_json(objectives)
+    if prof is not None:
+        context["profile"] = prof
     return recs, context
+
+
+def objectives_json(objectives: Objectives) -> dict[str, Any]:
+    out: dict[str, Any] = {"steer": [s.text() for s in objectives.steer], "boost": [b.text() for b in objectives.boost]}
+    if objectives.calibrate:
+        out |= {"calibrate": objectives.calibrate, "calibrate_lambda": objectives.calibrate_lambda}
+    return out
 
 
 def as_json(recs: list[Recommendation], context: dict[str, Any]) -> str:
@@ -266,6 +291,18 @@ EXPORT_SCHEMA = pa.schema([
     ("head", pa.string()),  # the explaining head (`Recommendation.head`); null without --explain
 ])
 CHUNK_USERS = 1024
+PROFILE_SCHEMA = pa.schema([  # `--all --explain`: the interest profiles, beside the export (`profile_path`)
+    ("user", pa.string()),  # raw user id
+    ("prior", pa.string()),  # an item or graph prior
+    ("group", pa.string()),  # one of its groups
+    ("p", pa.float32()),  # p(group | history), `mhr.ranking.decode.interest_profile`
+])
+
+
+def profile_path(out: Path) -> Path:
+    """Where `--all --explain` writes the profiles: `recs.parquet` -> `recs.profile.parquet`."""
+    out = Path(out)
+    return out.with_name(out.stem + ".profile" + out.suffix)
 
 
 @dataclass(frozen=True)
@@ -291,15 +328,19 @@ def read_user_file(path: Path) -> list[str]:
 
 def export_recommendations(run: LoadedRun, dataset: Dataset, out: Path, top: int = 10, fusion: str = "max",
                            explain: bool = False, exclude_history: bool = True, users: list[str] | None = None,
-                           fit: FusionFit | None = None, chunk_users: int = CHUNK_USERS) -> ExportSummary:
+                           fit: FusionFit | None = None, chunk_users: int = CHUNK_USERS,
+                           objectives: Objectives | None = None) -> ExportSummary:
     """Every user's (or `users`', raw ids) top `top` after their whole history, ranked exactly as
     `recommend` ranks one user, written to the Parquet file `out` (`EXPORT_SCHEMA`, rows by store
     user order then rank).
 
     Users go `chunk_users` at a time, so memory follows the chunk and the catalogue, not the number
     of users. The file is written beside `out` under a temporary name and renamed into place when
-    complete: an interrupted export leaves `out` as it was (absent, or the previous export)."""
+    complete: an interrupted export leaves `out` as it was (absent, or the previous export).
+    `objectives`: steer, boost or calibrate every list. With `explain`, the users' interest profiles
+    go to `profile_path(out)` (`PROFILE_SCHEMA`, one row per user, prior and group), written alike."""
     check_fusion(fusion)
+    resolved = resolve(objectives, run, dataset) if objectives is not None and objectives.active else None
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder", hint="name the Parquet file to write, e.g. recs.parquet")
@@ -311,14 +352,22 @@ def export_recommendations(run: LoadedRun, dataset: Dataset, out: Path, top: int
         raw_items = _raw_item_ids(con, run.model.item_vectors().shape[0])
         meta = {"run": run.name, "dataset": dataset.name, "fusion": fusion, "top": top,
                 "exclude_history": exclude_history, "explain": explain}
+        if resolved is not None:
+            meta["objectives"] = objectives_json(objectives)
         schema = EXPORT_SCHEMA.with_metadata({"mhr": json.dumps(meta)})
+        specs = profile_priors(run, dataset) if explain else []
         done = skipped = rows = 0
         out.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic_parquet(out, schema) as writer, progress() as bar:
+        with _atomic_parquet(out, schema) as writer, \
+                (_atomic_parquet(profile_path(out), PROFILE_SCHEMA) if specs else nullcontext()) as prof_writer, \
+                progress() as bar:
             task = bar.add_task("recommend", total=total, info="")
             for ids in chunks:
-                table, ranked = _export_chunk(run, con, ids, raw_items, top, scoring, exclude_history, explain)
+                table, ranked, prof = _export_chunk(run, con, ids, raw_items, top, scoring, exclude_history, explain,
+                                                    resolved, specs)
                 writer.write_table(table)
+                if prof_writer is not None:
+                    prof_writer.write_table(prof)
                 done, skipped, rows = done + ranked, skipped + len(ids) - ranked, rows + table.num_rows
                 bar.advance(task, len(ids))
     finally:
@@ -364,9 +413,10 @@ def _raw_item_ids(con, n_cols: int) -> np.ndarray:
 
 
 def _export_chunk(run: LoadedRun, con, ids: np.ndarray, raw_items: np.ndarray, top: int,
-                  scoring: dict[str, Any], exclude_history: bool, explain: bool) -> tuple[pa.Table, int]:
-    """(the rows of the users `ids`, how many were ranked): ascending store ids; ids that are no user
-    (gaps in a range) or users without interactions are left out."""
+                  scoring: dict[str, Any], exclude_history: bool, explain: bool, resolved: Resolved | None = None,
+                  specs: Sequence[PriorSpec] = ()) -> tuple[pa.Table, int, pa.Table]:
+    """(the rows of the users `ids`, how many were ranked, their profiles over `specs`): ascending store
+    ids; ids that are no user (gaps in a range) or users without interactions are left out."""
     lo, hi, id_list = int(ids[0]), int(ids[-1]), ids.tolist()
     users = con.execute("SELECT user_id, raw_id FROM users WHERE user_id BETWEEN ? AND ? "
                         "AND user_id IN (SELECT unnest(?)) ORDER BY user_id", [lo, hi, id_list]).fetchnumpy()
@@ -376,20 +426,38 @@ def _export_chunk(run: LoadedRun, con, ids: np.ndarray, raw_items: np.ndarray, t
     start, stop = np.searchsorted(h_uid, uid), np.searchsorted(h_uid, uid, side="right")
     active = stop > start
     if not active.any():
-        return EXPORT_SCHEMA.empty_table(), 0
+        return EXPORT_SCHEMA.empty_table(), 0, PROFILE_SCHEMA.empty_table()
     items, ts = hist["item_id"].astype(np.int64), hist["ts"].astype(np.int64)
     histories = [(items[a:b], ts[a:b]) for a, b in zip(start[active], stop[active], strict=True)]
-    ranked = rank_histories(run, histories, uid[active], top, scoring, exclude_history, explain)
+    ranked = rank_histories(run, histories, uid[active], top, scoring, exclude_history, explain, resolved)
     filled = ranked.filled()
     names = np.array([*run.layout.names, None], dtype=object)  # head -1 -> None
     raw_users = np.asarray(users["raw_id"], dtype=object)[active]
+    prof = _profile_table(run, histories, uid[active], raw_users, scoring, specs, exclude_history)
     return pa.table({
         "user": pa.array(np.repeat(raw_users, filled.sum(axis=1)), pa.string()),
         "rank": pa.array(np.broadcast_to(np.arange(1, top + 1, dtype=np.int32), filled.shape)[filled]),
         "item": pa.array(raw_items[ranked.items[filled]], pa.string()),
         "score": pa.array(ranked.scores[filled], pa.float32()),
         "head": pa.array(names[ranked.heads[filled]] if explain else [None] * int(filled.sum()), pa.string()),
-    }, schema=EXPORT_SCHEMA), int(active.sum())
+    }, schema=EXPORT_SCHEMA), int(active.sum()), prof
+
+
+def _profile_table(run: LoadedRun, histories, uid: np.ndarray, raw_users: np.ndarray, scoring: dict[str, Any],
+                   specs: Sequence[PriorSpec], exclude_history: bool) -> pa.Table:
+    if not specs:
+        return PROFILE_SCHEMA.empty_table()
+    split = _as_split(histories, uid, int(run.windows.params["context"]))
+    prof = interest_profile(run, split, scoring, list(specs), exclude_history)
+    cols: dict[str, list] = {"user": [], "prior": [], "group": [], "p": []}
+    for s in specs:
+        n_users, n_groups = prof[s.name].shape
+        cols["user"].append(np.repeat(raw_users, n_groups))
+        cols["prior"].append(np.full(n_users * n_groups, s.name, dtype=object))
+        cols["group"].append(np.tile(np.asarray(s.group_names, dtype=object), n_users))
+        cols["p"].append(prof[s.name].ravel().astype(np.float32))
+    return pa.table({n: pa.array(np.concatenate(v), PROFILE_SCHEMA.field(n).type) for n, v in cols.items()},
+                    schema=PROFILE_SCHEMA)
 
 
 @contextmanager

@@ -19,13 +19,15 @@ from mhr.errors import UsageError
 
 
 def option(default: Any, help: str, *, aliases: tuple[str, ...] = (), panel: str | None = None,
-           parse: Callable[[str], Any] | None = None, show: Callable[[Any], str] | None = None) -> Any:
+           parse: Callable[[str], Any] | None = None, show: Callable[[Any], str] | None = None,
+           multiple: bool = False) -> Any:
     """A dataclass field that is also the command-line option `--<field-name>`.
 
     `aliases`: older spellings of the flag, still accepted; `panel`: the `--help` group; `parse` /
     `show`: how a value is read from and written as its flag's text, for fields whose values are
-    not plain str/int/float/bool (a list, or "full" for None)."""
-    meta = {"help": help, "aliases": aliases, "panel": panel, "parse": parse, "show": show}
+    not plain str/int/float/bool (a list, or "full" for None); `multiple`: a repeatable flag, whose
+    texts `parse` receives as a list."""
+    meta = {"help": help, "aliases": aliases, "panel": panel, "parse": parse, "show": show, "multiple": multiple}
     return field(default=default, metadata=meta)
 
 
