@@ -3,7 +3,9 @@ ways a request can be wrong, on a tiny run trained in the fixture."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import io
 import json
 import subprocess
 import sys
@@ -221,13 +223,26 @@ def test_concurrent_requests_share_scoring_calls(served):
             assert [r["score"] for r in got["items"]] == pytest.approx([r["score"] for r in alone[u]], abs=1e-5)
 
 
-def test_serve_refuses_a_busy_port_and_a_missing_run(served, cli):
+def test_serve_refuses_a_busy_port_and_a_missing_run(served):
     ds, url = served
     port = url.rsplit(":", 1)[1]
-    res = cli("--dataset", ds.name, "serve", "heads", "--port", port, workspace=ds.root, check=False)
-    assert res.returncode == 2 and f"127.0.0.1:{port}" in res.stderr and "--port" in res.stderr
-    res = cli("--dataset", ds.name, "serve", "nope", "--port", str(free_port()), workspace=ds.root, check=False)
-    assert res.returncode == 3 and "'nope'" in res.stderr
+    code, err = in_process(ds, "serve", "heads", "--port", port)
+    assert code == 2 and f"127.0.0.1:{port}" in err and "--port" in err
+    code, err = in_process(ds, "serve", "nope", "--port", str(free_port()))
+    assert code == 3 and "'nope'" in err
+
+
+def in_process(ds, *args: str) -> tuple[int, str]:
+    """The real CLI (`mhr.cli.main`) in this process: (exit code, stderr)."""
+    from mhr.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(["--workspace", str(ds.root), "--dataset", ds.name, *args])
+        except SystemExit as e:
+            return int(e.code or 0), err.getvalue()
+    return 0, err.getvalue()
 
 
 def test_readme_names_the_serve_extra():
@@ -235,8 +250,9 @@ def test_readme_names_the_serve_extra():
     assert "-e '.[serve]'" in readme and "mhr serve" in readme
 
 
-def test_cli_start_loads_no_web_stack_nor_torch():
-    code = ("import sys, mhr, mhr.cli; "
+def test_cli_start_loads_no_web_stack():
+    # `mhr serve`'s command module and its starter import FastAPI, uvicorn and torch only when serving
+    code = ("import sys, mhr, mhr.serve, mhr.serve.server; "
             "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
