@@ -87,3 +87,16 @@ def test_pick_a_user_and_boost_a_group(page, tmp_path):
     if os.environ.get("MHR_SCREENSHOT"):  # the README's picture: MHR_SCREENSHOT=docs/serve.png
         shutil.copy(shot, Path(os.environ["MHR_SCREENSHOT"]))
     assert not tab.is_visible("#error") and errors == []
+
+
+def test_paste_a_history(page):
+    tab, url, errors = page
+    tab.click("#reset")
+    tab.fill("#k", "5")
+    tab.click("#paste summary")
+    tab.fill("#history", "i3, i4  i5\ni6")
+    tab.click("#go")
+    tab.wait_for_function("!document.querySelector('#list-note').textContent.includes('user')")
+    _, want = call(url, "/recommend", {"history": ["i3", "i4", "i5", "i6"], "k": 5})
+    assert rendered(tab) == [r["item"] for r in want["items"]]
+    assert tab.locator("#history-list li").count() == 4 and errors == []
