@@ -75,6 +75,7 @@ def create_app(service: Service) -> FastAPI:
                   "recommendations explained by the head behind each item, steerable by group.")
     _errors(app)
     _routes(app, service)
+    _ranking_routes(app, service)
 
     @app.middleware("http")
     async def body_cap(request: Request, call_next):
@@ -90,6 +91,7 @@ def create_app(service: Service) -> FastAPI:
 
 
 def _routes(app: FastAPI, s: Service) -> None:
+    """The page, health and browsing routes (users, items)."""
     cat = s.catalogue
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -127,6 +129,12 @@ def _routes(app: FastAPI, s: Service) -> None:
         i = _lookup(cat.item, item, "item")
         omega = s.rec.run.compat.omega[:, i].cpu().numpy()
         return {**cat.describe(i), "heads": [n for n, ok in zip(s.rec.run.layout.names, omega, strict=True) if ok]}
+
+
+
+def _ranking_routes(app: FastAPI, s: Service) -> None:
+    """`GET /recommend` (a stored user) and `POST /recommend` (a raw history)."""
+    cat = s.catalogue
 
     @app.get("/recommend")
     async def recommend_user(
