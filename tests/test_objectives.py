@@ -243,3 +243,27 @@ def test_recipe_eval_section_sweeps_objectives_and_logs_repeatable_flags():
                       {"calibrate": "g", "calibrate_lambda": 0.3}, {"calibrate": "g", "calibrate_lambda": 0.9}]
     params = EvalParams(ks=(10,), steer=("g:A=0.2", "h:B=0.1"), calibrate_lambda=0.5)
     assert eval_command("r", params) == ["eval", "r", "--k", "10", "--steer", "g:A=0.2", "--steer", "h:B=0.1"]
+
+
+def test_eval_keys_without_objectives_are_unchanged():
+    """Golden keys, computed before the objectives existed: cached evaluations are still found."""
+    from mhr.cache import stage_key
+    from mhr.ranking.evaluate import EvalParams, _jsonable
+
+    assert stage_key("eval", _jsonable(EvalParams()), {"run": "k"}) == \
+        "99b1884f761039975f169921f833a79643190a1814d5c1be7cf1140cda57233e"
+    p = EvalParams(fusion="avg", ks=(10,), horizons=(1, 2), diversity=0.5, entropy_prior="item", oracle_group="g",
+                   sample_users=10, baseline="b")
+    assert stage_key("eval", _jsonable(p), {"run": "k"}) == \
+        "160884bf010bebcbf0181eb42397dd2ee4d43ca6c8b3e08c0e99e1d974b4cb22"
+    steered = _jsonable(EvalParams(steer=("g:A=0.20",)))
+    assert steered["steer"] == ["g:A=0.2"] and "calibrate" not in steered  # canonical texts in the key
+
+
+def test_cli_builds_eval_flags_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, mhr.cli; print('torch' in sys.modules)"  # registers every command, eval's flags too
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -115,7 +115,8 @@ def eval_cmd(
 
     Example: mhr eval RUN --calibrate genre6 --calibrate-lambda 0.5
     """
-    from mhr.ranking.evaluate import EvalParams, evaluate
+    from mhr.ranking.eval_params import EvalParams
+    from mhr.ranking.evaluate import evaluate
 
     c = context(ctx)
     ds = c.dataset()
@@ -144,10 +145,12 @@ def _objective_lines(result: dict) -> list[str]:
         cell = at[f"@{k}"]
         lines.append(f"steer {text}: share@{k} {100 * cell['share']:.1f}%, quota met for {100 * cell['met']:.1f}% "
                      "of users")
+    for text, at in result.get("boost", {}).items():
+        lines.append(f"boost {text}: share@{k} {100 * at[f'@{k}']['share']:.1f}%")
     return lines
 
 
 def register(app: typer.Typer) -> None:
-    from mhr.ranking.evaluate import EvalParams
+    from mhr.ranking.eval_params import EvalParams
 
     app.command("eval")(with_options(eval_cmd, dataclass_options(EvalParams)))

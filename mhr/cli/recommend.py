@@ -12,13 +12,17 @@ from mhr.cli.common import context, run_name
 from mhr.console import emit, err
 
 
-def _help(name: str) -> str:
-    """The help text `mhr eval` declares for an objective (`EvalParams`), so both commands say the same."""
+def _declared(name: str):
+    """The field `mhr eval` declares for an objective (`EvalParams`): both commands share its help and default."""
     import dataclasses
 
-    from mhr.ranking.evaluate import EvalParams
+    from mhr.ranking.eval_params import EvalParams
 
-    return next(f.metadata["help"] for f in dataclasses.fields(EvalParams) if f.name == name)
+    return next(f for f in dataclasses.fields(EvalParams) if f.name == name)
+
+
+def _help(name: str) -> str:
+    return _declared(name).metadata["help"]
 
 
 def objectives_from(steer: list[str] | None, boost: list[str] | None, calibrate: str | None, lam: float):
@@ -62,7 +66,7 @@ def register(app: typer.Typer) -> None:
         steer: list[str] = typer.Option(None, "--steer", help=_help("steer"), rich_help_panel="Objectives"),
         boost: list[str] = typer.Option(None, "--boost", help=_help("boost"), rich_help_panel="Objectives"),
         calibrate: str = typer.Option(None, "--calibrate", help=_help("calibrate"), rich_help_panel="Objectives"),
-        calibrate_lambda: float = typer.Option(0.5, "--calibrate-lambda", help=_help("calibrate_lambda"),
+        calibrate_lambda: float = typer.Option(_declared("calibrate_lambda").default, "--calibrate-lambda", help=_help("calibrate_lambda"),
                                                rich_help_panel="Objectives"),
     ) -> None:
         """Top items for one user, with the head behind each (the winner under max fusion); or for every

@@ -185,7 +185,6 @@ def rank_objectives(run: LoadedRun, split: dict[str, np.ndarray], k: int, scorin
     n_items = int(run.compat.omega.shape[1] - 1)
 
     def fetch(m: int, within: np.ndarray | None = None) -> Ranking:
-        m = max(1, min(m, n_items))
         bonus = None if resolved is None else resolved.item_bonus
         allowed = allowed_items if within is None else _within(allowed_items, within)
         if bonus is None or not bonus[1:].any():
@@ -210,7 +209,7 @@ def rank_objectives(run: LoadedRun, split: dict[str, np.ndarray], k: int, scorin
         cands = merge_rankings(parts, sum(p.items.shape[1] for p in parts))
         return _take(cands, quota_rerank(cands.items, cands.scores, resolved.steer_members,
                                          resolved.steer_shares, k))
-    cands = fetch(CALIBRATION_POOL * k)
+    cands = fetch(max(k, min(n_items, CALIBRATION_POOL * k)))
     dist = item_distribution(resolved.calibrate.item_groups[:, : n_items + 1])
     p = history_distribution(split["history_ptr"], split["history_items"], dist)
     pos = calibrated_rerank(cands.items, candidate_probabilities(cands.scores), dist, p, k,

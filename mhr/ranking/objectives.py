@@ -20,11 +20,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from mhr.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 CALIBRATION_ALPHA = 0.01  # Steck's smoothing q̃ = (1-α) q + α p
 CALIBRATION_POOL = 10  # calibrated re-ranking picks K of the model's top CALIBRATION_POOL · K items
@@ -224,6 +227,8 @@ def calibrated_rerank(items: np.ndarray, probs: np.ndarray, dist: np.ndarray, p:
     distribution (`dist` p(g | i) [N+1, G], uniform over the list's items) and `p` [U, G] the user's
     history distribution. Ties: the better-ranked candidate. A user with no grouped history (p = 0)
     keeps the plain ranking (KL is 0 for every list)."""
+    import torch
+
     n_users, m = items.shape
     k = min(k, m)
     # the KL of S ∪ {i} depends on i only through p(· | i): computed once per distinct row ("pattern")
