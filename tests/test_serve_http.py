@@ -251,8 +251,8 @@ def test_readme_names_the_serve_extra():
 
 
 def test_cli_start_loads_no_web_stack():
-    # `mhr serve`'s command module and its starter import FastAPI, uvicorn and torch only when serving
-    code = ("import sys, mhr, mhr.serve, mhr.serve.server; "
+    # the CLI (`mhr serve` registered) and serve's starter import FastAPI, uvicorn and torch only when serving
+    code = ("import sys, mhr, mhr.cli, mhr.serve, mhr.serve.server; "
             "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
