@@ -122,7 +122,7 @@ def _routes(app: FastAPI, s: Service) -> None:
             _, profile = await s.batcher.rank(items, ts, uid, 0, Work(profile=True))
         shown = [{**cat.describe(int(i)), "ts": int(t)} for i, t in zip(items[-limit:], ts[-limit:], strict=True)]
         return {"user": normalise_id(user), "length": int(len(items)), "history": shown, "profile": profile,
-                "history_mix": cat.exposure(items)}
+                "history_mix": cat.mix(items)}
 
     @app.get("/items/{item:path}")
     async def item(item: Annotated[str, Path(description="raw item id")]) -> dict[str, Any]:
@@ -212,7 +212,7 @@ async def _answer(s: Service, items: np.ndarray, ts: np.ndarray, uid: int, k: in
     return {**context, "k": k, "fusion": s.rec.fusion, "run": s.rec.run.name, "objectives": _objectives_json(work),
             "items": [{"rank": r.rank, **cat.describe(r.item_id), "score": r.score, "head": r.head,
                        "heads_fused": r.heads_fused} for r in recs],
-            "exposure": cat.exposure(ids), "profile": profile, "history_mix": cat.exposure(items),
+            "exposure": cat.exposure(ids), "profile": profile, "history_mix": cat.mix(items),
             "history_length": int(len(items)), "history": [cat.describe(int(i)) for i in items[-HISTORY_SHOWN:]]}
 
 

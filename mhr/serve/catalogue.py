@@ -15,6 +15,7 @@ import numpy as np
 from mhr.data.dense import normalise_id as normalise
 from mhr.errors import NotFoundError
 from mhr.priors.spec import ITEM_KINDS, PriorSpec, load_prior
+from mhr.ranking.objectives import history_distribution, item_distribution
 from mhr.store import connect
 from mhr.workspace import Dataset
 
@@ -31,12 +32,20 @@ class ItemPrior:
     def of(self, item: int) -> list[str]:
         return [self.names[g] for g in np.flatnonzero(self.groups[:, item])]
 
-    def mix(self, items: np.ndarray) -> dict[str, float]:
-        """Share of `items` in each group (an item in several groups counts in each), by group name."""
+    def share(self, items: np.ndarray) -> dict[str, float]:
+        """Share of `items` in each group (an item in several groups counts in each), by group name: a
+        list's exposure, as a quota (`steer`) counts it."""
         if len(items) == 0:
             return {n: 0.0 for n in self.names}
         share = self.groups[:, items].mean(axis=1)
         return {n: float(s) for n, s in zip(self.names, share, strict=True)}
+
+    def mix(self, items: np.ndarray) -> dict[str, float]:
+        """Steck's p(group | history) of `items`, the distribution `calibrate` aims the list at: each
+        item's mass split evenly over its groups (`mhr.ranking.objectives.history_distribution`)."""
+        dist = item_distribution(self.groups)
+        p = history_distribution(np.array([0, len(items)]), np.asarray(items, dtype=np.int64), dist)[0]
+        return {n: float(v) for n, v in zip(self.names, p, strict=True)}
 
 
 @dataclass
@@ -105,7 +114,11 @@ class Catalogue:
                 "groups": {p.name: p.of(item) for p in self.priors}}
 
     def exposure(self, items: np.ndarray) -> dict[str, dict[str, float]]:
-        """Per item prior: the share of `items` in each group."""
+        """Per item prior: the share of `items` in each group (`ItemPrior.share`)."""
+        return {p.name: p.share(np.asarray(items, dtype=np.int64)) for p in self.priors}
+
+    def mix(self, items: np.ndarray) -> dict[str, dict[str, float]]:
+        """Per item prior: Steck's p(group | history) of the history `items` (`ItemPrior.mix`)."""
         return {p.name: p.mix(np.asarray(items, dtype=np.int64)) for p in self.priors}
 
 
