@@ -28,6 +28,7 @@ class ItemPrior:
     kind: str
     names: tuple[str, ...]
     groups: np.ndarray
+    dist: np.ndarray  # float [N+1, G]: p(g | i), `mhr.ranking.objectives.item_distribution`, computed once
 
     def of(self, item: int) -> list[str]:
         return [self.names[g] for g in np.flatnonzero(self.groups[:, item])]
@@ -43,8 +44,7 @@ class ItemPrior:
     def mix(self, items: np.ndarray) -> dict[str, float]:
         """Steck's p(group | history) of `items`, the distribution `calibrate` aims the list at: each
         item's mass split evenly over its groups (`mhr.ranking.objectives.history_distribution`)."""
-        dist = item_distribution(self.groups)
-        p = history_distribution(np.array([0, len(items)]), np.asarray(items, dtype=np.int64), dist)[0]
+        p = history_distribution(np.array([0, len(items)]), np.asarray(items, dtype=np.int64), self.dist)[0]
         return {n: float(v) for n, v in zip(self.names, p, strict=True)}
 
 
@@ -123,4 +123,4 @@ class Catalogue:
 
 
 def _item_prior(spec: PriorSpec) -> ItemPrior:
-    return ItemPrior(spec.name, spec.kind, spec.group_names, spec.item_groups)
+    return ItemPrior(spec.name, spec.kind, spec.group_names, spec.item_groups, item_distribution(spec.item_groups))
