@@ -28,7 +28,6 @@ class ItemPrior:
     kind: str
     names: tuple[str, ...]
     groups: np.ndarray
-    dist: np.ndarray  # float [N+1, G]: p(g | i), `mhr.ranking.objectives.item_distribution`, computed once
 
     def of(self, item: int) -> list[str]:
         return [self.names[g] for g in np.flatnonzero(self.groups[:, item])]
@@ -44,7 +43,11 @@ class ItemPrior:
     def mix(self, items: np.ndarray) -> dict[str, float]:
         """Steck's p(group | history) of `items`, the distribution `calibrate` aims the list at: each
         item's mass split evenly over its groups (`mhr.ranking.objectives.history_distribution`)."""
-        p = history_distribution(np.array([0, len(items)]), np.asarray(items, dtype=np.int64), self.dist)[0]
+        n = len(items)
+        # p(g | i) of the history's items only (a [N+1, G] table of the whole catalogue would be large);
+        # column 0 stands for the padding item, which item_distribution leaves without mass
+        cols = np.concatenate([np.zeros((len(self.names), 1), bool), self.groups[:, items]], axis=1)
+        p = history_distribution(np.array([0, n]), np.arange(1, n + 1), item_distribution(cols))[0]
         return {n: float(v) for n, v in zip(self.names, p, strict=True)}
 
 
@@ -123,4 +126,4 @@ class Catalogue:
 
 
 def _item_prior(spec: PriorSpec) -> ItemPrior:
-    return ItemPrior(spec.name, spec.kind, spec.group_names, spec.item_groups, item_distribution(spec.item_groups))
+    return ItemPrior(spec.name, spec.kind, spec.group_names, spec.item_groups)
