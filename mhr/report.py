@@ -18,6 +18,7 @@ import numpy as np
 
 from mhr.errors import NotFoundError
 from mhr.ranking.metrics import mean_ci
+from mhr.report_html import write_html
 from mhr.workspace import Dataset
 
 HEADLINE = ("ndcg@10", "recall@10", "ndcg@50", "recall@50")
@@ -417,4 +418,5 @@ def build_report(dataset: Dataset, runs: list[str], out: Path, split: str = "tes
         lines += [f"## {caption}", "", f"![{caption}]({fname})", ""]
     index = out / "index.md"
     index.write_text("\n".join(lines))
+    write_html(index)  # index.html: the same report as one self-contained page
     return index

@@ -119,6 +119,8 @@ def test_report_writes_table_and_plots(trained, tmp_path):
     for f in ("training.png", "ndcg10.png", "projection.png", "table.md"):
         assert (tmp_path / "rep" / f).stat().st_size > 1000 or f == "table.md"
     assert "training.png" in index.read_text()
+    page = (tmp_path / "rep" / "index.html").read_text()  # the same report, self-contained
+    assert page.count('src="data:image/png;base64,') == index.read_text().count("](") and "temporal+item" in page
 
 
 def test_eval_refuses_changed_dataset(tmp_path):

@@ -24,7 +24,7 @@ app = typer.Typer(
     help=(
         "Train generative sequential recommenders decoded by prior-conditioned heads.\n\n"
         "Pipeline: mhr data … → mhr priors build → mhr windows build → mhr train → mhr eval → "
-        "mhr recommend / mhr report; or `mhr run stages/<recipe>.toml` for a whole experiment. "
+        "mhr recommend / mhr serve / mhr report; or `mhr run stages/<recipe>.toml` for a whole experiment. "
         "Every stage prints the reference of what it made on stdout; logs go to stderr."
     ),
     epilog="Exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES) + ".",
@@ -50,12 +50,12 @@ def root(
 
 
 def _register() -> None:
-    from mhr.cli import data, evaluate, gc, priors, recommend, report, run, status, train, windows
+    from mhr.cli import data, evaluate, gc, priors, recommend, report, run, serve, status, train, windows
 
     app.add_typer(data.app, name="data")
     app.add_typer(priors.app, name="priors")
     app.add_typer(windows.app, name="windows")
-    for module in (train, evaluate, recommend, report, run, status, gc):
+    for module in (train, evaluate, recommend, serve, report, run, status, gc):
         module.register(app)
 
 

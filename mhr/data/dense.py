@@ -37,6 +37,12 @@ def normalise_ids(ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array
     return ids
 
 
+def normalise_id(raw: object) -> str:
+    """One raw id given by hand (an API request, a Python call) as an import stores it: `normalise_ids`
+    on its text, so " 50", 50 and 50.0 all name item "50"."""
+    return normalise_ids(pa.array([str(raw)], pa.string()))[0].as_py()
+
+
 @dataclass
 class DenseIds:
     """One id column encoded: `codes[row]` indexes `values` (normalised, distinct; -1 = null)."""

@@ -6,7 +6,8 @@
     for r in rec.recommend(["50", "172", "181"], top=5, explain=True):
         print(r.rank, r.raw_id, r.title, f"{r.score:.3f}", r.head)
 
-A history is a list of raw item ids (the source data's), oldest first. It is ranked by
+A history is a list of raw item ids (the source data's), oldest first, normalised as imports
+normalise them (" 50", 50 and 50.0 name item "50"). It is ranked by
 `mhr.ranking.recommend.rank_histories`, the path `mhr recommend` takes for a stored user, so a stored
 user's whole history (with its timestamps and `user=`) gets exactly the CLI's list.
 
@@ -30,8 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
+from mhr.data.dense import normalise_id, normalise_ids
 from mhr.errors import NotFoundError, UsageError
+from mhr.priors.spec import PriorSpec
 from mhr.ranking.decode import Resolved, profile_priors, resolve
 from mhr.ranking.objectives import Objectives
 from mhr.ranking.recommend import (
@@ -111,6 +115,31 @@ class Recommender:
             self._resolved[objectives] = resolve(objectives, self.run, self.dataset)
         return self._resolved[objectives]
 
+    def encode(self, history: Sequence[str], timestamps: Sequence[int] | None = None, unknown: str = "error"
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids, timestamps) of a raw history as `recommend` ranks it, checked as it checks it:
+        what a caller that batches requests (`mhr serve`) validates each request with."""
+        return self._encode(history, timestamps, unknown)
+
+    def rank_encoded(self, histories: Sequence[tuple[np.ndarray, np.ndarray]], users: Sequence[int], top: int,
+                     explain: bool = True, exclude_history: bool = True, objectives: Resolved | None = None
+                     ) -> list[list[Recommendation]]:
+        """Several `encode`d histories ranked in one `rank_histories` call (the path of `recommend`);
+        `users`: store user ids for user priors' heads (-1: anonymous); `objectives`: resolved
+        (`mhr.ranking.decode.resolve`) once by the caller. One list per history."""
+        ranked = rank_histories(self.run, list(histories), np.asarray(users, dtype=np.int64), top, self.scoring,
+                                exclude_history, explain, objectives=objectives)
+        return [as_recommendations(ranked, r, self.meta, self.run.layout.names) for r in range(len(histories))]
+
+    def profile_encoded(self, histories: Sequence[tuple[np.ndarray, np.ndarray]], users: Sequence[int],
+                        specs: Sequence[PriorSpec] | None = None, exclude_history: bool = True
+                        ) -> list[dict[str, dict[str, float]]]:
+        """`profile` of several `encode`d histories in one pass; `specs`: the priors to cover (None:
+        `profile`'s default, `mhr.ranking.decode.profile_priors`, looked up on every call)."""
+        specs = list(specs) if specs is not None else profile_priors(self.run, self.dataset)
+        return user_profiles(self.run, list(histories), np.asarray(users, dtype=np.int64), self.scoring, specs,
+                             exclude_history)
+
     def _encode(self, history: Sequence[str], timestamps: Sequence[int] | None, unknown: str
                 ) -> tuple[np.ndarray, np.ndarray]:
         if unknown not in ("error", "skip"):
@@ -120,7 +149,8 @@ class Recommender:
         ts = np.zeros(len(history), np.int64) if timestamps is None else np.asarray(timestamps, np.int64)
         if len(ts) != len(history):
             raise UsageError(f"{len(history)} items but {len(ts)} timestamps", hint="one timestamp per item")
-        ids = np.array([self.item_ids.get(str(raw), 0) for raw in history], dtype=np.int64)
+        keys = normalise_ids(pa.array([str(raw) for raw in history], pa.string())).to_pylist()
+        ids = np.array([self.item_ids.get(k, 0) for k in keys], dtype=np.int64)
         missing = [raw for raw, i in zip(history, ids, strict=True) if i == 0]
         if missing and unknown == "error":
             raise NotFoundError(
@@ -140,7 +170,7 @@ class Recommender:
     def _user_id(self, raw_user: str) -> int:
         con = connect(self.dataset.store_path, read_only=True)
         try:
-            row = con.execute("SELECT user_id FROM users WHERE raw_id = ?", [raw_user]).fetchone()
+            row = con.execute("SELECT user_id FROM users WHERE raw_id = ?", [normalise_id(raw_user)]).fetchone()
         finally:
             con.close()
         if row is None:
