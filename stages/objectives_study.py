@@ -169,9 +169,20 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     result = study(a.workspace, a.dataset, a.prior, a.base, a.heads, [int(s) for s in a.seeds.split(",")])
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1, allow_nan=False, default=lambda x: None if x != x else x)
     print(table(result))
+    with open(a.out, "w") as f:
+        json.dump(_finite(result), f, indent=1, allow_nan=False)
+
+
+def _finite(x: Any) -> Any:
+    """NaN (an undefined CI or `met` of a decoder without a quota) as null: strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
 
 
 if __name__ == "__main__":

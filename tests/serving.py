@@ -12,7 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from mhr.training.train import TrainParams, train
+from mhr.training.params import TrainParams
+from mhr.training.train import train
 from mhr.windows import build_windows
 from mhr.workspace import Dataset
 from tests.helpers import make_dataset

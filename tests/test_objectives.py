@@ -45,7 +45,7 @@ def _brute_best(items, scores, member, share, n):
 
 
 @pytest.mark.parametrize("seed", range(25))
-def test_quota_rerank_is_the_brute_force_optimum_at_every_prefix(seed):
+def test_quota_rerank_is_the_brute_force_optimum_at_every_cutoff(seed):
     rng = np.random.default_rng(seed)
     m, n_items = int(rng.integers(4, 9)), 12
     items, scores = _sorted_case(rng, m, n_items)
@@ -53,11 +53,24 @@ def test_quota_rerank_is_the_brute_force_optimum_at_every_prefix(seed):
     member[rng.choice(np.arange(1, n_items + 1), size=int(rng.integers(1, 6)), replace=False)] = True
     share = float(rng.choice([0.2, 0.34, 0.5, 0.75, 1.0]))
     k = m
-    pos = quota_rerank(items, scores, member[None], [share], k)[0]
+    cutoffs = sorted({int(rng.integers(1, k + 1)), k})
+    pos = quota_rerank(items, scores, member[None], [share], k, cutoffs)[0]
     assert len(set(pos.tolist())) == k
-    for n in range(1, k + 1):
+    for n in cutoffs:
         got = float(scores[0, pos[:n]].sum())
         assert got == pytest.approx(_brute_best(items[0], scores[0], member, share, n), abs=1e-5)
+    if cutoffs == [k]:  # one cut-off: the list stays in score order
+        kept = scores[0, pos]
+        assert (np.diff(kept[np.isfinite(kept)]) <= 1e-6).all()
+
+
+def test_quota_holds_at_the_cutoff_not_at_every_prefix():
+    items = np.array([[1, 2, 3, 4, 5, 6]])
+    scores = np.array([[6, 5, 4, 3, 2, 1]], dtype=np.float32)
+    member = np.zeros(7, dtype=bool)
+    member[[6]] = True
+    pos = quota_rerank(items, scores, member[None], [0.2], 5)[0]  # ceil(0.2 · 5) = 1 item of G in the top 5
+    assert items[0, pos].tolist() == [1, 2, 3, 4, 6]  # the best item stays first; G's item enters last
 
 
 def test_quota_rerank_swaps_lowest_others_for_best_group_items():

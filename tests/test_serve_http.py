@@ -24,7 +24,7 @@ from mhr.ranking.objectives import Boost, Objectives, Steer  # noqa: E402
 from mhr.ranking.recommend import recommend  # noqa: E402
 from mhr.ranking.service import Recommender  # noqa: E402
 from mhr.store import connect  # noqa: E402
-from mhr.training.train import load_run  # noqa: E402
+from mhr.training.runs import load_run  # noqa: E402
 from tests.helpers import GENRES  # noqa: E402
 from tests.serving import call, free_port, start_server, stop_server, tiny_run  # noqa: E402
 

@@ -92,13 +92,16 @@ def test_steer_meets_the_quota_at_every_cut_off(runs, name):
     run = load_run(runs, name)
     resolved = resolve(Objectives(steer=(Steer("genre1", "Action", 0.5),)), run, runs)
     split = run.windows.read_split("test")
-    got = rank_objectives(run, split, 10, {"fusion": "max"}, resolved)
+    got = rank_objectives(run, split, 10, {"fusion": "max"}, resolved, cutoffs=(1, 4, 10))
     member = resolved.steer_members[0]
     seen = history_mask(split, np.arange(len(split["user"])), len(member) - 1).numpy()
     available = (member[None, :] & ~seen).sum(1)  # the group's candidates: not in the history
     assert (available < 5).any() and (available >= 5).any()  # both cases occur
     for n in (1, 4, 10):
         assert (member[got.items[:, :n]].sum(1) >= np.minimum(np.ceil(0.5 * n), available)).all()
+    only_ten = rank_objectives(run, split, 10, {"fusion": "max"}, resolved)  # the quota at K = 10 alone
+    assert (member[only_ten.items].sum(1) >= np.minimum(5, available)).all()
+    assert (member[only_ten.items[:, 0]].sum() < member[got.items[:, 0]].sum())  # not forced at the top
     filled = got.items > 0
     assert all(len(set(r[f].tolist())) == f.sum() for r, f in zip(got.items, filled, strict=True))
 
@@ -122,9 +125,13 @@ def test_api_objectives_and_profile(runs):
     rec = Recommender.load(runs.root, runs.name, "heads")
     hist = ["i0", "i3", "i6", "i9"]
     plain = rec.recommend(hist, top=6)
+    def comedies(recs) -> int:
+        return sum("Comedy" in (r.title or "").split("(")[1].split("/")[0] for r in recs)
+
     steered = rec.recommend(hist, top=6, objectives=Objectives(steer=(Steer("genre1", "Comedy", 0.5),)))
-    assert plain != steered
-    assert sum("Comedy" in (r.title or "").split("(")[1].split("/")[0] for r in steered) >= 3
+    assert comedies(steered) >= 3
+    assert comedies(plain) < 6  # so a quota of every item changes the list
+    assert rec.recommend(hist, top=6, objectives=Objectives(steer=(Steer("genre1", "Comedy", 1.0),))) != plain
     prof = rec.profile(hist)
     assert list(prof) == ["item"] and set(prof["item"]) == {"Action", "Comedy", "Drama"}
     assert list(prof["item"].values()) == sorted(prof["item"].values(), reverse=True)

@@ -23,7 +23,7 @@ p(k | h) summed over the heads of each group (the global head's mass belongs to 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -179,9 +179,10 @@ def _take(r: Ranking, pos: np.ndarray) -> Ranking:
 def rank_objectives(run: LoadedRun, split: dict[str, np.ndarray], k: int, scoring: dict[str, Any],
                     resolved: Resolved | None, *, exclude_history: bool = True, batch_size: int = 256,
                     device: str | torch.device = "cpu", user_heads: torch.Tensor | None = None,
-                    allowed_items: AllowedFn | None = None) -> Ranking:
+                    allowed_items: AllowedFn | None = None, cutoffs: Sequence[int] | None = None) -> Ranking:
     """Top `k` per user of the split under the objectives (`None`: exactly `rank_split`). `scoring`:
-    rank_split's fusion keyword arguments (`mhr.ranking.fusion.scoring_args`)."""
+    rank_split's fusion keyword arguments (`mhr.ranking.fusion.scoring_args`); `cutoffs`: the list
+    lengths a `--steer` quota holds at (default: k; `mhr eval` gives its --k cut-offs)."""
     kw = scoring if resolved is None else with_head_boost(scoring, resolved.head_boost)
     n_items = int(run.compat.omega.shape[1] - 1)
 
@@ -209,7 +210,7 @@ def rank_objectives(run: LoadedRun, split: dict[str, np.ndarray], k: int, scorin
         parts = [fetch(k)] + [fetch(k, g) for g in resolved.steer_members]
         cands = merge_rankings(parts, sum(p.items.shape[1] for p in parts))
         return _take(cands, quota_rerank(cands.items, cands.scores, resolved.steer_members,
-                                         resolved.steer_shares, k))
+                                         resolved.steer_shares, k, cutoffs))
     cands = fetch(max(k, min(n_items, CALIBRATION_POOL * k)))
     dist = item_distribution(resolved.calibrate.item_groups[:, : n_items + 1])
     p = history_distribution(split["history_ptr"], split["history_items"], dist)

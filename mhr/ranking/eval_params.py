@@ -75,7 +75,7 @@ class EvalParams:
         None, "Score a seeded sample of this many users of the split (the same users for every run on these "
         "windows, so runs stay paired); default: every user. For quick looks at big logs.", panel=_RANK)
     steer: tuple[str, ...] = option(
-        (), "PRIOR:GROUP=SHARE (repeatable): every prefix of K items of each list holds ≥ ceil(SHARE·K) items of "
+        (), "PRIOR:GROUP=SHARE (repeatable): the top K of each list, at every cut-off K of --k, holds ≥ ceil(SHARE·K) items of "
         "GROUP (a group of an item/graph prior, by name or id as `mhr priors show` lists it) where the user's "
         "candidates allow; exact for one quota, greedy for several.", panel=_OBJ, multiple=True,
         parse=_texts(parse_steer), show=_join)

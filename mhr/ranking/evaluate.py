@@ -239,7 +239,7 @@ def _ranker(st: _Setup, params: EvalParams, dataset: Dataset, device: str):
         n_cand = min(st.n_items, 2 * st.kmax) if params.diversity else st.kmax
         out = rank_objectives(r, st.split, n_cand, _fusion_args(params.fusion, f), resolved,
                               exclude_history=not params.keep_history, device=device, user_heads=heads,
-                              allowed_items=st.allowed)
+                              allowed_items=st.allowed, cutoffs=st.ks)
         if not params.diversity:
             return out
         pick = greedy_diverse(out.items, out.scores, st.cat.item_groups, st.kmax, params.diversity)

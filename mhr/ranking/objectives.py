@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -167,26 +168,29 @@ def kl_calibration(p: np.ndarray, q: np.ndarray, alpha: float = CALIBRATION_ALPH
 # re-rankings: positions into each row of sorted candidates
 
 
-def quota_rerank(items: np.ndarray, scores: np.ndarray, members: np.ndarray, shares, k: int) -> np.ndarray:
+def quota_rerank(items: np.ndarray, scores: np.ndarray, members: np.ndarray, shares, k: int,
+                 cutoffs: Sequence[int] | None = None) -> np.ndarray:
     """Positions [U, k] into `items`/`scores` [U, M] (each row sorted by score, best first; -inf = no
     candidate) of lists meeting lower-bound quotas: `members` bool [J, N+1] (item in steered group j),
-    `shares` [J]; every prefix of n items should hold ≥ ceil(share_j · n) items of group j.
+    `shares` [J]; the top K of the list should hold ≥ ceil(share_j · K) items of group j at every
+    cut-off K of `cutoffs` (default: the list's length k; `mhr eval` passes its --k cut-offs).
 
-    The greedy fills position n = 1..k: when some quota is short at n, it takes the best remaining
-    candidate among those that count for the most short quotas; otherwise the best remaining one.
+    The greedy fills position n = 1..k: a quota is short at n when the items of group j it still owes
+    at some cut-off K ≥ n fill every position left up to K (count_j < ceil(share_j·K) − (K − n)); then
+    it takes the best remaining candidate among those that count for the most short quotas, otherwise
+    the best remaining one. So group items are forced in as late as the cut-offs allow.
 
-    One quota (J = 1) — exact, for every prefix at once. Let G be the group, g_1 ≥ g_2 ≥ … its
-    candidates' scores and o_1 ≥ o_2 ≥ … the others'. A best n-list under "≥ q items of G" holds the
-    top m of G and the top n−m others for some m ≥ q (swapping in a better item of the same kind never
-    hurts), and its score F(m) = Σ_{a≤m} g_a + Σ_{b≤n−m} o_b is concave in m (F(m+1) − F(m) =
-    g_{m+1} − o_{n−m} decreases), so the best m is max(q, m₀) with m₀ the G-count of the plain top n:
-    take the top n; if short of q, swap the lowest-scored non-G items for the best G items not in it.
-    The greedy's prefix has exactly that form: G items enter best first, either forced (then the
-    count equals ceil(share·n') ≤ q) or because one beat every remaining other item (so g_m ≥ o_{n−m+1}),
-    and every other item entered beating the remaining G items (o_{n−m} ≥ g_{m+1}) — the optimality
-    conditions of the concave F. So each prefix has the largest score sum under its own quota, and
-    the list maximises Σ_n w_n s(item at n) for any decreasing position weights w (e.g. DCG) among lists
-    meeting the quota at every prefix. When G runs out, the rest are the best others.
+    One quota (J = 1) — exact at every cut-off. Let G be the group, g_1 ≥ g_2 ≥ … its candidates'
+    scores and o_1 ≥ o_2 ≥ … the others'. A best K-list under "≥ q items of G" holds the top m of G
+    and the top K−m others for some m ≥ q (swapping in a better item of the same kind never hurts),
+    and its score F(m) = Σ_{a≤m} g_a + Σ_{b≤K−m} o_b is concave in m (F(m+1) − F(m) = g_{m+1} − o_{K−m}
+    decreases), so the best m is max(q, m₀) with m₀ the G-count of the plain top K: take the top K;
+    if short of q, swap the lowest-scored non-G items for the best G items not in it. The greedy's top K
+    has exactly that form: until forced it takes the best remaining items (the plain top K − d), then
+    the d best G items left, d the deficit — and the forced items score below every item before them,
+    so with one cut-off the list stays in score order (the best order for any decreasing position
+    weights, e.g. DCG). Nested cut-offs: each top K is again the optimum under its own quota (tested
+    against brute force); an item forced in for a smaller K may then sit above better items after it. When G runs out, the rest are the best others.
 
     Several quotas: the same greedy, preferring the candidate that counts for most short quotas
     (ties: the better score). Not optimal in general (overlapping or infeasible quotas make the
@@ -204,9 +208,14 @@ def quota_rerank(items: np.ndarray, scores: np.ndarray, members: np.ndarray, sha
     taken = np.zeros((n_users, m), dtype=bool)
     count = np.zeros((n_users, len(members)), dtype=np.int64)
     rows = np.arange(n_users)
+    cuts = np.array(sorted({min(int(c), k) for c in (cutoffs or (k,)) if c >= 1}), dtype=np.int64)
+    owed = np.ceil(need_share[:, None] * cuts[None, :] - _EPS).astype(np.int64)  # [J, C] at each cut-off
+    have = (cand_in & valid[:, :, None]).sum(1)  # [U, J]: a quota owes at most the group's candidates
+    owed = np.minimum(owed[None], have[:, :, None])  # [U, J, C]
     for n in range(1, k + 1):
-        need = np.ceil(need_share * n - _EPS).astype(np.int64)  # [J]
-        short = count < need[None, :]  # [U, J]
+        ahead = cuts >= n
+        need = (owed[:, :, ahead] - (cuts[ahead] - n)).max(2, initial=0)  # [U, J]
+        short = count < need  # [U, J]
         cover = (cand_in & short[:, None, :]).sum(-1)  # [U, M]
         key = np.where(valid & ~taken, cover, -1)
         pick = key.argmax(1)  # first max: the best-scored candidate with the most short quotas

@@ -14,7 +14,8 @@ import numpy as np
 
 from mhr.data.dense import normalise_id as normalise
 from mhr.errors import NotFoundError
-from mhr.priors.spec import ITEM_KINDS, PriorSpec, load_prior
+from mhr.priors.kinds import ITEM_KINDS
+from mhr.priors.spec import PriorSpec, load_prior
 from mhr.ranking.objectives import history_distribution, item_distribution
 from mhr.store import connect
 from mhr.workspace import Dataset
@@ -74,8 +75,8 @@ class Catalogue:
             hist = con.execute("SELECT user_id, item_id, ts FROM interactions ORDER BY user_id, pos").fetchnumpy()
             rows = con.execute("SELECT item_id, raw_id, title, tags FROM items ORDER BY item_id").fetchall()
             names = [p.name for p in run_priors if p.kind in ITEM_KINDS]
-            names += [r[0] for r in con.execute("SELECT prior FROM priors WHERE kind IN ('item', 'graph') "
-                                                "ORDER BY prior").fetchall() if r[0] not in names]
+            names += [r[0] for r in con.execute("SELECT prior, kind FROM priors ORDER BY prior").fetchall()
+                      if r[1] in ITEM_KINDS and r[0] not in names]
             specs = {p.name: p for p in run_priors}
             priors = tuple(_item_prior(specs.get(n) or load_prior(con, n)) for n in names)
         finally:

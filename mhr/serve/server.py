@@ -6,7 +6,7 @@ import errno
 import importlib.util
 import socket
 
-from mhr.console import log
+from mhr.console import err
 from mhr.errors import UsageError
 from mhr.workspace import Dataset
 
@@ -56,5 +56,5 @@ def serve(dataset: Dataset, run: str, host: str = "127.0.0.1", port: int = 8000,
     rec = Recommender.load(dataset.root, dataset.name, run, fusion=fusion)
     app = create_app(Service.create(rec, max_batch=max_batch, wait_s=wait_ms / 1000))
     shown = f"[{host}]" if ":" in host else host
-    log(f"serving run {rec.run.name} of {dataset.name} on http://{shown}:{port}/ (API docs: /docs); Ctrl-C stops")
+    err.print(f"serving run {rec.run.name} of {dataset.name} on http://{shown}:{port}/ (API docs: /docs); Ctrl-C stops")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
