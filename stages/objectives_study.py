@@ -39,9 +39,9 @@ from mhr.ranking.evaluate import evaluate
 from mhr.ranking.metrics import mean_ci
 from mhr.workspace import Workspace
 
-BETAS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0)
-SHARES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
-LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+BETAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0)
+SHARES = (0.1, 0.2, 0.3, 0.4, 0.5)  # of a top 10: 1, 2, 3, 4, 5 items
+LAMBDAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99)
 
 
 @dataclass(frozen=True)
