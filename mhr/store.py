@@ -69,12 +69,15 @@ def is_duckdb_file(path: Path) -> bool:
         return False
 
 
-def damaged_store_error(e: BaseException, path: Path | None = None) -> DamagedStoreError | None:
-    """A DuckDB error that means a store file is truncated or corrupt, as a one-line error; else None."""
+def damaged_store_error(e: BaseException, path: Path | None = None,
+                        fallback: Path | None = None) -> DamagedStoreError | None:
+    """A DuckDB error that means a store file is truncated or corrupt, as a one-line error; else None.
+    The file named is `path`, else the one the message quotes, else `fallback` (the dataset the
+    command works on: DuckDB's checksum errors name no file)."""
     text = str(e)
     if not any(m in text for m in _DAMAGE_MARKERS):
         return None
-    where = str(path) if path is not None else _quoted_path(text) or "the dataset store"
+    where = str(path or _quoted_path(text) or fallback or "the dataset store")
     return DamagedStoreError(f"{where} is damaged (truncated or corrupt: {text.strip().splitlines()[0]})",
                              hint=REBUILD_HINT)
 
@@ -144,6 +147,21 @@ def _open_error(path: Path, e: duckdb.Error, read_only: bool) -> MhrError:
         return damaged or DamagedStoreError(f"{path} is damaged ({first})", hint=REBUILD_HINT)
     return InputError(f"{path} is not a DuckDB store ({first})",
                       hint="remove the file and re-create the dataset with `mhr data …`")
+
+
+def verify_store(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Read every row of every table, so that DuckDB checks the checksum of every block in use: a
+    store whose bytes were damaged in place (size intact) raises DamagedStoreError here rather than
+    midway through a later command. A full scan, so kept for `mhr status` (about 0.3 s per 20M rows)."""
+    tables = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = "
+                                         "current_database() ORDER BY 1").fetchall()]
+    for t in tables:
+        try:
+            con.execute(f'SELECT count(*), sum(hash(t)) FROM "{t}" t').fetchall()
+        except duckdb.Error as e:
+            raise damaged_store_error(e, path) or DamagedStoreError(
+                f"{path} is damaged (table {t} cannot be read: {str(e).strip().splitlines()[0]})",
+                hint=REBUILD_HINT) from None
 
 
 def _check_length(con: duckdb.DuckDBPyConnection, path: Path) -> None:

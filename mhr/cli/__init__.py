@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in args or "-v" in args or os.environ.get("MHR_VERBOSE") == "1"
+    ctx = None
     try:
         command = typer.main.get_command(app)
         # Invoked directly rather than through typer's `main`, which turns Ctrl-C into a silent
@@ -180,9 +182,25 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if _was_interrupted(e):
             _interrupted()
+        damaged = damaged_store_error(e, fallback=_store_of(ctx))
+        if damaged is not None:  # a block failing its checksum mid-command, in any stage
+            if verbose:
+                traceback.print_exc()
+            _fail(damaged.message, damaged.hint, damaged.exit_code)
         if isinstance(e, OSError) or _is_duckdb_io(e):
             _system_error(e, verbose)
         raise
+
+
+def _store_of(ctx) -> Path | None:
+    """The store of the dataset the command works on, when the command line names one (or there is one)."""
+    obj = getattr(ctx, "obj", None)
+    if not isinstance(obj, Context):
+        return None
+    try:
+        return obj.workspace.dataset(obj.dataset_name).store_path
+    except MhrError:
+        return None
 
 
 def _is_duckdb_io(e: BaseException) -> bool:

@@ -13,7 +13,7 @@ from mhr.cache import read_manifest
 from mhr.cli.common import context
 from mhr.console import emit_json, err
 from mhr.errors import DamagedStoreError, InputError
-from mhr.store import connect
+from mhr.store import connect, verify_store
 from mhr.workspace import read_current
 
 
@@ -27,6 +27,7 @@ def _age(seconds: float) -> str:
 def _stage_rows(path) -> list[tuple]:
     con = connect(path, read_only=True)
     try:
+        verify_store(con, path)  # damaged blocks make the store damaged, not its stages done
         return con.execute(
             "SELECT stage, key, epoch(started), seconds, status, params FROM stage_runs ORDER BY started"
         ).fetchall()
