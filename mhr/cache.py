@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mhr.errors import BusyError
+from mhr.errors import BusyError, UsageError
 
 FORMAT_VERSION = 1
 T = TypeVar("T")
@@ -292,4 +293,70 @@ def remove_leftovers(root: Path, dry_run: bool = False) -> list[Leftover]:
             else:
                 item.path.unlink(missing_ok=True)
         removed.append(item)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# where a command may write a file the user named (`--out`)
+
+_STORE_FILE = "store.duckdb"  # mhr.workspace.STORE_FILE: what marks a folder as a dataset
+
+
+def _what_is(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def check_output(out: Path, flag: str = "--out", folder: bool = False) -> Path:
+    """`out` if a command may write there: a new path, or an existing regular file (a folder when
+    `folder`), and nowhere inside a dataset's folder (its store, windows, runs) but its `reports/`.
+    Anything else is refused with a UsageError before a byte is written: renaming a finished file
+    over a device, FIFO or socket would replace it (`--out /dev/null` as root), and one inside a
+    dataset would replace what the workspace owns."""
+    out = Path(out)
+    try:
+        mode = os.stat(out).st_mode  # follows a link: what would be written through it
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise UsageError(f"{flag} {out}: {e.strerror}", hint="name a file in a folder you can write") from None
+    if mode is not None and not (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
+        want = "a folder (or a new path)" if folder else "a new or regular file"
+        raise UsageError(f"{flag} {out} is {_what_is(mode)}, not {want}: mhr will not write over it",
+                         hint="name " + ("a folder, e.g. report/" if folder else "a file, e.g. recs.parquet"))
+    resolved = out.resolve()
+    for parent in (resolved, *resolved.parents):
+        if (parent / _STORE_FILE).is_file():
+            inside = resolved.relative_to(parent).parts
+            if not inside or inside[0] != "reports":
+                raise UsageError(f"{flag} {out} is inside the dataset folder {parent}, which mhr owns",
+                                 hint=f"write outside it, or under {parent / 'reports'}")
+            break
+    return out
+
+
+def sweep_temps(final: Path) -> list[Path]:
+    """Remove the temporary siblings of `final` (`.NAME.PID.tmp`, `.NAME.tmp-PID`) left by writers
+    that were killed (kill -9 runs no clean-up), so a rerun to the same path cleans up after them;
+    a live writer's temp is kept. Returns what was removed."""
+    removed = []
+    prefix = f".{final.name}."
+    try:
+        names = [n for n in os.listdir(final.parent) if n.startswith(prefix)]
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP_NAME.search(name)
+        if m is None or name[: m.start()] != f".{final.name}" or ".old-" in m.group(0):
+            continue
+        if pid_alive(int(m.group(1) or m.group(2))):
+            continue
+        path = final.parent / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed

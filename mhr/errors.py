@@ -90,4 +90,5 @@ EXIT_CODES = (
     (6, "training cannot go on"),
     (7, "external: a download or an LLM endpoint failed"),
     (130, "interrupted (Ctrl-C)"),
+    (143, "terminated (SIGTERM), cleaned up as after a Ctrl-C"),
 )

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from mhr.cache import check_output
 from mhr.errors import NotFoundError
 from mhr.ranking.metrics import mean_ci
 from mhr.workspace import Dataset
@@ -319,9 +320,16 @@ def plot_projection(dataset: Dataset, run_name: str, path: Path, user: str | Non
     return True
 
 
+REPORT_FILES = ("table.md", "table.json", "training.png", "ndcg10.png", "entropy10.png", "user_groups.png",
+                "frontier.png", "frontier.json", "projection.png", "index.md")
+
+
 def build_report(dataset: Dataset, runs: list[str], out: Path, split: str = "test", fusion: str = "max",
                  title: str = "mhr report") -> Path:
     """Write table.md, table.json, PNGs and index.md into `out`; returns the index path."""
+    check_output(out, folder=True)
+    for name in REPORT_FILES:  # a FIFO or device under one of these names would be written through
+        check_output(out / name)
     groups = collect(dataset, runs, split, fusion)
     rows = comparison_table(groups)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,13 +6,22 @@ device, bytes flipped inside a store, a file-size limit for a full disk), then s
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 
+from mhr.training.train import TrainParams, train
+from mhr.windows import build_windows
 from tests.conftest import run_cli
+from tests.helpers import make_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,6 +59,206 @@ def _corrupt_table(store: Path, table: str) -> None:
             f.seek(at)
             f.write(bytes(x ^ 0x5A for x in data))
     assert store.stat().st_size == before
+
+
+@pytest.fixture(scope="module")
+def trained_ws(tmp_path_factory) -> Path:
+    """A workspace with a tiny dataset and one finished run `r` (for recommend, eval, report)."""
+    ws = tmp_path_factory.mktemp("trained") / "ws"
+    ds = make_dataset(ws)
+    build_windows(ds, context=12, horizon=4)
+    tiny = dict(backbone="hstu", size="tiny", batch_size=16, eval_every=3, patience=0, lr=3e-3, warmup_steps=2)
+    train(ds, TrainParams(priors=("item",), max_steps=3, **tiny), name="r", show_progress=False)
+    return ws
+
+
+# --- 1. an output path is never destructive ------------------------------------------------------
+
+def _stand_ins(tmp_path: Path) -> dict[str, Path]:
+    """A FIFO and a listening Unix socket under the temp dir: the stand-ins for /dev/null and friends."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "sock"
+    if len(str(sock_path)) > 100:  # AF_UNIX paths are short
+        pytest.skip("temp dir too deep for a Unix socket")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    return {"fifo": fifo, "sock": sock_path}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "sock", "dir"])
+def test_recommend_out_refuses_what_is_not_a_regular_file(trained_ws: Path, tmp_path: Path, kind: str):
+    target = tmp_path / "dir" if kind == "dir" else _stand_ins(tmp_path)[kind]
+    target.mkdir() if kind == "dir" else None
+    mode = target.stat().st_mode
+    proc = run_cli("recommend", "r", "--all", "--out", str(target), workspace=trained_ws, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "--out" in proc.stderr and "will not write over it" in proc.stderr
+    assert target.stat().st_mode == mode  # still the FIFO / socket / folder it was
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_recommend_out_through_a_link_to_a_fifo_is_refused(trained_ws: Path, tmp_path: Path):
+    link = tmp_path / "recs.parquet"
+    link.symlink_to(_stand_ins(tmp_path)["fifo"])
+    proc = run_cli("recommend", "r", "--all", "--out", str(link), workspace=trained_ws, check=False)
+    assert proc.returncode == 2 and "named pipe" in proc.stderr
+    assert stat.S_ISFIFO((tmp_path / "fifo").stat().st_mode)
+
+
+@pytest.mark.parametrize("inside", ["store.duckdb", "runs/r/recs.parquet", "windows", "recs.parquet"])
+def test_recommend_out_inside_the_dataset_is_refused(trained_ws: Path, tmp_path: Path, inside: str):
+    ws = tmp_path / "ws"
+    shutil.copytree(trained_ws, ws)
+    store = ws / "tiny" / "store.duckdb"
+    before = store.read_bytes()
+    proc = run_cli("recommend", "r", "--all", "--out", str(ws / "tiny" / inside), workspace=ws, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert store.read_bytes() == before
+    assert not (ws / "tiny" / "runs" / "r" / "recs.parquet").exists() and not (ws / "tiny" / "recs.parquet").exists()
+
+
+def test_recommend_out_under_reports_and_outside_is_written(trained_ws: Path, tmp_path: Path):
+    for out in (trained_ws / "tiny" / "reports" / "recs.parquet", tmp_path / "recs.parquet"):
+        proc = run_cli("recommend", "r", "--all", "--out", str(out), workspace=trained_ws, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert out.stat().st_size > 0
+    shutil.rmtree(trained_ws / "tiny" / "reports")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "file", "windows", "fifo-inside"])
+def test_report_out_refuses_what_it_must_not_write_into(trained_ws: Path, tmp_path: Path, kind: str):
+    if kind == "file":
+        out = tmp_path / "notes.txt"
+        out.write_text("mine")
+    elif kind == "windows":
+        out = trained_ws / "tiny" / "windows"
+    elif kind == "fifo":
+        out = _stand_ins(tmp_path)["fifo"]
+    else:
+        out = tmp_path / "report"
+        out.mkdir()
+        os.mkfifo(out / "table.md")
+    proc = run_cli("report", "r", "--out", str(out), workspace=trained_ws, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    if kind == "file":
+        assert out.read_text() == "mine"
+    if kind == "fifo-inside":
+        assert sorted(p.name for p in out.iterdir()) == ["table.md"]
+
+
+_SIGTERM_AFTER_FIRST_CHUNK = """
+import os, signal, sys
+import mhr.ranking.recommend as rec
+from mhr.cli import main
+first = rec._export_chunk
+def chunk(*args, **kwargs):
+    table = first(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` or `docker stop` sends, mid-export
+    return table
+rec._export_chunk = chunk
+rec.CHUNK_USERS = 4
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_mid_export_leaves_no_temp_file(trained_ws: Path, tmp_path: Path):
+    out = tmp_path / "out" / "recs.parquet"
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_AFTER_FIRST_CHUNK, "--workspace", str(trained_ws),
+                           "recommend", "r", "--all", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 143, proc.stderr
+    assert "terminated" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_rerun_removes_the_temp_file_of_a_killed_export(trained_ws: Path, tmp_path: Path):
+    """kill -9 runs no clean-up: the next export to the same path removes what the dead one left."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "recs.parquet"
+    left = tmp_path / f".recs.parquet.{dead.pid}.tmp"
+    left.write_bytes(b"x" * 1000)
+    alive = tmp_path / f".recs.parquet.{os.getpid()}.tmp"  # a live writer's: kept
+    alive.write_bytes(b"y")
+    run_cli("recommend", "r", "--all", "--out", str(out), workspace=trained_ws)
+    assert not left.exists() and alive.exists() and out.is_file()
+
+
+# --- 3. sizes from the user bounded before anything is allocated ---------------------------------
+
+def test_recommend_top_beyond_the_catalogue_allocates_only_the_catalogue(trained_ws: Path):
+    from mhr.ranking.recommend import rank_histories, recommend, scoring_for
+    from mhr.training.train import load_run
+    from mhr.workspace import Workspace
+
+    ds = Workspace(trained_ws).dataset("tiny")
+    run = load_run(ds, "r")
+    n_items = run.model.item_vectors().shape[0] - 1
+    history = [(np.array([1, 2, 3]), np.array([1, 2, 3]))]
+    ranked = rank_histories(run, history, np.array([1]), 10**7, scoring_for(run, "max"))
+    assert ranked.items.shape == (1, n_items)  # not [1, 10⁷]
+    recs, _ = recommend(run, ds, "u1", top=10**9)
+    assert 0 < len(recs) <= n_items
+
+
+def test_cli_top_of_a_billion_is_the_whole_catalogue(trained_ws: Path, tmp_path: Path):
+    proc = run_cli("recommend", "r", "--user", "u1", "--top", "1000000000", workspace=trained_ws, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert 0 < len(proc.stdout.split()) <= 30
+    out = tmp_path / "recs.parquet"
+    run_cli("recommend", "r", "--all", "--out", str(out), "--top", "1000000000", workspace=trained_ws)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out).column("rank").to_numpy().max() <= 30
+
+
+def test_eval_k_beyond_the_catalogue_ranks_only_the_catalogue(trained_ws: Path, monkeypatch):
+    import mhr.ranking.inference as inference
+    from mhr.ranking.evaluate import EvalParams, evaluate_run
+    from mhr.training.train import load_run
+    from mhr.workspace import Workspace
+
+    asked = []
+    real = inference.grouped_fused_topk
+
+    def spy(*args, **kwargs):
+        asked.append(args[6])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "grouped_fused_topk", spy)
+    ds = Workspace(trained_ws).dataset("tiny")
+    run = load_run(ds, "r")
+    result = evaluate_run(run, ds, EvalParams(ks=(10, 10**6)))
+    assert asked and max(asked) <= 30
+    whole = result["metrics"]
+    assert set(whole) and all(np.isfinite(v) for v in _numbers(whole))
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, float):
+        yield obj
+
+
+def test_ndcg_with_a_huge_k_allocates_nothing_of_k():
+    import tracemalloc
+
+    from mhr.ranking.metrics import ndcg_at_k
+
+    ranked, targets = np.array([[3, 1, 2]]), np.array([[1, 9]])
+    tracemalloc.start()
+    value = ndcg_at_k(ranked, targets, 10**7)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert value == pytest.approx(ndcg_at_k(ranked, targets, 3))
+    assert peak < 1 << 20  # not 80 MB of discounts
 
 
 # --- 2. a store damaged in place ----------------------------------------------------------------

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import NoReturn
@@ -91,9 +93,30 @@ def _fail(message: str, hint: str | None, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _interrupted() -> NoReturn:
-    err.print("[red]interrupted[/]: nothing half-written was kept; rerun to complete", soft_wrap=True)
-    sys.exit(130)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, systemd and `docker stop` send), raised where a Ctrl-C would be so
+    that every clean-up a Ctrl-C runs (temp files removed, nothing half-written kept) runs alike."""
+
+
+def _on_sigterm(signum: int, frame: object) -> NoReturn:
+    raise Terminated()
+
+
+def _interrupted(e: BaseException | None = None) -> NoReturn:
+    terminated = _chain_has(e, lambda x: isinstance(x, Terminated))
+    what = "terminated (SIGTERM)" if terminated else "interrupted"
+    err.print(f"[red]{what}[/]: nothing half-written was kept; rerun to complete", soft_wrap=True)
+    sys.exit(128 + signal.SIGTERM if terminated else 130)
+
+
+def _chain_has(e: BaseException | None, test) -> bool:
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if test(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _was_interrupted(e: BaseException) -> bool:
@@ -155,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in args or "-v" in args or os.environ.get("MHR_VERBOSE") == "1"
     ctx = None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         command = typer.main.get_command(app)
         # Invoked directly rather than through typer's `main`, which turns Ctrl-C into a silent
@@ -163,25 +188,25 @@ def main(argv: list[str] | None = None) -> None:
             command.invoke(ctx)
     except MhrError as e:
         if _was_interrupted(e):
-            _interrupted()
+            _interrupted(e)
         if verbose:
             traceback.print_exc()
         _fail(e.message, e.hint, e.exit_code)
     except EXITS as e:
         sys.exit(e.exit_code)
-    except ABORTS:
-        _interrupted()
+    except ABORTS as e:
+        _interrupted(e)
     except CLICK_ERRORS as e:
         _usage_error(e)
-    except KeyboardInterrupt:
-        _interrupted()
+    except KeyboardInterrupt as e:
+        _interrupted(e)
     except BrokenPipeError:
         # the reader of stdout went away (`mhr … | head`): nothing more to say
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         sys.exit(1)
     except Exception as e:
         if _was_interrupted(e):
-            _interrupted()
+            _interrupted(e)
         damaged = damaged_store_error(e, fallback=_store_of(ctx))
         if damaged is not None:  # a block failing its checksum mid-command, in any stage
             if verbose:
@@ -190,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, OSError) or _is_duckdb_io(e):
             _system_error(e, verbose)
         raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _store_of(ctx) -> Path | None:

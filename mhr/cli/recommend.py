@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
 
         Example: mhr recommend hstu1-genre6-s0 --all --out recs.parquet --top 20 --explain
         """
+        from mhr.cache import check_output
         from mhr.errors import UsageError
         from mhr.ranking.recommend import as_json as rec_json
         from mhr.ranking.recommend import export_recommendations, read_user_file, recommend
@@ -54,6 +55,8 @@ def register(app: typer.Typer) -> None:
         if all_users and (out is None or as_json):
             raise UsageError("--all writes a Parquet file: give --out FILE (and no --json)",
                              hint="mhr recommend RUN --all --out recs.parquet")
+        if all_users:
+            check_output(out)  # before the run is loaded: refused at once
         c = context(ctx)
         ds = c.dataset()
         wanted = read_user_file(users_file) if users_file is not None else None
