@@ -230,7 +230,7 @@ def evaluate_run(run: LoadedRun, dataset: Dataset, params: EvalParams,
     tau = int(run.windows.params["horizon"])
     hs = _horizons(params, tau, run.windows.holdout)
     ks = sorted(set(params.ks))
-    kmax = max(ks)
+    kmax = min(max(ks), int(run.compat.omega.shape[1] - 1))  # no ranking is longer than the catalogue
     if params.fusion in FITTED and fit is None:
         fit = fit_fusion(run, params.fusion, device=device)
     split = run.windows.read_split(params.split)

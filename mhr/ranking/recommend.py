@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mhr.cache import check_output, sweep_temps
 from mhr.console import log, progress
 from mhr.errors import InputError, NotFoundError, UsageError
 from mhr.ranking import fusion as fusion_mod
@@ -279,9 +280,7 @@ def export_recommendations(run: LoadedRun, dataset: Dataset, out: Path, top: int
     of users. The file is written beside `out` under a temporary name and renamed into place when
     complete: an interrupted export leaves `out` as it was (absent, or the previous export)."""
     check_fusion(fusion)
-    out = Path(out)
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder", hint="name the Parquet file to write, e.g. recs.parquet")
+    out = check_output(Path(out))
     started = time.perf_counter()
     con = connect(dataset.store_path, read_only=True)
     try:
@@ -364,7 +363,7 @@ def _export_chunk(run: LoadedRun, con, ids: np.ndarray, raw_items: np.ndarray, t
     raw_users = np.asarray(users["raw_id"], dtype=object)[active]
     return pa.table({
         "user": pa.array(np.repeat(raw_users, filled.sum(axis=1)), pa.string()),
-        "rank": pa.array(np.broadcast_to(np.arange(1, top + 1, dtype=np.int32), filled.shape)[filled]),
+        "rank": pa.array(np.broadcast_to(np.arange(1, filled.shape[1] + 1, dtype=np.int32), filled.shape)[filled]),
         "item": pa.array(raw_items[ranked.items[filled]], pa.string()),
         "score": pa.array(ranked.scores[filled], pa.float32()),
         "head": pa.array(names[ranked.heads[filled]] if explain else [None] * int(filled.sum()), pa.string()),
@@ -375,6 +374,7 @@ def _export_chunk(run: LoadedRun, con, ids: np.ndarray, raw_items: np.ndarray, t
 def _atomic_parquet(out: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
     """A ParquetWriter on a temporary file beside `out`, renamed to `out` only after a clean exit;
     on any exception (Ctrl-C included) the temporary file is removed."""
+    sweep_temps(out)  # what a killed export left
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     writer = pq.ParquetWriter(tmp, schema)
     try:
