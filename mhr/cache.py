@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -33,6 +34,36 @@ MANIFEST = "manifest.json"
 
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN or ±inf float (also inside numpy scalars, lists, tuples and dicts) as None:
+    JSON has no token for them, and strict parsers reject the `NaN` / `Infinity` Python would write."""
+    if isinstance(obj, float) or (hasattr(obj, "dtype") and getattr(obj, "ndim", None) == 0):
+        value = obj.item() if hasattr(obj, "item") else obj
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """The one way an artifact's JSON is written: `json.dumps` of `json_safe(obj)` with allow_nan=False."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: Path, obj: Any, **kwargs: Any) -> Path:
+    """`dumps_json(obj)` into `path`, written beside it and renamed into place (never half-written)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(dumps_json(obj, **kwargs))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def stage_key(stage: str, params: dict[str, Any], inputs: dict[str, str]) -> str:
@@ -69,7 +100,7 @@ def write_manifest(
         **extra,
     }
     tmp = directory / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    tmp.write_text(dumps_json(manifest, indent=2, sort_keys=True, default=str))
     os.replace(tmp, directory / MANIFEST)
     return manifest
 

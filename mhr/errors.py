@@ -80,6 +80,19 @@ class DamagedStoreError(InputError):
     """A dataset store that is truncated or corrupt: it must be rebuilt from its source."""
 
 
+def refuse_non_finite(params: object) -> None:
+    """UsageError for the first float field of the dataclass `params` that is NaN or ±inf (they slip
+    past every range check: `nan < 0` is False), named as its flag `--field-name`."""
+    import dataclasses
+    import math
+
+    for f in dataclasses.fields(params):  # type: ignore[arg-type]
+        value = getattr(params, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name.replace('_', '-')} {value} is not a finite number",
+                             hint="give an ordinary number, e.g. 0.5")
+
+
 EXIT_CODES = (
     (0, "ok"),
     (1, "unexpected error, or the system refused a write (disk full, permissions)"),

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import shlex
 import tomllib
 import types
@@ -44,7 +43,7 @@ from typing import Any, TypeVar
 
 from rich.markup import escape
 
-from mhr.cache import wait_while_busy
+from mhr.cache import wait_while_busy, write_json
 from mhr.console import err
 from mhr.errors import InputError, UsageError
 from mhr.workspace import Dataset, Workspace
@@ -398,7 +397,7 @@ def _train_variants(path: Path, recipe: dict[str, Any], name: str, dataset: Data
     if selections:
         out_dir = dataset.reports_dir / name
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "selection.json").write_text(json.dumps(selections, indent=2))
+        write_json(out_dir / "selection.json", selections, indent=2)
     return run_names, chosen
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mhr.cache import check_output
+from mhr.cache import check_output, write_json
 from mhr.errors import NotFoundError
 from mhr.ranking.metrics import mean_ci
 from mhr.workspace import Dataset
@@ -335,7 +335,7 @@ def build_report(dataset: Dataset, runs: list[str], out: Path, split: str = "tes
     out.mkdir(parents=True, exist_ok=True)
     table = table_markdown(rows)
     (out / "table.md").write_text(table)
-    (out / "table.json").write_text(json.dumps(rows, indent=1))
+    write_json(out / "table.json", rows, indent=1)
     figures = []
     plot_training(groups, out / "training.png")
     figures.append(("Validation NDCG@10 over training (Fig. 2)", "training.png"))
@@ -347,7 +347,7 @@ def build_report(dataset: Dataset, runs: list[str], out: Path, split: str = "tes
         figures.append(("NDCG@10 per user group (Fig. 3)", "user_groups.png"))
     curves = frontier_points(dataset, groups, split)
     if plot_frontier(curves, out / "frontier.png"):
-        (out / "frontier.json").write_text(json.dumps(curves, indent=1))
+        write_json(out / "frontier.json", curves, indent=1)
         figures.append(("Accuracy-diversity frontier: NDCG@10 vs H@10 under greedy re-ranking", "frontier.png"))
     multi = next((g.runs[0] for g in groups if len(g.params.get("priors") or []) > 0), groups[0].runs[0])
     if plot_projection(dataset, multi, out / "projection.png"):

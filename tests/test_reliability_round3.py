@@ -261,6 +261,71 @@ def test_ndcg_with_a_huge_k_allocates_nothing_of_k():
     assert peak < 1 << 20  # not 80 MB of discounts
 
 
+# --- 4. non-finite numbers refused wherever a float comes in; never written into JSON ------------
+
+@pytest.mark.parametrize("args", [("eval", "r", "--diversity", "nan"), ("eval", "r", "--diversity", "inf"),
+                                  ("data", "synth", "--drift", "nan", "--name", "x"),
+                                  ("priors", "build", "--kind", "item", "--threshold", "-inf"),
+                                  ("train", "--lr", "nan", "--max-steps", "1")])
+def test_cli_refuses_non_finite_floats(trained_ws: Path, args: tuple):
+    proc = run_cli(*args, workspace=trained_ws, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "finite" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (trained_ws / "x").exists()
+
+
+def test_every_float_option_of_every_command_refuses_nan():
+    import typer.main
+
+    from mhr.cli import app
+    from mhr.cli.common import is_float_option, refuse_non_finite_floats
+    from mhr.errors import UsageError
+
+    command = typer.main.get_command(app)
+    refuse_non_finite_floats(command)
+    seen = []
+
+    def walk(cmd, path):
+        for param in cmd.params:
+            if is_float_option(param):
+                seen.append(f"{path} {param.name}")
+                with pytest.raises(UsageError, match="finite"):
+                    param.callback(None, param, float("nan"))
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(command, "mhr")
+    assert len(seen) >= 5  # synth's drift/noise, eval's diversity, priors' timeout/threshold, …
+
+
+def test_eval_params_from_python_refuse_nan():
+    from mhr.errors import UsageError
+    from mhr.ranking.evaluate import EvalParams
+
+    with pytest.raises(UsageError, match="--diversity nan"):
+        EvalParams(diversity=float("nan")).check()
+
+
+def test_list_options_refuse_nan():
+    from mhr.cli.common import parse_list
+    from mhr.errors import UsageError
+
+    with pytest.raises(UsageError, match="finite"):
+        parse_list("0.5,nan", float)
+
+
+def test_json_artifacts_never_hold_nan_tokens(tmp_path: Path):
+    from mhr.cache import dumps_json, write_json
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+    obj = {"a": float("nan"), "b": [float("inf"), 1.5], "c": np.float32("nan"), "d": np.float64(2.0)}
+    assert strict(dumps_json(obj)) == {"a": None, "b": [None, 1.5], "c": None, "d": 2.0}
+    strict(write_json(tmp_path / "x.json", obj).read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
 # --- 2. a store damaged in place ----------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [("data", "show"), ("windows", "build"), ("status",), ("status", "--json")])

@@ -16,7 +16,7 @@ import typer
 import typer.main
 from rich.markup import escape
 
-from mhr.cli.common import Context
+from mhr.cli.common import Context, refuse_non_finite_floats
 from mhr.console import err
 from mhr.errors import EXIT_CODES, DiskError, MhrError
 from mhr.store import damaged_store_error
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         command = typer.main.get_command(app)
+        refuse_non_finite_floats(command)
         # Invoked directly rather than through typer's `main`, which turns Ctrl-C into a silent
         # exit code that non-standalone callers never see.
         with command.make_context("mhr", args) as ctx:

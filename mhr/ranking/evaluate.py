@@ -23,7 +23,6 @@ history) and `cold` (targets restricted to items that never occur in the trainin
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,8 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from mhr.cache import canonical_json, stage_key
-from mhr.errors import UsageError
+from mhr.cache import canonical_json, stage_key, write_json
+from mhr.errors import UsageError, refuse_non_finite
 from mhr.priors.spec import PriorSpec
 from mhr.ranking import fusion as fusion_mod
 from mhr.ranking.diversity import greedy_diverse
@@ -70,6 +69,7 @@ class EvalParams:
     sample_users: int | None = None  # score a seeded sample of this many users of the split (None = all)
 
     def check(self) -> None:
+        refuse_non_finite(self)
         if self.fusion not in FUSIONS:
             raise UsageError(f"unknown fusion {self.fusion!r}", hint=f"use one of {', '.join(FUSIONS)}")
         if self.fusion in FITTED and self.oracle_event:
@@ -453,9 +453,7 @@ def load_or_fit_fusion(run: LoadedRun, kind: str, force: bool = False, device: s
             pass
     fit = fit_fusion(run, kind, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(fit.as_json(), indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_json(path, fit.as_json(), indent=1, sort_keys=True)
     return fit
 
 
@@ -490,9 +488,7 @@ def evaluate(dataset: Dataset, run_name: str, params: EvalParams, force: bool = 
     result = evaluate_run(run, dataset, params, baseline, device=device, fit=fit, baseline_fit=baseline_fit)
     result["key"] = key
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_json(path, result, indent=1, sort_keys=True)
     return path, result, False
 
 

@@ -10,12 +10,11 @@ and the reading of a run's record (`from_record`) follow, so no cached run chang
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mhr.errors import UsageError
+from mhr.errors import UsageError, refuse_non_finite
 
 
 def option(default: Any, help: str, *, aliases: tuple[str, ...] = (), panel: str | None = None,
@@ -285,10 +284,7 @@ def _check_choices(p: TrainParams) -> None:
 
 
 def _check_ranges(p: TrainParams) -> None:
-    for f in dataclasses.fields(p):  # nan/inf slip past every comparison below
-        value = getattr(p, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{flag_name(f.name)} {value} is not a finite number")
+    refuse_non_finite(p)  # nan/inf slip past every comparison below
     if not 0.0 <= p.global_ratio <= 1.0:
         raise UsageError("--global-ratio must be in [0, 1]")
     if p.batch_size < 1 or p.epochs < 1 or p.lr <= 0:

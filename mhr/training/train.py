@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mhr.cache import is_done, lock_path, locked, stage_key, write_manifest
+from mhr.cache import dumps_json, is_done, lock_path, locked, stage_key, write_manifest
 from mhr.console import err, progress
 from mhr.errors import InputError, NotFoundError, StaleError, TrainingError, UsageError
 from mhr.models.heads import Compatibility, HeadLayout, PriorHeads, SelectedQueries, build_layout, dot_scores
@@ -554,7 +554,7 @@ def _start(run: _Run, resume: bool, deterministic: bool) -> dict[str, Any]:
         state = checkpoint.load(ckpt, run.model, run.optimizer, run.scheduler, run.gen)
     elif run.dist.rank == 0:
         run.dir.mkdir(parents=True, exist_ok=True)
-        (run.dir / "config.json").write_text(json.dumps(_record(run, deterministic), indent=2, sort_keys=True))
+        (run.dir / "config.json").write_text(dumps_json(_record(run, deterministic), indent=2, sort_keys=True))
         (run.dir / "log.jsonl").write_text("")
     if run.dist.rank == 0:
         checkpoint.trim_log(run.dir / "log.jsonl", state["step"])
@@ -617,7 +617,7 @@ def _loop(run: _Run, state: dict[str, Any], checkpoint_every: int, show_progress
             if rank == 0:
                 entry["seq_per_s"] = round(seqs / max(time.time() - t0, 1e-9), 1)
                 with open(run.dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(entry) + "\n")
+                    f.write(dumps_json(entry) + "\n")
                 if bar:
                     bar.update(task, completed=step, info=_progress_info(entry, state))
             state["step"] = step
