@@ -326,6 +326,138 @@ def test_json_artifacts_never_hold_nan_tokens(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
+# --- 5. recipes say what they run ------------------------------------------------------------------
+
+RECIPE = """
+[recipe]
+name = "t"
+dataset = "d"
+seeds = [0, 1]
+
+[data]
+command = "synth"
+options = { users = 50, items = 40 }
+
+[[priors]]
+kind = "item"
+name = "item"
+top = 4
+
+[windows]
+context = 12
+horizon = 4
+
+[train]
+max_steps = 1
+lr = 0.002
+
+[variants.base]
+priors = []
+
+[variants.item]
+priors = ["item"]
+
+[variants.item.grid]
+gamma = [0.9, 0.99]
+
+[eval]
+fusion = ["max"]
+baseline = "base"
+k = [5, 10]
+"""
+
+
+def _recipe(tmp_path: Path, old: str = "", new: str = "") -> Path:
+    assert old in RECIPE
+    path = tmp_path / "r.toml"
+    path.write_text(RECIPE.replace(old, new, 1) if old else RECIPE)
+    return path
+
+
+def test_the_reference_recipe_and_every_shipped_one_pass_the_check(tmp_path: Path):
+    from mhr.recipe import load_recipe
+
+    load_recipe(_recipe(tmp_path))
+    for path in sorted((Path(__file__).parents[1] / "stages").glob("*.toml")):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("old,new,fragment", [
+    ("seeds = [0, 1]", "seed = [5]", "no key 'seed'.*did you mean 'seeds'"),
+    ('fusion = ["max"]', 'fusions = ["avg"]', r"\[eval\] has no key 'fusions'.*did you mean 'fusion'"),
+    ("[eval]", "[evals]", r"unknown section \[evals\]"),
+    ("lr = 0.002", "lrr = 0.002", r"\[train\] has no key 'lrr'.*'lr'"),
+    ('priors = ["item"]', 'prior = ["item"]', r"\[variants.item\] has no key 'prior'"),
+    ("gamma = [0.9, 0.99]", "gamma = []", r"grid\] gamma is an empty list"),
+    ("gamma = [0.9, 0.99]", "gama = [0.9]", r"grid\] has no key 'gama'"),
+    ('baseline = "base"', 'baseline = "nope"', "baseline = 'nope' names no variant"),
+    ("seeds = [0, 1]", 'seeds = "0"', "seeds = '0' is not a list of integers"),
+    ("seeds = [0, 1]", "seeds = []", "seeds is empty"),
+    ("lr = 0.002", 'lr = "fast"', "lr = 'fast' is not a number"),
+    ("max_steps = 1", "max_steps = 1.5", "max_steps = 1.5 is not an integer"),
+    ("k = [5, 10]", "k = []", r"\[eval\] k is an empty list"),
+    ("k = [5, 10]", 'k = ["ten"]', "is not a list of integers"),
+    ("top = 4", "tpo = 4", r"\[\[priors\]\] #1 has no key 'tpo'.*'top'"),
+    ('kind = "item"', 'kind = "items"', "kind = 'items' is not a prior kind"),
+    ("context = 12", "contxt = 12", r"\[windows\] has no key 'contxt'.*'context'"),
+    ("users = 50", "usres = 50", "options has no key 'usres' for mhr data synth.*'users'"),
+    ("lr = 0.002", "lr = nan", "lr = nan is not a number"),
+])
+def test_recipe_typos_are_refused_naming_the_key(tmp_path: Path, old: str, new: str, fragment: str):
+    from mhr.errors import InputError
+    from mhr.recipe import load_recipe
+
+    with pytest.raises(InputError, match=fragment) as e:
+        load_recipe(_recipe(tmp_path, old, new))
+    assert e.value.exit_code == 2 and e.value.hint
+
+
+def test_a_recipe_without_variants_is_refused(tmp_path: Path):
+    from mhr.errors import InputError
+    from mhr.recipe import load_recipe
+
+    text = RECIPE.split("[variants.base]")[0] + "[variants]\n"
+    (tmp_path / "r.toml").write_text(text)
+    with pytest.raises(InputError, match="lists no variant"):
+        load_recipe(tmp_path / "r.toml")
+
+
+def test_a_recipe_that_is_not_utf8_is_refused(tmp_path: Path):
+    from mhr.errors import InputError
+    from mhr.recipe import load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_bytes(RECIPE.replace('"t"', '"caf\xe9"').encode("latin-1"))
+    with pytest.raises(InputError, match="not UTF-8"):
+        load_recipe(path)
+
+
+def test_every_eval_params_field_is_a_recipe_key(tmp_path: Path):
+    """Keys come from EvalParams: a field added there (steering, calibration, …) is accepted at once."""
+    import dataclasses
+
+    from mhr.ranking.evaluate import EvalParams
+    from mhr.recipe import EVAL_LISTS, load_recipe
+
+    lines = []
+    for f in dataclasses.fields(EvalParams):
+        if f.name in ("ks", "baseline", *EVAL_LISTS) or f.default is None:
+            continue
+        value = f.default
+        toml = (json.dumps(list(value)) if isinstance(value, tuple) else str(value).lower()
+                if isinstance(value, bool) else json.dumps(value))
+        lines.append(f"{f.name} = {toml}")
+    load_recipe(_recipe(tmp_path, "k = [5, 10]", "k = [5, 10]\n" + "\n".join(lines)))
+
+
+def test_cli_run_of_a_mistyped_recipe_exits_2_before_anything_runs(tmp_path: Path):
+    ws = tmp_path / "ws"
+    proc = run_cli("run", str(_recipe(tmp_path, "seeds = [0, 1]", "seed = [5]")), workspace=ws, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "seed" in proc.stderr and "Traceback" not in proc.stderr
+    assert not ws.exists() or not any(ws.iterdir())
+
+
 # --- 2. a store damaged in place ----------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [("data", "show"), ("windows", "build"), ("status",), ("status", "--json")])
