@@ -215,6 +215,15 @@ def new_store(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
             stale.unlink(missing_ok=True)
 
 
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the open transaction, if there still is one: a COMMIT the disk refused has already
+    ended it, and a second error ("no transaction is active") must not hide the first."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
+
+
 def set_meta(con: duckdb.DuckDBPyConnection, **values: Any) -> None:
     for key, value in values.items():
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)

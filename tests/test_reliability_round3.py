@@ -458,6 +458,51 @@ def test_cli_run_of_a_mistyped_recipe_exits_2_before_anything_runs(tmp_path: Pat
     assert not ws.exists() or not any(ws.iterdir())
 
 
+# --- 6. a disk that refuses a write (forced by a file-size limit) --------------------------------
+
+_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG, as on a full disk
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from mhr.cli import main
+main(sys.argv[2:])
+"""
+
+
+def _limited(limit: int, workspace: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _LIMITED, str(limit), "--workspace", str(workspace), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _one_disk_line(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "File too large" in proc.stderr
+    assert "free some space" in proc.stderr
+
+
+def test_import_on_a_full_disk_is_one_line_and_keeps_nothing(tmp_path: Path):
+    ws = tmp_path / "ws"
+    _one_disk_line(_limited(1_000_000, ws, "data", "synth", "--users", "50", "--items", "40"))
+    assert sorted(p.name for p in (ws / "synth").iterdir()) == [".lock"]
+
+
+def test_priors_commit_on_a_full_disk_keeps_the_previous_prior(synth_copy: Path):
+    run_cli("priors", "build", "--kind", "item", workspace=synth_copy)
+    before = json.loads(run_cli("priors", "list", "--json", workspace=synth_copy).stdout)
+    _one_disk_line(_limited(2000, synth_copy, "priors", "build", "--kind", "item", "--top", "3", "--force"))
+    assert json.loads(run_cli("priors", "list", "--json", workspace=synth_copy).stdout) == before
+
+
+def test_checkpoint_on_a_full_disk_is_one_line(trained_ws: Path, tmp_path: Path):
+    ws = tmp_path / "ws"
+    shutil.copytree(trained_ws, ws)
+    proc = _limited(20_000, ws, "train", "--name", "r2", "--max-steps", "3", "--backbone", "hstu", "--size", "tiny",
+                    "--batch-size", "16", "--eval-every", "2", "--priors", "item")
+    _one_disk_line(proc)
+    assert not [p for p in (ws / "tiny" / "runs").rglob(".*tmp*")]
+
+
 # --- 2. a store damaged in place ----------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [("data", "show"), ("windows", "build"), ("status",), ("status", "--json")])

@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from mhr.cli.common import Context, refuse_non_finite_floats
 from mhr.console import err
-from mhr.errors import EXIT_CODES, DiskError, MhrError
+from mhr.errors import EXIT_CODES, DiskError, MhrError, disk_full_error
 from mhr.store import damaged_store_error
 from mhr.workspace import Workspace
 
@@ -151,20 +151,16 @@ def _system_error(e: BaseException, verbose: bool) -> NoReturn:
     """An OSError (or DuckDB I/O error) no stage turned into an MhrError: one line naming the path."""
     if verbose:
         traceback.print_exc()
-    damaged = damaged_store_error(e)
-    if damaged is not None:
-        _fail(damaged.message, damaged.hint, damaged.exit_code)
+    known = damaged_store_error(e) or disk_full_error(e)
+    if known is not None:
+        _fail(known.message, known.hint, known.exit_code)
     if isinstance(e, OSError):
         where = f": {e.filename}" if e.filename else ""
         message = f"{e.strerror or type(e).__name__}{where}"
     else:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    no_space = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in message
     denied = getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS)
-    hint = ("free some space (or point --workspace / MHR_WORKSPACE at a larger disk) and rerun; "
-            "nothing half-written was kept" if no_space else
-            "check the permissions of that path" if denied else
-            "rerun with --verbose for the traceback")
+    hint = "check the permissions of that path" if denied else "rerun with --verbose for the traceback"
     _fail(message, hint, DiskError.exit_code)
 
 
@@ -208,11 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if _was_interrupted(e):
             _interrupted(e)
-        damaged = damaged_store_error(e, fallback=_store_of(ctx))
-        if damaged is not None:  # a block failing its checksum mid-command, in any stage
+        known = damaged_store_error(e, fallback=_store_of(ctx)) or disk_full_error(e)
+        if known is not None:  # a block failing its checksum, or a full disk, mid-command in any stage
             if verbose:
                 traceback.print_exc()
-            _fail(damaged.message, damaged.hint, damaged.exit_code)
+            _fail(known.message, known.hint, known.exit_code)
         if isinstance(e, OSError) or _is_duckdb_io(e):
             _system_error(e, verbose)
         raise

@@ -35,7 +35,7 @@ from mhr.data import dense
 from mhr.data.dense import normalise_ids
 from mhr.data.source import ITEMS_SCHEMA, TS_INVALID, USERS_SCHEMA, Source, conform
 from mhr.errors import BusyError, InputError, MhrError, UsageError
-from mhr.store import connect, damaged_store_error, get_meta, new_store, record_stage_run, set_meta
+from mhr.store import connect, damaged_store_error, get_meta, new_store, record_stage_run, rollback, set_meta
 from mhr.workspace import Dataset, writing
 
 DEDUPE = ("keep", "drop")
@@ -125,7 +125,7 @@ def _carry_over(con: duckdb.DuckDBPyConnection, old: Path, priors: bool) -> dict
                 con.execute(f"INSERT INTO {table} SELECT * FROM old_store.{table}")
             con.execute("COMMIT")
         except duckdb.Error as e:  # the old store is damaged where these tables lie: keep none of them
-            con.execute("ROLLBACK")
+            rollback(con)
             damaged = damaged_store_error(e, old)
             if damaged is None:
                 raise

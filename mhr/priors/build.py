@@ -33,7 +33,7 @@ from mhr.priors.item import ItemParams, build_item_prior
 from mhr.priors.spec import KINDS
 from mhr.priors.temporal import TemporalParams, build_temporal_prior
 from mhr.priors.user import UserParams, build_user_prior
-from mhr.store import connect, data_key, record_stage_run
+from mhr.store import connect, data_key, record_stage_run, rollback
 from mhr.workspace import Dataset, check_name, writing
 
 STAGE = "priors"
@@ -171,7 +171,7 @@ def build_prior(
                     record_stage_run(con, STAGE, key, kp, inputs, started)
                     con.execute("COMMIT")
                 except BaseException:
-                    con.execute("ROLLBACK")
+                    rollback(con)
                     raise
             except Exception as e:
                 try:
