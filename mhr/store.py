@@ -22,7 +22,15 @@ from typing import Any
 
 import duckdb
 
-from mhr.errors import BusyError, DamagedStoreError, DiskError, InputError, MhrError, NotFoundError
+from mhr.errors import (
+    BusyError,
+    DamagedStoreError,
+    DiskError,
+    InputError,
+    MhrError,
+    NotFoundError,
+    UsageError,
+)
 
 SCHEMA_VERSION = 1
 
@@ -90,6 +98,22 @@ def _quoted_path(text: str) -> str | None:
     return text[start + 6:end] if end > start else None
 
 
+# characters DuckDB does not read literally in a database path: `?` starts its options
+# ("file.duckdb?x=1"), a backslash is taken for a folder separator
+_DUCKDB_SPECIAL = ("?", "\\")
+
+
+def check_store_folder(path: Path, what: str = "the workspace") -> Path:
+    """`path` unless it holds a character DuckDB would not read literally in a store's path: then a
+    UsageError (exit 2) naming it, before anything is written (every store write would fail)."""
+    bad = [c for c in _DUCKDB_SPECIAL if c in str(path)]
+    if bad:
+        raise UsageError(f"{what} {path} contains '{bad[0]}', which DuckDB does not read literally in a "
+                         "database path", hint="use a folder whose path has no '?' or backslash "
+                         "(--workspace / MHR_WORKSPACE)")
+    return path
+
+
 def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """Open an existing store, refusing files that are not an mhr DuckDB store or are damaged.
 
@@ -98,6 +122,7 @@ def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """
     if not path.is_file():
         raise NotFoundError(f"no store at {path}", hint="create the dataset first with `mhr data …`")
+    check_store_folder(path.parent)
     try:
         con = duckdb.connect(str(path), read_only=read_only)
     except duckdb.Error as e:
@@ -193,6 +218,7 @@ def _check_length(con: duckdb.DuckDBPyConnection, path: Path) -> None:
 @contextmanager
 def new_store(path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     """Build a fresh store in a temporary file; rename it over `path` only if the block succeeds."""
+    check_store_folder(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     for stale in (tmp, tmp.with_name(tmp.name + ".wal")):

@@ -503,6 +503,44 @@ def test_checkpoint_on_a_full_disk_is_one_line(trained_ws: Path, tmp_path: Path)
     assert not [p for p in (ws / "tiny" / "runs").rglob(".*tmp*")]
 
 
+# --- 7. workspace paths with characters DuckDB reads specially --------------------------------------
+
+@pytest.mark.parametrize("name", ["w?x", "w\\x"])
+def test_workspace_with_a_duckdb_special_character_is_refused_before_anything_is_written(tmp_path: Path, name: str):
+    ws = tmp_path / name
+    proc = run_cli("data", "synth", "--users", "50", "--items", "40", workspace=ws, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "DuckDB" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+    proc = run_cli("status", workspace=None, env={"MHR_WORKSPACE": str(ws)}, check=False)
+    assert proc.returncode == 2 and "DuckDB" in proc.stderr
+
+
+def test_the_store_functions_refuse_such_a_path_too(tmp_path: Path):
+    from mhr.errors import UsageError
+    from mhr.store import new_store
+
+    with pytest.raises(UsageError, match="'\\?'"):
+        with new_store(tmp_path / "a?b" / "store.duckdb"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["w#x", "w'x", "w x", "w*x", "w[1]x", "w{a}x", "w%3Fx", "w:memory:"])
+def test_workspaces_with_other_odd_characters_work(tmp_path: Path, name: str):
+    from mhr.data.synth import synth_store
+    from mhr.priors.build import build_prior, make_params
+    from mhr.windows import build_windows
+    from mhr.workspace import Workspace
+
+    ds = Workspace.from_option(tmp_path / name).dataset("d")
+    synth_store(ds, users=30, items=20, interactions=600)
+    build_prior(ds, "item", make_params("item", {}))
+    build_windows(ds, context=8, horizon=2)
+    synth_store(ds, users=30, items=20, interactions=600, seed=1, discard_priors=True)  # a rebuild carries over
+    assert ds.store_path.is_file()
+
+
 # --- 2. a store damaged in place ----------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [("data", "show"), ("windows", "build"), ("status",), ("status", "--json")])
