@@ -158,15 +158,17 @@ def _open_error(path: Path, e: duckdb.Error, read_only: bool) -> MhrError:
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     if "lock" in text.lower():
         pid = re.search(r"\(PID (\d+)\)", text)  # DuckDB names the process holding the file
-        holder = f"process {pid.group(1)}" if pid else "another process"
-        return BusyError(f"busy: {holder} is writing {path.parent.name}",
+        stage = _stage_writing(path)  # the command, as the dataset's write lock names it
+        holder = stage or (f"process {pid.group(1)}" if pid else "another process")
+        return BusyError(f"busy: {holder} is writing {path.parent.name}; its store cannot be read until it is done",
                          hint="wait for it to finish and run this again",
                          holder=holder, pid=int(pid.group(1)) if pid else None)
     if "Permission denied" in text or "Read-only file system" in text:
         what = "read" if read_only else "open for writing"
+        fix = ("make the file readable (chmod u+r)" if read_only else
+               "make the file and its folder writable (chmod u+w)")
         return DiskError(f"cannot {what} {path}: permission denied",
-                         hint="make the file and its folder writable (chmod u+w) or run as their owner; "
-                              "the store itself is fine")
+                         hint=f"{fix} or run as their owner; the store itself is fine")
     damaged = damaged_store_error(e, path)
     if damaged is not None or is_duckdb_file(path):
         return damaged or DamagedStoreError(f"{path} is damaged ({first})", hint=REBUILD_HINT)
@@ -187,6 +189,13 @@ def verify_store(con: duckdb.DuckDBPyConnection, path: Path) -> None:
             raise damaged_store_error(e, path) or DamagedStoreError(
                 f"{path} is damaged (table {t} cannot be read: {str(e).strip().splitlines()[0]})",
                 hint=REBUILD_HINT) from None
+
+
+def _stage_writing(path: Path) -> str | None:
+    """Who holds the dataset's write lock (`mhr.workspace.writing`), e.g. "priors build (pid 12)"."""
+    from mhr.cache import lock_holder
+
+    return lock_holder(path.parent / ".lock")
 
 
 def _check_length(con: duckdb.DuckDBPyConnection, path: Path) -> None:

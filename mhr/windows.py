@@ -611,6 +611,7 @@ def describe_windows(dataset: Dataset, ref: str | None = None) -> dict[str, Any]
         "params": manifest["params"],
         "data_key": manifest["inputs"].get("data"),
         "current": manifest["inputs"].get("data") == current,
+        "damaged": read_manifest(path, verify=True) is None,  # a file's checksum differs from the manifest
         "default": manifest["key"] == read_current(dataset).get("windows"),
         "created": manifest.get("created"),
         "stats": manifest.get("stats", {}),
@@ -657,6 +658,7 @@ def summary_table(info: dict[str, Any]) -> Table:
         f"{s['n_train_positions']:,} input positions, {s['n_train_targets']:,} training targets; "
         f"{s['n_store_items']:,} items (max id {s['max_item_id']:,}), {s['n_events']} event types"
         + ("" if info["current"] else "; [red]stale: built from another version of the dataset[/]")
+        + ("; [red]damaged: a file differs from its manifest (rebuild with --force)[/]" if info.get("damaged") else "")
     )
     return table
 

@@ -568,3 +568,189 @@ def test_the_rebuild_command_replaces_a_damaged_store(synth_copy: Path, table: s
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert run_cli("data", "show", workspace=synth_copy, check=False).returncode == 0
+
+
+# --- 8. the minor list ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("error,state", [("busy", "busy"), ("unreadable", "unreadable")])
+def test_status_lists_the_other_datasets_when_one_store_cannot_be_read(tmp_path: Path, monkeypatch, error: str,
+                                                                        state: str):
+    import mhr.cli.status as status
+    from mhr.errors import BusyError, DiskError, MhrError
+    from mhr.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    for name in ("a", "b"):
+        make_dataset(ws.root, name=name, n_users=10, with_priors=False)
+    real = status.connect
+
+    def connect(path, read_only=False):
+        if path.parent.name == "a":
+            raise (BusyError("busy: priors build (pid 1) is writing a") if error == "busy" else
+                   DiskError(f"cannot read {path}: permission denied", hint="make the file readable"))
+        return real(path, read_only=read_only)
+
+    monkeypatch.setattr(status, "connect", connect)
+    records = {r["dataset"]: r for r in status.collect_status(ws)}
+    assert records["a"]["store_error"]["state"] == state
+    assert "store_error" not in records["b"]
+    if error == "busy":
+        status._fail_if_damaged(list(records.values()))  # busy is no failure
+    else:
+        with pytest.raises(MhrError) as e:
+            status._fail_if_damaged(list(records.values()))
+        assert e.value.exit_code == 1
+
+
+def test_an_unreadable_store_is_not_blamed_on_write_permission(tmp_path: Path):
+    from mhr.store import _open_error
+
+    e = _open_error(tmp_path / "store.duckdb", duckdb.IOException("IO Error: Permission denied"), read_only=True)
+    assert "readable" in e.hint and "writable" not in e.hint
+
+
+_HOLD_WRITER = """
+import sys, time, duckdb
+from mhr.workspace import Workspace, writing
+ds = Workspace.from_option(sys.argv[1]).dataset("synth")
+with writing(ds, "priors build"):
+    con = duckdb.connect(str(ds.store_path))
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_reader_during_a_priors_build_is_told_which_command_holds_the_store(synth_copy: Path):
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_WRITER, str(synth_copy), "20"], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        shown = run_cli("data", "show", workspace=synth_copy, check=False)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert shown.returncode == 4, shown.stderr
+    assert f"priors build (pid {proc.pid}) is writing synth" in shown.stderr
+
+
+def test_windows_show_and_status_tell_damaged_windows(trained_ws: Path, tmp_path: Path):
+    from mhr.cli.status import collect_status
+    from mhr.windows import describe_windows
+    from mhr.workspace import Workspace
+
+    shutil.copytree(trained_ws, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    ds = ws.dataset("tiny")
+    [wdir] = [d for d in ds.windows_dir.iterdir() if not d.name.startswith(".")]
+    target = next(p for p in sorted(wdir.iterdir()) if p.name != "manifest.json" and p.stat().st_size > 64)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    target.write_bytes(bytes(data))
+    assert describe_windows(ds)["damaged"]
+    proc = run_cli("windows", "show", workspace=ws.root, check=False)
+    assert "damaged" in proc.stderr
+    assert {a["kind"]: a["state"] for a in collect_status(ws)[0]["artifacts"]}["windows"] == "damaged"
+
+
+def test_status_marks_artifacts_of_replaced_data_stale(trained_ws: Path, tmp_path: Path):
+    from mhr.cli.status import collect_status
+    from mhr.workspace import Workspace
+
+    shutil.copytree(trained_ws, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    assert {a["state"] for a in collect_status(ws)[0]["artifacts"]} == {"done"}
+    make_dataset(ws.root, seed=1)
+    assert {a["kind"]: a["state"] for a in collect_status(ws)[0]["artifacts"]} == {"windows": "stale", "run": "stale"}
+    proc = run_cli("status", workspace=ws.root, check=False)
+    assert proc.stderr.count("stale") >= 2
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"gamma": -0.5}, "--gamma -0.5 must be in"),
+    ({"negatives_per": "batch"}, "--negatives-per batch shapes a sampled softmax"),
+    ({"logq": False}, "--no-logq shapes a sampled softmax"),
+])
+def test_train_options_that_would_be_dropped_are_refused(change: dict, fragment: str):
+    from mhr.errors import UsageError
+
+    with pytest.raises(UsageError, match=fragment):
+        TrainParams(**change).check()
+
+
+def test_a_full_softmax_run_recorded_with_old_sampler_values_still_reads_back():
+    from mhr.training.params import RUN_KEY_RULES
+
+    p = TrainParams.from_record({"priors": ["item"], "negatives": None})
+    p.check()
+    assert p.as_dict() == TrainParams(priors=("item",)).as_dict()
+    assert RUN_KEY_RULES["logq"].historical is False  # what an old record lacking the field reads as
+
+
+def test_cli_negative_checkpoint_every_and_resume_with_options(trained_ws: Path, tmp_path: Path):
+    proc = run_cli("train", "--checkpoint-every", "-1", "--max-steps", "1", workspace=trained_ws, check=False)
+    assert proc.returncode == 2 and "--checkpoint-every" in proc.stderr
+    proc = run_cli("train", "--resume", "r", "--lr", "0.5", "--epochs", "3", workspace=trained_ws, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "--epochs, --lr ignored" in proc.stderr
+
+
+_CTRL_C_IN_TRAINING = """
+import sys
+import mhr.training.train as t
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+t._loop = interrupted
+from mhr.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_during_training_says_how_to_resume(trained_ws: Path, tmp_path: Path):
+    ws = tmp_path / "ws"
+    shutil.copytree(trained_ws, ws)
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_IN_TRAINING, "--workspace", str(ws), "train", "--name",
+                           "r9", "--max-steps", "2", "--size", "tiny", "--batch-size", "16", "--priors", "item"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert "mhr train --resume r9" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_paper_rows_with_null_lists_are_counted(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    items = [[f"i{j}" for j in range(5)], None, [], [f"i{j}" for j in range(3, 8)]]
+    ts = [list(range(5)), None, [], list(range(5))]
+    pq.write_table(pa.table({"user_id": ["a", "b", "c", "d"], "item_id": items, "timestamp": ts}), path)
+    proc = run_cli("data", "import", str(path), "--format", "paper", workspace=tmp_path / "ws", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 rows whose item_id list is null or empty were skipped" in proc.stderr
+
+
+def test_a_unit_separator_byte_in_a_sequence_file_is_named(tmp_path: Path):
+    path = tmp_path / "seq.txt"
+    path.write_bytes(b"u1 a b c\nu2 a\x1fb c\nu3 c d\n")
+    proc = run_cli("data", "import", str(path), "--format", "sequence", workspace=tmp_path / "ws", check=False)
+    assert proc.returncode == 2
+    assert "line 2" in proc.stderr and "0x1f" in proc.stderr
+
+
+def test_ids_given_for_lookup_are_normalised_as_imports_normalise_them(trained_ws: Path, tmp_path: Path):
+    import pyarrow as pa
+
+    from mhr.data.dense import normalise_id, normalise_ids
+    from mhr.ranking.recommend import read_user_file, recommend
+    from mhr.ranking.service import Recommender
+    from mhr.training.train import load_run
+    from mhr.workspace import Workspace
+
+    raw = [" 42 ", "42.0", "-7.00", "abc", "1.5"]
+    assert [normalise_id(r) for r in raw] == normalise_ids(pa.array(raw)).to_pylist()
+    ds = Workspace(trained_ws).dataset("tiny")
+    recs, _ = recommend(load_run(ds, "r"), ds, "  u1\t")
+    assert recs
+    (tmp_path / "users.txt").write_text("  u1 \nu2\n")
+    assert read_user_file(tmp_path / "users.txt") == ["u1", "u2"]
+    rec = Recommender.load(trained_ws, "tiny", "r")
+    assert rec.recommend(["i1", " i2 "], user=" u3 ")

@@ -105,18 +105,23 @@ def _on_sigterm(signum: int, frame: object) -> NoReturn:
 def _interrupted(e: BaseException | None = None) -> NoReturn:
     terminated = _chain_has(e, lambda x: isinstance(x, Terminated))
     what = "terminated (SIGTERM)" if terminated else "interrupted"
-    err.print(f"[red]{what}[/]: nothing half-written was kept; rerun to complete", soft_wrap=True)
+    notes = [n for x in _chain(e) for n in getattr(x, "__notes__", ())]
+    err.print(f"[red]{what}[/]: nothing half-written was kept; "
+              + ("; ".join(notes) if notes else "rerun to complete"), soft_wrap=True)
     sys.exit(128 + signal.SIGTERM if terminated else 130)
 
 
-def _chain_has(e: BaseException | None, test) -> bool:
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if test(e):
-            return True
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """`e` and the exceptions it was raised from or while handling."""
+    out: list[BaseException] = []
+    while e is not None and all(e is not x for x in out):
+        out.append(e)
         e = e.__cause__ or e.__context__
-    return False
+    return out
+
+
+def _chain_has(e: BaseException | None, test) -> bool:
+    return any(test(x) for x in _chain(e))
 
 
 def _was_interrupted(e: BaseException) -> bool:

@@ -40,6 +40,20 @@ def context(ctx: typer.Context) -> Context:
     return obj
 
 
+def given_options(ctx: Any, names: list[str]) -> list[str]:
+    """The flags among the parameters `names` of the running command that the user gave (on the
+    command line or through an environment variable), as `--flag-name`."""
+    out = []
+    for name in names:
+        try:
+            source = ctx.get_parameter_source(name)
+        except (AttributeError, KeyError):
+            continue
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            out.append("--" + name.replace("_", "-"))
+    return out
+
+
 def run_name(ref: str | None) -> str | None:
     """A run as given on the command line, `NAME` or `run:NAME` (what `mhr train` prints) -> NAME."""
     return ref.split(":", 1)[1] if ref and ref.startswith("run:") else ref

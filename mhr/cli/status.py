@@ -12,8 +12,8 @@ from rich.table import Table
 from mhr.cache import read_manifest
 from mhr.cli.common import context
 from mhr.console import emit_json, err
-from mhr.errors import DamagedStoreError, InputError
-from mhr.store import connect, verify_store
+from mhr.errors import BusyError, DamagedStoreError, DiskError, InputError, MhrError
+from mhr.store import connect, get_meta, verify_store
 from mhr.workspace import read_current
 
 
@@ -24,13 +24,17 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _stage_rows(path) -> list[tuple]:
+def _stage_rows(path) -> tuple[list[tuple], dict[str, str]]:
+    """(the store's stage runs, the input keys its artifacts must match: {"data": …, "prior:NAME": …})."""
     con = connect(path, read_only=True)
     try:
         verify_store(con, path)  # damaged blocks make the store damaged, not its stages done
-        return con.execute(
+        rows = con.execute(
             "SELECT stage, key, epoch(started), seconds, status, params FROM stage_runs ORDER BY started"
         ).fetchall()
+        keys = {f"prior:{name}": key for name, key in con.execute("SELECT prior, key FROM priors").fetchall()}
+        keys["data"] = str(get_meta(con, "data_key") or "")
+        return rows, keys
     finally:
         con.close()
 
@@ -42,10 +46,10 @@ def collect_status(workspace) -> list[dict[str, Any]]:
         ds = workspace.dataset(name)
         record: dict[str, Any] = {"dataset": name, "stages": [], "artifacts": [], "current": read_current(ds)}
         try:
-            rows = _stage_rows(ds.store_path)
-        except InputError as e:  # a damaged or foreign store is listed as such, the others still shown
-            record["store_error"] = {"message": e.message, "hint": e.hint}
-            rows = []
+            rows, current = _stage_rows(ds.store_path)
+        except MhrError as e:  # a damaged, foreign, busy or unreadable store is listed as such, the others still shown
+            record["store_error"] = {"message": e.message, "hint": e.hint, "state": _store_state(e)}
+            rows, current = [], None
         for stage, key, started, seconds, status, params in rows:
             record["stages"].append(
                 {
@@ -57,6 +61,7 @@ def collect_status(workspace) -> list[dict[str, Any]]:
                     "params": json.loads(params or "{}"),
                 }
             )
+        stale_windows: set[str] = set()
         for kind, folder in (("windows", ds.windows_dir), ("run", ds.runs_dir)):
             if not folder.is_dir():
                 continue
@@ -64,19 +69,43 @@ def collect_status(workspace) -> list[dict[str, Any]]:
                 if d.name.startswith("."):
                     continue
                 manifest = read_manifest(d, verify=True)  # checksums too: damaged is not done
+                state = _state(kind, d, manifest)
+                if state == "done" and _is_stale(manifest, current, stale_windows):
+                    state = "stale"
+                    stale_windows |= {manifest["key"]} if kind == "windows" else set()
                 record["artifacts"].append(
                     {
                         "kind": kind,
                         "name": d.name,
                         "key": manifest and manifest["key"],
                         "complete": manifest is not None,
-                        "state": _state(kind, d, manifest),
+                        "state": state,
                         "age_s": time.time() - d.stat().st_mtime,
                     }
                 )
         out.append(record)
     _attach_leftovers(workspace, out)
     return out
+
+
+def _is_stale(manifest: dict[str, Any], current: dict[str, str] | None, stale_windows: set[str]) -> bool:
+    """Built from inputs the store no longer holds: windows of another data version, a run of rebuilt
+    (or removed) priors or of stale windows. Unknown (None) when the store cannot be read: not stale."""
+    if current is None:
+        return False
+    for name, key in manifest.get("inputs", {}).items():
+        if name == "windows" and key in stale_windows:
+            return True
+        if (name == "data" or name.startswith("prior:")) and current.get(name) != key:
+            return True
+    return False
+
+
+def _store_state(e: MhrError) -> str:
+    """What a store that cannot be listed is: damaged (or foreign), busy, or unreadable."""
+    if isinstance(e, BusyError):
+        return "busy"
+    return "damaged" if isinstance(e, InputError) else "unreadable"
 
 
 def _state(kind: str, d, manifest) -> str:
@@ -145,14 +174,17 @@ def register(app: typer.Typer) -> None:
             for s in rec["stages"]:
                 table.add_row("stage", s["stage"], s["key"][:12], _age(now - s["started"]), s["status"])
             if rec.get("store_error"):
-                table.add_row("store", "store.duckdb", "", "", "[red]damaged[/]")
+                state = rec["store_error"]["state"]
+                table.add_row("store", "store.duckdb", "", "", f"[{'yellow' if state == 'busy' else 'red'}]{state}[/]")
+                err.print(f"[dim]{rec['dataset']}: {rec['store_error']['message']}[/]", soft_wrap=True)
             for a in rec["artifacts"]:
                 table.add_row(
                     a["kind"],
                     a["name"],
                     (a["key"] or "")[:12],
                     _age(a["age_s"]),
-                    {"done": "done", "damaged": "[red]damaged[/]"}.get(a["state"], f"[yellow]{a['state']}[/]"),
+                    {"done": "done", "damaged": "[red]damaged[/]", "stale": "[red]stale[/]"}.get(
+                        a["state"], f"[yellow]{a['state']}[/]"),
                 )
             err.print(table)
             cur = rec["current"]
@@ -165,8 +197,9 @@ def register(app: typer.Typer) -> None:
 
 def _fail_if_damaged(records: list[dict[str, Any]]) -> None:
     """After listing everything: a store that cannot be read makes `mhr status` fail (exit 2)."""
-    bad = [r for r in records if r.get("store_error")]
+    bad = [r for r in records if r.get("store_error") and r["store_error"]["state"] != "busy"]
     if bad:
         first = bad[0]["store_error"]
         more = f" (and {len(bad) - 1} more dataset(s))" if len(bad) > 1 else ""
-        raise DamagedStoreError(f"dataset {bad[0]['dataset']}: {first['message']}{more}", hint=first["hint"])
+        cls = DamagedStoreError if first["state"] == "damaged" else DiskError
+        raise cls(f"dataset {bad[0]['dataset']}: {first['message']}{more}", hint=first["hint"])

@@ -37,6 +37,12 @@ def normalise_ids(ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array
     return ids
 
 
+def normalise_id(raw: object) -> str:
+    """One raw id given for a lookup (`--user`, `--users`, the Python API), normalised exactly as
+    `normalise_ids` normalised the imported ones, so " 42" and "42.0" find user "42"."""
+    return normalise_ids(pa.array([str(raw)], pa.string()))[0].as_py()
+
+
 @dataclass
 class DenseIds:
     """One id column encoded: `codes[row]` indexes `values` (normalised, distinct; -1 = null)."""

@@ -34,6 +34,7 @@ import torch
 
 from mhr.cache import check_output, sweep_temps
 from mhr.console import log, progress
+from mhr.data.dense import normalise_id
 from mhr.errors import InputError, NotFoundError, UsageError
 from mhr.ranking import fusion as fusion_mod
 from mhr.ranking.fusion import FITTED, FUSIONS, FusionFit
@@ -193,7 +194,7 @@ def recommend(run: LoadedRun, dataset: Dataset, raw_user: str, top: int = 10, fu
     check_fusion(fusion)
     con = connect(dataset.store_path, read_only=True)
     try:
-        row = con.execute("SELECT user_id FROM users WHERE raw_id = ?", [raw_user]).fetchone()
+        row = con.execute("SELECT user_id FROM users WHERE raw_id = ?", [normalise_id(raw_user)]).fetchone()
         if row is None:
             sample = [r[0] for r in con.execute("SELECT raw_id FROM users ORDER BY user_id LIMIT 3").fetchall()]
             raise NotFoundError(
@@ -263,7 +264,7 @@ def read_user_file(path: Path) -> list[str]:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the user file {path}: {e}", hint="one raw user id a line") from e
-    users = [s.strip() for s in lines if s.strip()]
+    users = [normalise_id(s) for s in lines if s.strip()]
     if not users:
         raise InputError(f"the user file {path} lists no user", hint="one raw user id a line")
     return users

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mhr.data.dense import normalise_id
 from mhr.errors import NotFoundError, UsageError
 from mhr.ranking.recommend import (
     Recommendation,
@@ -93,7 +94,7 @@ class Recommender:
         ts = np.zeros(len(history), np.int64) if timestamps is None else np.asarray(timestamps, np.int64)
         if len(ts) != len(history):
             raise UsageError(f"{len(history)} items but {len(ts)} timestamps", hint="one timestamp per item")
-        ids = np.array([self.item_ids.get(str(raw), 0) for raw in history], dtype=np.int64)
+        ids = np.array([self.item_ids.get(normalise_id(raw), 0) for raw in history], dtype=np.int64)
         missing = [raw for raw, i in zip(history, ids, strict=True) if i == 0]
         if missing and unknown == "error":
             raise NotFoundError(
@@ -113,7 +114,7 @@ class Recommender:
     def _user_id(self, raw_user: str) -> int:
         con = connect(self.dataset.store_path, read_only=True)
         try:
-            row = con.execute("SELECT user_id FROM users WHERE raw_id = ?", [raw_user]).fetchone()
+            row = con.execute("SELECT user_id FROM users WHERE raw_id = ?", [normalise_id(raw_user)]).fetchone()
         finally:
             con.close()
         if row is None:

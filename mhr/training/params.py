@@ -173,6 +173,9 @@ class TrainParams:
         """The parameters a run was trained with, from its config.json's `params` (as `as_dict`
         wrote them, at any version): a field a record lacks reads back as its historical value."""
         p = {**{name: r.historical for name, r in RUN_KEY_RULES.items() if r.historical is not _NONE}, **params}
+        if p.get("negatives") is None:  # a full softmax samples nothing: its sampler options are moot
+            for name in ("negatives_per", "logq", "in_batch_negatives"):
+                p[name] = cls.__dataclass_fields__[name].default
         p["priors"] = tuple(p["priors"])
         if "text_cols" in p:
             p["text_cols"] = tuple(p["text_cols"])
@@ -312,6 +315,8 @@ def _check_ranges(p: TrainParams) -> None:
         raise UsageError("--routing-reg must be >= 0")
     if p.router_weight < 0:
         raise UsageError("--router-weight must be a finite number >= 0")
+    if not 0 <= p.gamma <= 1:
+        raise UsageError(f"--gamma {p.gamma} must be in [0, 1]", hint="γ discounts later horizons; 0.99 is the default")
 
 
 def _check_combinations(p: TrainParams) -> None:
@@ -325,6 +330,11 @@ def _check_combinations(p: TrainParams) -> None:
                          hint="drop --priors (or use --decoder heads)")
     if p.decoder != "heads" and p.global_head:
         raise UsageError(f"--decoder {p.decoder} has no global head", hint="drop --global-head")
+    if p.negatives is None and (p.negatives_per != "position" or not p.logq):
+        given = ", ".join(f for f, on in (("--negatives-per " + p.negatives_per, p.negatives_per != "position"),
+                                          ("--no-logq", not p.logq)) if on)
+        raise UsageError(f"{given} shapes a sampled softmax, and without --negatives the full softmax samples nothing",
+                         hint="add --negatives N, e.g. --negatives 256, or drop it")
     if p.negatives is None and p.in_batch_negatives:
         raise UsageError("--in-batch-negatives shapes a sampled softmax", hint="add --negatives N, e.g. --negatives 256")
     if p.router and p.decoder != "heads":

@@ -355,6 +355,8 @@ def train(
     """
     params.check()
     check_device(device)
+    if checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every {checkpoint_every} must be >= 0", hint="0 checkpoints at each validation only")
     name = check_name(name or default_run_name(params), "run")
     run_dir = dataset.runs_dir / name
     if resume and not deterministic:  # a resumed run keeps the mode it was started in
