@@ -191,10 +191,15 @@ def _build(dataset: Dataset, params: dict, out: Path) -> dict[str, Any]:
                   greatest((SELECT coalesce(max(item_id), 0) FROM items),
                            (SELECT coalesce(max(item_id), 0) FROM interactions)),
                   count(*) FILTER (WHERE n >= {need}),
-                  count(*) FILTER (WHERE n < {need})
+                  count(*) FILTER (WHERE n < {need}),
+                  coalesce(max(n), 0)
                 FROM (SELECT count(*) AS n FROM interactions GROUP BY user_id)"""
         ).fetchall()[0]
-        n_users, n_items, n_inter, max_item, n_ok, n_short = (int(x) for x in counts)
+        n_users, n_items, n_inter, max_item, n_ok, n_short, longest = (int(x) for x in counts)
+        if T > max(longest, DEFAULT_CONTEXT):  # a size from the user, bounded before anything is sized by it
+            raise UsageError(f"--context {T} is longer than any history of dataset {dataset.name!r} "
+                             f"(the longest has {longest} interactions)",
+                             hint=f"use --context {max(longest, DEFAULT_CONTEXT)} or less")
         if n_ok == 0:
             with_h = f"τ = {tau} (2τ targets" if H == tau else f"--holdout {H} (2H targets"
             raise InputError(

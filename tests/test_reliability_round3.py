@@ -247,6 +247,19 @@ def _numbers(obj):
         yield obj
 
 
+def test_windows_context_beyond_every_history_is_refused_before_it_sizes_anything(trained_ws: Path, tmp_path: Path):
+    from mhr.errors import UsageError
+    from mhr.windows import build_windows
+    from mhr.workspace import Workspace
+
+    shutil.copytree(trained_ws, tmp_path / "ws")
+    ds = Workspace(tmp_path / "ws").dataset("tiny")
+    before = sorted(p.name for p in ds.windows_dir.iterdir())
+    with pytest.raises(UsageError, match="--context 1000000000 is longer than any history"):
+        build_windows(ds, context=10**9, horizon=4)
+    assert sorted(p.name for p in ds.windows_dir.iterdir()) == before
+
+
 def test_ndcg_with_a_huge_k_allocates_nothing_of_k():
     import tracemalloc
 
@@ -304,6 +317,14 @@ def test_eval_params_from_python_refuse_nan():
 
     with pytest.raises(UsageError, match="--diversity nan"):
         EvalParams(diversity=float("nan")).check()
+
+
+def test_prior_params_from_python_refuse_inf():
+    from mhr.errors import UsageError
+    from mhr.priors.build import make_params
+
+    with pytest.raises(UsageError, match="--threshold inf"):
+        make_params("item", {"threshold": float("inf")})
 
 
 def test_list_options_refuse_nan():

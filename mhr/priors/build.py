@@ -24,7 +24,7 @@ import duckdb
 
 from mhr.cache import file_sha256, stage_key
 from mhr.console import err
-from mhr.errors import UsageError
+from mhr.errors import UsageError, refuse_non_finite
 from mhr.priors.coengagement import RESOLUTION_SEARCH
 from mhr.priors.event import EventParams, build_event_prior
 from mhr.priors.graph import GraphParams, build_graph_prior
@@ -78,7 +78,9 @@ def make_params(kind: str, options: dict[str, Any]) -> Any:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
         raise UsageError(f"{flags} does not apply to --kind {kind}",
                          hint="see `mhr priors build --help` for the options of each kind")
-    return cls(**given)
+    params = cls(**given)
+    refuse_non_finite(params)  # a recipe or the Python API: the CLI's float options refuse them already
+    return params
 
 
 def key_params(kind: str, params: Any) -> dict[str, Any]:
