@@ -574,6 +574,18 @@ def test_store_with_flipped_bytes_is_damaged_for_every_command(synth_copy: Path,
     assert "store.duckdb" in proc.stderr and "--force" in proc.stderr  # the file, and the way to rebuild
 
 
+@pytest.mark.parametrize("args", [("recommend", "r", "--user", "u1"), ("windows", "build", "--context", "10")])
+def test_a_damaged_store_mid_command_is_damaged_not_a_traceback(trained_ws: Path, tmp_path: Path, args: tuple):
+    ws = tmp_path / "ws"
+    shutil.copytree(trained_ws, ws)
+    _corrupt_table(ws / "tiny" / "store.duckdb", "interactions")
+    proc = run_cli(*args, workspace=ws, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "damaged" in proc.stderr and "store.duckdb" in proc.stderr and "Traceback" not in proc.stderr
+    verbose = run_cli("--verbose", *args, workspace=ws, check=False)
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr  # --verbose still shows it
+
+
 def test_status_does_not_list_the_stages_of_a_damaged_store_as_done(synth_copy: Path):
     _corrupt_table(synth_copy / "synth" / "store.duckdb", "interactions")
     proc = run_cli("status", "--json", workspace=synth_copy, check=False)
