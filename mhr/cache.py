@@ -13,9 +13,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mhr.errors import BusyError
+from mhr.errors import BusyError, UsageError
 
 FORMAT_VERSION = 1
 T = TypeVar("T")
@@ -32,6 +34,38 @@ MANIFEST = "manifest.json"
 
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN or ±inf float (also inside numpy scalars, lists, tuples and dicts) as None:
+    JSON has no token for them, and strict parsers reject the `NaN` / `Infinity` Python would write."""
+    if isinstance(obj, float) or (hasattr(obj, "dtype") and getattr(obj, "ndim", None) == 0):
+        value = obj.item() if hasattr(obj, "item") else obj
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """The one way an artifact's JSON is written: `json.dumps` of `json_safe(obj)` with allow_nan=False."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: Path, obj: Any, **kwargs: Any) -> Path:
+    """`dumps_json(obj)` into `path`, written beside it under a name carrying the writer's pid (which
+    `mhr gc` recognises) and renamed into place: a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(dumps_json(obj, **kwargs))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def stage_key(stage: str, params: dict[str, Any], inputs: dict[str, str]) -> str:
@@ -67,20 +101,8 @@ def write_manifest(
         "files": files,
         **extra,
     }
-    write_json_atomic(directory / MANIFEST, manifest, indent=2, default=str)
+    write_json(directory / MANIFEST, manifest, indent=2, sort_keys=True, default=str)
     return manifest
-
-
-def write_json_atomic(path: Path, obj: Any, indent: int = 1, default: Callable[[Any], Any] | None = None) -> None:
-    """Write `obj` as sorted JSON to a temp file carrying the writer's pid (`.NAME.tmp-PID`, which
-    `mhr gc` recognises) and rename it into place: a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True, default=default))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any] | None:
@@ -302,4 +324,70 @@ def remove_leftovers(root: Path, dry_run: bool = False) -> list[Leftover]:
             else:
                 item.path.unlink(missing_ok=True)
         removed.append(item)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# where a command may write a file the user named (`--out`)
+
+_STORE_FILE = "store.duckdb"  # mhr.workspace.STORE_FILE: what marks a folder as a dataset
+
+
+def _what_is(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def check_output(out: Path, flag: str = "--out", folder: bool = False) -> Path:
+    """`out` if a command may write there: a new path, or an existing regular file (a folder when
+    `folder`), and nowhere inside a dataset's folder (its store, windows, runs) but its `reports/`.
+    Anything else is refused with a UsageError before a byte is written: renaming a finished file
+    over a device, FIFO or socket would replace it (`--out /dev/null` as root), and one inside a
+    dataset would replace what the workspace owns."""
+    out = Path(out)
+    try:
+        mode = os.stat(out).st_mode  # follows a link: what would be written through it
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise UsageError(f"{flag} {out}: {e.strerror}", hint="name a file in a folder you can write") from None
+    if mode is not None and not (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
+        want = "a folder (or a new path)" if folder else "a new or regular file"
+        raise UsageError(f"{flag} {out} is {_what_is(mode)}, not {want}: mhr will not write over it",
+                         hint="name " + ("a folder, e.g. report/" if folder else "a file, e.g. recs.parquet"))
+    resolved = out.resolve()
+    for parent in (resolved, *resolved.parents):
+        if (parent / _STORE_FILE).is_file():
+            inside = resolved.relative_to(parent).parts
+            if not inside or inside[0] != "reports":
+                raise UsageError(f"{flag} {out} is inside the dataset folder {parent}, which mhr owns",
+                                 hint=f"write outside it, or under {parent / 'reports'}")
+            break
+    return out
+
+
+def sweep_temps(final: Path) -> list[Path]:
+    """Remove the temporary siblings of `final` (`.NAME.PID.tmp`, `.NAME.tmp-PID`) left by writers
+    that were killed (kill -9 runs no clean-up), so a rerun to the same path cleans up after them;
+    a live writer's temp is kept. Returns what was removed."""
+    removed = []
+    prefix = f".{final.name}."
+    try:
+        names = [n for n in os.listdir(final.parent) if n.startswith(prefix)]
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP_NAME.search(name)
+        if m is None or name[: m.start()] != f".{final.name}" or ".old-" in m.group(0):
+            continue
+        if pid_alive(int(m.group(1) or m.group(2))):
+            continue
+        path = final.parent / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed

@@ -3,7 +3,6 @@ reads (logs, tables, progress) goes to stderr through `err`."""
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -29,7 +28,9 @@ def emit(reference: str) -> None:
 
 def emit_json(obj: Any) -> None:
     """Machine-readable output of show/list commands (`--json`)."""
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    from mhr.cache import dumps_json
+
+    sys.stdout.write(dumps_json(obj, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
 
 

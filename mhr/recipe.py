@@ -34,8 +34,8 @@ data or priors step needs no write lock at all.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
-import json
 import shlex
 import tomllib
 import types
@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 from rich.markup import escape
 
-from mhr.cache import wait_while_busy
+from mhr.cache import wait_while_busy, write_json
 from mhr.console import err
 from mhr.errors import InputError, UsageError
 from mhr.options import option_flags
@@ -55,6 +55,8 @@ from mhr.workspace import Dataset, Workspace
 
 WINDOW_KEYS = ("context", "horizon", "protocol")
 DATA_COMMANDS = ("fetch", "import", "synth")
+FETCH_OPTIONS = ("route", "timeout", "force", "discard_priors")  # fetch()'s keyword options
+IMPORT_OPTIONS = ("dedupe", "min_history", "force", "discard_priors")  # import_data()'s, beside ImportOptions
 WAIT = 1800.0  # seconds a step waits for a lock another process holds
 T = TypeVar("T")
 
@@ -67,16 +69,228 @@ class RecipeResult:
 
 
 def load_recipe(path: Path) -> dict[str, Any]:
+    """The recipe at `path`, checked whole (`check_recipe`) before any step runs."""
     try:
-        recipe = tomllib.loads(path.read_text())
+        recipe = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"no recipe at {path}", hint="recipes live in stages/, e.g. stages/quickstart.toml") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})",
+                         hint="save the recipe as UTF-8 (TOML files are UTF-8)") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML ({e})", hint="fix the line named above") from None
     for section in ("recipe", "windows", "variants"):
         if section not in recipe:
             raise InputError(f"{path}: missing [{section}] section", hint="see stages/quickstart.toml for the layout")
+    check_recipe(path, recipe)
     return recipe
+
+
+# ---------------------------------------------------------------------------------------------
+# what a recipe may say: every key and its type, derived from the parameters the steps take
+
+SECTIONS = ("recipe", "data", "priors", "windows", "train", "variants", "eval")
+RECIPE_KEYS: dict[str, Any] = {"name": str, "title": str, "dataset": str, "seeds": tuple[int, ...]}
+DATA_KEYS: dict[str, Any] = {"command": str, "args": tuple[Any, ...], "options": dict}
+# [eval] keys that are not one EvalParams field as such (the rest are: any new field is accepted)
+EVAL_LISTS: dict[str, Any] = {"fusion": tuple[str, ...], "split": tuple[str, ...], "k": tuple[int, ...],
+                              "oracle_group": tuple[str, ...], "diversity": tuple[float, ...],
+                              # objective sweeps: one evaluation per entry (`_objective_extras`)
+                              "steer": str | tuple[str, ...], "boost": str | tuple[str, ...],
+                              "calibrate": str | tuple[str, ...], "calibrate_lambda": float | tuple[float, ...]}
+EVAL_NOT_KEYS = ("ks",)  # spelt `k` in a recipe
+
+
+def _hint_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        inner = typing.get_args(hint)[0]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+        return f"a list of {plural.get(inner, 'values')}" if inner in plural else f"a list of ({_hint_name(inner)})"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_hint_name(a) for a in typing.get_args(hint) if a is not type(None))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table",
+            Path: "a path (string)"}.get(hint, "a value")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether the TOML `value` is of the type `hint` (a field's annotation) as it is given."""
+    import math
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint in (str, Path):
+        return isinstance(value, str)
+    if hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _check_table(path: Path, where: str, table: Any, allowed: dict[str, Any], what: str,
+                 refs: bool = False, cast: bool = False) -> None:
+    """Every key of `table` is one of `allowed` (key -> type) and its value of that type (or, with
+    `refs`, an "@VARIANT" reference to an earlier variant's setting; with `cast`, text that the step
+    reads as the command line would, such as "a,b" for a list)."""
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: {where} must be a table", hint=f"write it as {where} with key = value lines")
+    for key, value in table.items():
+        if key not in allowed:
+            close = difflib.get_close_matches(key, list(allowed), n=1)
+            hint = (f"did you mean {close[0]!r}? " if close else "") + f"{what}: {', '.join(sorted(allowed))}"
+            raise InputError(f"{path}: {where} has no key {key!r}", hint=hint)
+        if _fits(value, allowed[key]) or (refs and isinstance(value, str) and value.startswith("@")):
+            continue
+        if not (cast and _castable(value, allowed[key])):
+            raise InputError(f"{path}: {where} {key} = {value!r} is not {_hint_name(allowed[key])}",
+                             hint=f"write {key} as {_hint_name(allowed[key])}")
+
+
+def check_recipe(path: Path, recipe: dict[str, Any]) -> None:
+    """Refuse, before anything runs, a recipe that would run something else than it says: an unknown
+    section or key (with the nearest known one), a value of the wrong type, an empty seed or variant
+    list, a baseline naming no variant. The keys come from the parameters each step takes."""
+    unknown = sorted(set(recipe) - set(SECTIONS))
+    if unknown:
+        raise InputError(f"{path}: unknown section [{unknown[0]}]", hint=f"sections: {', '.join(SECTIONS)}")
+    _check_table(path, "[recipe]", recipe["recipe"], RECIPE_KEYS, "[recipe] keys")
+    if "dataset" not in recipe["recipe"]:
+        raise InputError(f"{path}: [recipe] names no dataset", hint='add dataset = "NAME"')
+    if "seeds" in recipe["recipe"] and not recipe["recipe"]["seeds"]:
+        raise InputError(f"{path}: [recipe] seeds is empty", hint="list at least one seed, e.g. seeds = [0]")
+    _check_data(path, recipe.get("data"))
+    _check_priors(path, recipe.get("priors", []))
+    _check_table(path, "[windows]", recipe["windows"], _windows_keys(), "mhr windows build options")
+    train_keys = _train_keys()
+    _check_table(path, "[train]", recipe.get("train", {}), train_keys, "TrainParams fields and windows keys")
+    variants = recipe["variants"]
+    if not isinstance(variants, dict):
+        raise InputError(f"{path}: [variants] must hold [variants.NAME] tables", hint="e.g. [variants.base]")
+    said = [f"[{s}]" for s in ("train", "eval") if s in recipe]
+    if not variants and said:  # an empty [variants] alone is a data-and-priors recipe
+        raise InputError(f"{path}: [variants] lists no variant, so the {' and '.join(said)} of this recipe "
+                         "would never run", hint="add one, e.g. [variants.base] with priors = []")
+    for name, overrides in variants.items():
+        overrides = dict(overrides) if isinstance(overrides, dict) else overrides
+        grid = overrides.pop("grid", {}) if isinstance(overrides, dict) else {}
+        _check_table(path, f"[variants.{name}]", overrides, train_keys, "TrainParams fields and windows keys",
+                     refs=True)
+        lists = {k: tuple[v, ...] for k, v in train_keys.items()}
+        _check_table(path, f"[variants.{name}.grid]", grid, lists, "lists of TrainParams values")
+        empty = [k for k, v in grid.items() if not v]
+        if empty:
+            raise InputError(f"{path}: [variants.{name}.grid] {empty[0]} is an empty list",
+                             hint="list the values to try, e.g. interests = [1, 2, 4]")
+    _check_eval(path, recipe.get("eval", {}), variants)
+
+
+def _castable(value: Any, hint: Any) -> bool:
+    """Whether the step's `_cast` reads `value` as `hint` (text "a,b" as a list, "5" as a number)."""
+    if isinstance(value, dict):
+        return False
+    try:
+        _cast(value, hint)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _check_data(path: Path, data: Any) -> None:
+    if data is None:
+        return
+    _check_table(path, "[data]", data, DATA_KEYS, "[data] keys")
+    command = data.get("command", "fetch")
+    if command not in DATA_COMMANDS:
+        raise InputError(f"{path}: [data] command {command!r} is not fetch, import or synth",
+                         hint='command = "fetch", "import" or "synth"')
+    options = data.get("options", {})
+    names = _data_options(command)
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        raise InputError(f"{path}: [data] options has no key {unknown[0]!r} for mhr data {command}",
+                         hint=(f"did you mean {close[0]!r}? " if close else "") + f"its options: {', '.join(names)}")
+
+
+def _data_options(command: str) -> list[str]:
+    """The option names each data command's library function takes (what `options = {…}` may hold)."""
+    if command == "fetch":
+        return list(FETCH_OPTIONS)
+    if command == "import":
+        from mhr.data.imports import ImportOptions
+
+        return sorted([f.name for f in dataclasses.fields(ImportOptions)] + ["format", *IMPORT_OPTIONS])
+    from mhr.data.synth import synth_store
+
+    return sorted(n for n in typing.get_type_hints(synth_store) if n not in ("dataset", "return"))
+
+
+def _check_priors(path: Path, priors: Any) -> None:
+    from mhr.priors.build import FLAG_FIELDS
+    from mhr.priors.kinds import KINDS
+
+    if not isinstance(priors, list):
+        raise InputError(f"{path}: priors must be [[priors]] tables", hint='write [[priors]] then kind = "item"')
+    for i, prior in enumerate(priors, 1):
+        where = f"[[priors]] #{i}"
+        kind = prior.get("kind") if isinstance(prior, dict) else None
+        if kind not in KINDS:
+            raise InputError(f"{path}: {where} kind = {kind!r} is not a prior kind",
+                             hint=f"kind = one of {', '.join(KINDS)}")
+        cls = KINDS[kind].params
+        hints = typing.get_type_hints(cls)
+        flags = {v: k for k, v in FLAG_FIELDS.items()}
+        allowed = {flags.get(f.name, f.name): hints[f.name] for f in dataclasses.fields(cls)}
+        allowed |= {"kind": str, "name": str, "force": bool}
+        _check_table(path, where, prior, allowed, f"options of kind {kind}", cast=True)
+
+
+def _windows_keys() -> dict[str, Any]:
+    from mhr.windows import WindowsParams
+
+    hints = typing.get_type_hints(WindowsParams)
+    return {f.name: hints[f.name] for f in dataclasses.fields(WindowsParams)}
+
+
+def _train_keys() -> dict[str, Any]:
+    """TrainParams fields (seed excepted: [recipe] seeds sets it) and the windows keys a variant may change."""
+    from mhr.training.params import TrainParams
+
+    hints = typing.get_type_hints(TrainParams)
+    keys = {f.name: hints[f.name] for f in dataclasses.fields(TrainParams) if f.name != "seed"}
+    windows = _windows_keys()
+    return keys | {k: windows[k] for k in WINDOW_KEYS}
+
+
+def _eval_keys() -> dict[str, Any]:
+    """EvalParams fields (a field added to EvalParams is a recipe key at once), with the ones a recipe
+    lists (several fusions, splits, diversities, oracle groups: one evaluation each) as lists."""
+    from mhr.ranking.evaluate import EvalParams
+
+    hints = typing.get_type_hints(EvalParams)
+    keys = {f.name: hints[f.name] for f in dataclasses.fields(EvalParams) if f.name not in EVAL_NOT_KEYS}
+    return keys | EVAL_LISTS
+
+
+def _check_eval(path: Path, cfg: Any, variants: dict[str, Any]) -> None:
+    cfg = dict(cfg) if isinstance(cfg, dict) else cfg
+    for key in ("fusion", "split"):  # one value or a list
+        if isinstance(cfg, dict) and isinstance(cfg.get(key), str):
+            cfg[key] = [cfg[key]]
+    _check_table(path, "[eval]", cfg, _eval_keys(), "EvalParams fields")
+    for key in ("fusion", "split", "k"):
+        if key in cfg and not cfg[key]:
+            raise InputError(f"{path}: [eval] {key} is an empty list", hint=f"list at least one {key}, or leave it out")
+    baseline = cfg.get("baseline")
+    if baseline is not None and baseline not in variants:
+        raise InputError(f"{path}: [eval] baseline = {baseline!r} names no variant",
+                         hint=f"name one of: {', '.join(variants)}")
 
 
 def _flags(options: dict[str, Any]) -> list[str]:
@@ -156,7 +370,7 @@ def _typed(target: Any, options: dict[str, Any], names: typing.Iterable[str], wh
 def _fetch(ds: Dataset, positional: list[str], options: dict[str, Any]) -> Any:
     from mhr.data.fetch import fetch
 
-    kw = _typed(fetch, options, ("route", "timeout", "force", "discard_priors"), "mhr data fetch")
+    kw = _typed(fetch, options, FETCH_OPTIONS, "mhr data fetch")
     return fetch(ds, *positional[:1], **kw)
 
 
@@ -171,7 +385,7 @@ def _import(ds: Dataset, positional: list[str], options: dict[str, Any]) -> Any:
     fields = [f.name for f in dataclasses.fields(ImportOptions)]
     opts = ImportOptions(**_typed(ImportOptions, {k: v for k, v in options.items() if k in fields}, fields, ""))
     kw = _typed(import_data, {k: v for k, v in options.items() if k not in fields},
-                ("dedupe", "min_history", "force", "discard_priors"), "mhr data import")
+                IMPORT_OPTIONS, "mhr data import")
     return import_data(ds, Path(positional[0]), str(fmt), opts, **kw)
 
 
@@ -415,7 +629,7 @@ def _train_variants(path: Path, recipe: dict[str, Any], name: str, dataset: Data
     if selections:
         out_dir = dataset.reports_dir / name
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "selection.json").write_text(json.dumps(selections, indent=2))
+        write_json(out_dir / "selection.json", selections, indent=2)
     return run_names, chosen
 
 
@@ -439,6 +653,11 @@ def _evaluate_runs(recipe: dict[str, Any], dataset: Dataset, run_names: dict[tup
     fusions = _as_list(eval_cfg.pop("fusion", ["max"]))
     baseline_variant = eval_cfg.pop("baseline", None)
     splits = _as_list(eval_cfg.pop("split", "test"))
+    ks = tuple(eval_cfg.pop("k", (5, 10, 50, 200)))
+    fields = [f.name for f in dataclasses.fields(EvalParams)]
+    # every other EvalParams field as given (`_eval_keys`: a new field needs no change here)
+    common = _typed(EvalParams, {k: v for k, v in eval_cfg.items() if k in fields and k not in EVAL_LISTS},
+                    fields, "[eval]")
     evals = []
     for (variant, seed), run_name in run_names.items():
         baseline = None
@@ -452,11 +671,7 @@ def _evaluate_runs(recipe: dict[str, Any], dataset: Dataset, run_names: dict[tup
                 if fusion == "router" and not routed:
                     continue  # routed fusion needs a run trained with a router
                 for extra in extras:
-                    params = EvalParams(
-                        fusion=fusion, split=split, baseline=None if extra else baseline,
-                        ks=tuple(eval_cfg.get("k", (5, 10, 50, 200))),
-                        horizons=tuple(eval_cfg.get("horizons", ())),
-                        entropy_prior=eval_cfg.get("entropy_prior"), **extra,
-                    )
+                    params = EvalParams(**{**common, "fusion": fusion, "split": split, "ks": ks,
+                                           "baseline": None if extra else baseline, **extra})
                     evals.append(_eval_step(dataset, run_name, params, device, force, wait))
     return evals

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from mhr.cache import check_output, write_json
 from mhr.errors import NotFoundError
 from mhr.ranking.metrics import mean_ci
 from mhr.report_html import write_html
@@ -383,15 +384,22 @@ def plot_projection(dataset: Dataset, run_name: str, path: Path, user: str | Non
     return True
 
 
+REPORT_FILES = ("table.md", "table.json", "training.png", "ndcg10.png", "entropy10.png", "user_groups.png",
+                "frontier.png", "frontier.json", "projection.png", "index.md")
+
+
 def build_report(dataset: Dataset, runs: list[str], out: Path, split: str = "test", fusion: str = "max",
                  title: str = "mhr report") -> Path:
     """Write table.md, table.json, PNGs and index.md into `out`; returns the index path."""
+    check_output(out, folder=True)
+    for name in REPORT_FILES:  # a FIFO or device under one of these names would be written through
+        check_output(out / name)
     groups = collect(dataset, runs, split, fusion)
     rows = comparison_table(groups)
     out.mkdir(parents=True, exist_ok=True)
     table = table_markdown(rows)
     (out / "table.md").write_text(table)
-    (out / "table.json").write_text(json.dumps(rows, indent=1))
+    write_json(out / "table.json", rows, indent=1)
     figures = []
     plot_training(groups, out / "training.png")
     figures.append(("Validation NDCG@10 over training (Fig. 2)", "training.png"))
@@ -403,7 +411,7 @@ def build_report(dataset: Dataset, runs: list[str], out: Path, split: str = "tes
         figures.append(("NDCG@10 per user group (Fig. 3)", "user_groups.png"))
     curves = frontier_points(dataset, groups, split)
     if plot_frontier(curves, out / "frontier.png"):
-        (out / "frontier.json").write_text(json.dumps(curves, indent=1))
+        write_json(out / "frontier.json", curves, indent=1)
         figures.append(("Accuracy-diversity frontier: NDCG@10 vs H@10 under greedy re-ranking", "frontier.png"))
     objective_curves = objective_points(dataset, groups, split)
     if plot_objectives(objective_curves, out / "objectives.png"):

@@ -204,10 +204,15 @@ def _build(dataset: Dataset, params: dict, out: Path) -> dict[str, Any]:
                   greatest((SELECT coalesce(max(item_id), 0) FROM items),
                            (SELECT coalesce(max(item_id), 0) FROM interactions)),
                   count(*) FILTER (WHERE n >= {need}),
-                  count(*) FILTER (WHERE n < {need})
+                  count(*) FILTER (WHERE n < {need}),
+                  coalesce(max(n), 0)
                 FROM (SELECT count(*) AS n FROM interactions GROUP BY user_id)"""
         ).fetchall()[0]
-        n_users, n_items, n_inter, max_item, n_ok, n_short = (int(x) for x in counts)
+        n_users, n_items, n_inter, max_item, n_ok, n_short, longest = (int(x) for x in counts)
+        if T > max(longest, DEFAULT_CONTEXT):  # a size from the user, bounded before anything is sized by it
+            raise UsageError(f"--context {T} is longer than any history of dataset {dataset.name!r} "
+                             f"(the longest has {longest} interactions)",
+                             hint=f"use --context {max(longest, DEFAULT_CONTEXT)} or less")
         if n_ok == 0:
             with_h = f"τ = {tau} (2τ targets" if H == tau else f"--holdout {H} (2H targets"
             raise InputError(
@@ -624,6 +629,7 @@ def describe_windows(dataset: Dataset, ref: str | None = None) -> dict[str, Any]
         "params": manifest["params"],
         "data_key": manifest["inputs"].get("data"),
         "current": manifest["inputs"].get("data") == current,
+        "damaged": read_manifest(path, verify=True) is None,  # a file's checksum differs from the manifest
         "default": manifest["key"] == read_current(dataset).get("windows"),
         "created": manifest.get("created"),
         "stats": manifest.get("stats", {}),
@@ -670,6 +676,7 @@ def summary_table(info: dict[str, Any]) -> Table:
         f"{s['n_train_positions']:,} input positions, {s['n_train_targets']:,} training targets; "
         f"{s['n_store_items']:,} items (max id {s['max_item_id']:,}), {s['n_events']} event types"
         + ("" if info["current"] else "; [red]stale: built from another version of the dataset[/]")
+        + ("; [red]damaged: a file differs from its manifest (rebuild with --force)[/]" if info.get("damaged") else "")
     )
     return table
 

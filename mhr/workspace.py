@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mhr.errors import DiskError, NotFoundError, UsageError
+from mhr.store import check_store_folder
 
 STORE_FILE = "store.duckdb"
 CURRENT_FILE = "current.json"
@@ -83,6 +84,7 @@ class Workspace:
     @classmethod
     def from_option(cls, root: str | Path | None) -> Workspace:
         path = Path(root or os.environ.get("MHR_WORKSPACE") or "workspace").resolve()
+        check_store_folder(path)
         if path.exists() and not path.is_dir():
             raise UsageError(f"the workspace {path} is a file, not a folder",
                              hint="point --workspace / MHR_WORKSPACE at a folder (it is created if missing)")

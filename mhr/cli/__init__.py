@@ -5,17 +5,20 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
+from pathlib import Path
 from typing import NoReturn
 
 import typer
 import typer.main
 from rich.markup import escape
 
-from mhr.cli.common import Context
+from mhr.cli.common import Context, refuse_non_finite_floats
 from mhr.console import err
-from mhr.errors import EXIT_CODES, DiskError, MhrError
+from mhr.errors import EXIT_CODES, DiskError, MhrError, disk_full_error
 from mhr.store import damaged_store_error
 from mhr.workspace import Workspace
 
@@ -90,9 +93,35 @@ def _fail(message: str, hint: str | None, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _interrupted() -> NoReturn:
-    err.print("[red]interrupted[/]: nothing half-written was kept; rerun to complete", soft_wrap=True)
-    sys.exit(130)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, systemd and `docker stop` send), raised where a Ctrl-C would be so
+    that every clean-up a Ctrl-C runs (temp files removed, nothing half-written kept) runs alike."""
+
+
+def _on_sigterm(signum: int, frame: object) -> NoReturn:
+    raise Terminated()
+
+
+def _interrupted(e: BaseException | None = None) -> NoReturn:
+    terminated = _chain_has(e, lambda x: isinstance(x, Terminated))
+    what = "terminated (SIGTERM)" if terminated else "interrupted"
+    notes = [n for x in _chain(e) for n in getattr(x, "__notes__", ())]
+    err.print(f"[red]{what}[/]: nothing half-written was kept; "
+              + ("; ".join(notes) if notes else "rerun to complete"), soft_wrap=True)
+    sys.exit(128 + signal.SIGTERM if terminated else 130)
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """`e` and the exceptions it was raised from or while handling."""
+    out: list[BaseException] = []
+    while e is not None and all(e is not x for x in out):
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _chain_has(e: BaseException | None, test) -> bool:
+    return any(test(x) for x in _chain(e))
 
 
 def _was_interrupted(e: BaseException) -> bool:
@@ -127,20 +156,16 @@ def _system_error(e: BaseException, verbose: bool) -> NoReturn:
     """An OSError (or DuckDB I/O error) no stage turned into an MhrError: one line naming the path."""
     if verbose:
         traceback.print_exc()
-    damaged = damaged_store_error(e)
-    if damaged is not None:
-        _fail(damaged.message, damaged.hint, damaged.exit_code)
+    known = damaged_store_error(e) or disk_full_error(e)
+    if known is not None:
+        _fail(known.message, known.hint, known.exit_code)
     if isinstance(e, OSError):
         where = f": {e.filename}" if e.filename else ""
         message = f"{e.strerror or type(e).__name__}{where}"
     else:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    no_space = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in message
     denied = getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS)
-    hint = ("free some space (or point --workspace / MHR_WORKSPACE at a larger disk) and rerun; "
-            "nothing half-written was kept" if no_space else
-            "check the permissions of that path" if denied else
-            "rerun with --verbose for the traceback")
+    hint = "check the permissions of that path" if denied else "rerun with --verbose for the traceback"
     _fail(message, hint, DiskError.exit_code)
 
 
@@ -153,36 +178,59 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in args or "-v" in args or os.environ.get("MHR_VERBOSE") == "1"
+    ctx = None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         command = typer.main.get_command(app)
+        refuse_non_finite_floats(command)
         # Invoked directly rather than through typer's `main`, which turns Ctrl-C into a silent
         # exit code that non-standalone callers never see.
         with command.make_context("mhr", args) as ctx:
             command.invoke(ctx)
     except MhrError as e:
         if _was_interrupted(e):
-            _interrupted()
+            _interrupted(e)
         if verbose:
             traceback.print_exc()
         _fail(e.message, e.hint, e.exit_code)
     except EXITS as e:
         sys.exit(e.exit_code)
-    except ABORTS:
-        _interrupted()
+    except ABORTS as e:
+        _interrupted(e)
     except CLICK_ERRORS as e:
         _usage_error(e)
-    except KeyboardInterrupt:
-        _interrupted()
+    except KeyboardInterrupt as e:
+        _interrupted(e)
     except BrokenPipeError:
         # the reader of stdout went away (`mhr … | head`): nothing more to say
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         sys.exit(1)
     except Exception as e:
         if _was_interrupted(e):
-            _interrupted()
+            _interrupted(e)
+        known = damaged_store_error(e, fallback=_store_of(ctx)) or disk_full_error(e)
+        if known is not None:  # a block failing its checksum, or a full disk, mid-command in any stage
+            if verbose:
+                traceback.print_exc()
+            _fail(known.message, known.hint, known.exit_code)
         if isinstance(e, OSError) or _is_duckdb_io(e):
             _system_error(e, verbose)
         raise
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _store_of(ctx) -> Path | None:
+    """The store of the dataset the command works on, when the command line names one (or there is one)."""
+    obj = getattr(ctx, "obj", None)
+    if not isinstance(obj, Context):
+        return None
+    try:
+        return obj.workspace.dataset(obj.dataset_name).store_path
+    except MhrError:
+        return None
 
 
 def _is_duckdb_io(e: BaseException) -> bool:

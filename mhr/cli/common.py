@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,20 @@ def context(ctx: typer.Context) -> Context:
     return obj
 
 
+def flags_given(ctx: Any, names: list[str]) -> list[str]:
+    """The flags among the parameters `names` of the running command that the user gave (on the
+    command line or through an environment variable), as `--flag-name`."""
+    out = []
+    for name in names:
+        try:
+            source = ctx.get_parameter_source(name)
+        except (AttributeError, KeyError):
+            continue
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            out.append("--" + name.replace("_", "-"))
+    return out
+
+
 def run_name(ref: str | None) -> str | None:
     """A run as given on the command line, `NAME` or `run:NAME` (what `mhr train` prints) -> NAME."""
     return ref.split(":", 1)[1] if ref and ref.startswith("run:") else ref
@@ -56,12 +71,51 @@ def parse_list(value: str | None, cast=str) -> list:
             continue
         try:
             out.append(cast(v.strip()))
+            if cast is float and not math.isfinite(out[-1]):
+                raise ValueError(v)
         except ValueError:
-            kind = {int: "an integer", float: "a number"}.get(cast, getattr(cast, "__name__", "valid"))
+            kind = {int: "an integer", float: "a finite number"}.get(cast, getattr(cast, "__name__", "valid"))
             option = _option_given(value) or "the option"
             raise UsageError(f"{option} {value!r}: {v.strip()!r} is not {kind}",
                              hint="give a comma-separated list, e.g. 5,10,50") from None
     return out
+
+
+def finite(value: float | None, flag: str = "the option") -> float | None:
+    """`value` unless it is NaN or ±inf (which every range check lets through: `nan < 0` is False)."""
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"{flag} {value}: not a finite number", hint="give an ordinary number, e.g. 0.5")
+    return value
+
+
+def refuse_non_finite_floats(command: Any) -> None:
+    """Give every float option of `command` and its subcommands the `finite` check, once at start-up:
+    click's FLOAT type reads "nan" and "inf" as numbers, and no option should take them."""
+    for param in getattr(command, "params", ()):
+        if is_float_option(param) and not getattr(param, "_finite", False):
+            param.callback = _finite_callback(param.callback, (getattr(param, "opts", None) or [param.name])[0])
+            param._finite = True
+    for sub in getattr(command, "commands", {}).values():
+        refuse_non_finite_floats(sub)
+
+
+def is_float_option(param: Any) -> bool:
+    """A click/typer parameter that reads floats (float, float | None, list[float])."""
+    desc = getattr(param, "type_descriptor", None)  # typer ≥ 0.29 keeps the annotation, not a click type
+    if desc is not None:
+        annotation = desc.annotation
+        return annotation is float or float in typing.get_args(annotation)
+    return getattr(getattr(param, "type", None), "name", "") in ("float", "float range")
+
+
+def _finite_callback(previous: Callable | None, flag: str) -> Callable:
+    def check(ctx: Any, param: Any, value: Any) -> Any:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            finite(v, flag)
+        return previous(ctx, param, value) if previous is not None else value
+
+    return check
 
 
 def _option_given(value: str) -> str | None:

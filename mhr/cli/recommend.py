@@ -81,6 +81,7 @@ def register(app: typer.Typer) -> None:
         With --explain the user's interest profile is shown too (p(group | history) per item prior); with
         --all --explain it goes to FILE.profile.parquet (user, prior, group, p) beside the export.
         """
+        from mhr.cache import check_output
         from mhr.errors import UsageError
         from mhr.ranking.recommend import as_json as rec_json
         from mhr.ranking.recommend import export_recommendations, read_user_file, recommend
@@ -93,6 +94,8 @@ def register(app: typer.Typer) -> None:
         if all_users and (out is None or as_json):
             raise UsageError("--all writes a Parquet file: give --out FILE (and no --json)",
                              hint="mhr recommend RUN --all --out recs.parquet")
+        if all_users:
+            check_output(out)  # before the run is loaded: refused at once
         objectives = objectives_from(steer, boost, calibrate, calibrate_lambda)
         c = context(ctx)
         ds = c.dataset()

@@ -10,8 +10,7 @@ from rich.table import Table
 
 from mhr.cli.common import context
 from mhr.console import emit_json, err
-from mhr.errors import DamagedStoreError
-from mhr.status import collect_status
+from mhr.status import collect_status, fail_if_damaged
 
 
 def _age(seconds: float) -> str:
@@ -45,7 +44,7 @@ def register(app: typer.Typer) -> None:
         records = collect_status(c.workspace)
         if as_json:
             emit_json(records)
-            _fail_if_damaged(records)
+            fail_if_damaged(records)
             return
         if not any(r["dataset"] for r in records):
             err.print(f"no datasets in {c.workspace.root} — start with `mhr data fetch movielens-100k`")
@@ -59,14 +58,17 @@ def register(app: typer.Typer) -> None:
             for s in rec["stages"]:
                 table.add_row("stage", s["stage"], s["key"][:12], _age(now - s["started"]), s["status"])
             if rec.get("store_error"):
-                table.add_row("store", "store.duckdb", "", "", "[red]damaged[/]")
+                state = rec["store_error"]["state"]
+                table.add_row("store", "store.duckdb", "", "", f"[{'yellow' if state == 'busy' else 'red'}]{state}[/]")
+                err.print(f"[dim]{rec['dataset']}: {rec['store_error']['message']}[/]", soft_wrap=True)
             for a in rec["artifacts"]:
                 table.add_row(
                     a["kind"],
                     a["name"],
                     (a["key"] or "")[:12],
                     _age(a["age_s"]),
-                    {"done": "done", "damaged": "[red]damaged[/]"}.get(a["state"], f"[yellow]{a['state']}[/]"),
+                    {"done": "done", "damaged": "[red]damaged[/]", "stale": "[red]stale[/]"}.get(
+                        a["state"], f"[yellow]{a['state']}[/]"),
                 )
             err.print(table)
             cur = rec["current"]
@@ -74,13 +76,4 @@ def register(app: typer.Typer) -> None:
                       f"{'windows:' + cur['windows'][:12] if cur.get('windows') else '—'}, "
                       f"run {cur.get('run') or '—'}")
         _print_leftovers([x for r in records for x in r["leftovers"]])
-        _fail_if_damaged(records)
-
-
-def _fail_if_damaged(records: list[dict[str, Any]]) -> None:
-    """After listing everything: a store that cannot be read makes `mhr status` fail (exit 2)."""
-    bad = [r for r in records if r.get("store_error")]
-    if bad:
-        first = bad[0]["store_error"]
-        more = f" (and {len(bad) - 1} more dataset(s))" if len(bad) > 1 else ""
-        raise DamagedStoreError(f"dataset {bad[0]['dataset']}: {first['message']}{more}", hint=first["hint"])
+        fail_if_damaged(records)

@@ -10,9 +10,9 @@ from typing import Any
 
 import typer
 
-from mhr.cli.common import context, dataclass_options, from_options, with_options
+from mhr.cli.common import context, dataclass_options, flags_given, from_options, with_options
 from mhr.console import emit, err
-from mhr.training.params import TrainParams
+from mhr.training.params import TrainParams, default_run_name
 
 _RUN = "Run"
 
@@ -51,12 +51,21 @@ def train_cmd(
     c = context(ctx)
     ds = c.dataset()
     if resume:
+        ignored = flags_given(ctx, [*options, "windows", "name"])
+        if ignored:
+            err.print(f"[yellow]--resume continues {resume} with the parameters it was started with: "
+                      f"{', '.join(ignored)} ignored[/]", soft_wrap=True)
         params, windows = resume_params(ds, resume)
         name = resume
     else:
         params = from_options(TrainParams, options)
-    result = train(ds, params, windows=windows, name=name, device=device, force=force,
-                   resume=bool(resume), checkpoint_every=checkpoint_every, deterministic=deterministic)
+    name = name or default_run_name(params)
+    try:
+        result = train(ds, params, windows=windows, name=name, device=device, force=force,
+                       resume=bool(resume), checkpoint_every=checkpoint_every, deterministic=deterministic)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: `main` prints this note as the hint
+        e.add_note(f"continue it from its last checkpoint with `mhr train --resume {name}`")
+        raise
     if result.cached:
         err.print(f"cached: run {result.name} (key {result.key[:12]})")
     else:

@@ -38,8 +38,8 @@ def normalise_ids(ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array
 
 
 def normalise_id(raw: object) -> str:
-    """One raw id given by hand (an API request, a Python call) as an import stores it: `normalise_ids`
-    on its text, so " 50", 50 and 50.0 all name item "50"."""
+    """One raw id given for a lookup (`--user`, `--users`, the Python API), normalised exactly as
+    `normalise_ids` normalised the imported ones, so " 42" and "42.0" find user "42"."""
     return normalise_ids(pa.array([str(raw)], pa.string()))[0].as_py()
 
 

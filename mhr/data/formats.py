@@ -101,6 +101,7 @@ def read_paper(path: Path, items: ItemTable | None, user_col: str = "user_id", i
                         FROM {frm}) ORDER BY r, k"""
             ).to_arrow_table()
             lengths = con.sql(f"SELECT coalesce(len({q(item_col)}), 0) FROM {frm} ORDER BY file_row_number").fetchnumpy()
+            null_rows = con.execute(f"SELECT count(*) FROM {frm} WHERE coalesce(len({q(item_col)}), 0) = 0").fetchone()[0]
         except duckdb.Error as e:
             raise InputError(f"{path}: cannot read ({first_line(e)})", hint="check the parquet layout") from None
         n = np.asarray(next(iter(lengths.values())))
@@ -122,6 +123,7 @@ def read_paper(path: Path, items: ItemTable | None, user_col: str = "user_id", i
         items=item_table,
         items_name=items.path.name if items else None,
         columns={"user": user_col, "item": item_col, "ts": time_col, "event": event_col or ""},
+        notes=[f"{null_rows} rows whose {item_col} list is null or empty were skipped"] if null_rows else [],
     )
 
 
@@ -136,6 +138,15 @@ def _default_text_cols(con: duckdb.DuckDBPyConnection, spec: ItemTable) -> ItemT
 
 
 # --- one user per line -------------------------------------------------------------------------
+
+
+def _line_with_byte(path: Path, byte: bytes) -> int | None:
+    """The first line (from 1) of the file holding `byte`, or None."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if byte in line:
+                return n
+    return None
 
 
 def read_sequences(path: Path, attrs_path: Path | None = None) -> Source:
@@ -165,6 +176,10 @@ def read_sequences(path: Path, attrs_path: Path | None = None) -> Source:
         meta = con.sql("SELECT ln, len(parts) - 1 AS n FROM seqs WHERE len(parts) > 1 ORDER BY ln").fetchnumpy()
         empty = con.execute("SELECT count(*) FROM seqs WHERE len(parts) = 1").fetchall()[0][0]
     except duckdb.Error as e:
+        line = _line_with_byte(path, b"\x1f")
+        if line is not None:  # the reader splits on that byte: such a line reads as two columns
+            raise InputError(f"{path.name} line {line}: holds the control byte 0x1f (unit separator), which a "
+                             "sequence file cannot contain", hint="remove that byte (e.g. tr -d '\\037')") from None
         raise InputError(f"{path}: cannot read as text ({first_line(e)})", hint="one user per line: uid item item …") from None
     finally:
         con.close()

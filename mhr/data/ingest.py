@@ -35,7 +35,7 @@ from mhr.data import dense
 from mhr.data.dense import normalise_ids
 from mhr.data.source import ITEMS_SCHEMA, TS_INVALID, USERS_SCHEMA, Source, conform
 from mhr.errors import BusyError, InputError, MhrError, UsageError
-from mhr.store import connect, get_meta, new_store, record_stage_run, set_meta
+from mhr.store import connect, damaged_store_error, get_meta, new_store, record_stage_run, rollback, set_meta
 from mhr.workspace import Dataset, writing
 
 DEDUPE = ("keep", "drop")
@@ -77,6 +77,13 @@ def existing_state(dataset: Dataset, quiet: bool = False) -> tuple[str | None, l
     try:
         priors = [r[0] for r in con.execute("SELECT prior FROM priors ORDER BY prior").fetchall()]
         return get_meta(con, "data_key"), priors
+    except duckdb.Error as e:
+        damaged = damaged_store_error(e, dataset.store_path)
+        if damaged is None:
+            raise
+        if not quiet:
+            err.print(f"[yellow]the existing {dataset.store_path} will be replaced: {damaged.message}[/]")
+        return None, []
     finally:
         con.close()
 
@@ -112,8 +119,17 @@ def _carry_over(con: duckdb.DuckDBPyConnection, old: Path, priors: bool) -> dict
     returns the counts kept, for the import report."""
     con.execute(f"ATTACH '{str(old).replace(chr(39), chr(39) * 2)}' AS old_store (READ_ONLY)")
     try:
-        for table in CARRIED_TABLES + (PRIOR_TABLES if priors else ()):
-            con.execute(f"INSERT INTO {table} SELECT * FROM old_store.{table}")
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for table in CARRIED_TABLES + (PRIOR_TABLES if priors else ()):
+                con.execute(f"INSERT INTO {table} SELECT * FROM old_store.{table}")
+            con.execute("COMMIT")
+        except duckdb.Error as e:  # the old store is damaged where these tables lie: keep none of them
+            rollback(con)
+            damaged = damaged_store_error(e, old)
+            if damaged is None:
+                raise
+            err.print(f"[yellow]nothing carried over from the previous store: {damaged.message}[/]")
         return {"priors_kept": con.execute("SELECT count(*) FROM priors").fetchall()[0][0],
                 "llm_answers_kept": con.execute("SELECT count(*) FROM llm_cache").fetchall()[0][0]}
     finally:

@@ -21,11 +21,11 @@ import duckdb
 
 from mhr.cache import stage_key
 from mhr.console import err
-from mhr.errors import UsageError
+from mhr.errors import UsageError, refuse_non_finite
 from mhr.options import field_flag, flag_name
 from mhr.priors.groups import PriorGroups, delete_prior, write_groups
 from mhr.priors.kinds import ITEMS, KINDS, USERS, key_params, prior_kind
-from mhr.store import connect, data_key, record_stage_run
+from mhr.store import connect, data_key, record_stage_run, rollback
 from mhr.workspace import Dataset, check_name, writing
 
 STAGE = "priors"
@@ -66,7 +66,9 @@ def make_params(kind: str, options: dict[str, Any]) -> Any:
         flags = ", ".join(_flag(k) for k in foreign)
         raise UsageError(f"{flags} does not apply to --kind {kind}",
                          hint="see `mhr priors build --help` for the options of each kind")
-    return cls(**given)
+    params = cls(**given)
+    refuse_non_finite(params)  # a recipe or the Python API: the CLI's float options refuse them already
+    return params
 
 
 def _check(groups: PriorGroups, kind: str, con: duckdb.DuckDBPyConnection) -> None:
@@ -138,7 +140,7 @@ def build_prior(
                     record_stage_run(con, STAGE, key, kp, inputs, started)
                     con.execute("COMMIT")
                 except BaseException:
-                    con.execute("ROLLBACK")
+                    rollback(con)
                     raise
             except Exception as e:
                 try:

@@ -7,18 +7,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mhr.errors import UsageError
-from mhr.options import option, split_names
+from mhr.errors import UsageError, refuse_non_finite
+from mhr.options import option, split_ints
 from mhr.ranking.objectives import Objectives, parse_boost, parse_steer
 
 
 def _ints(flag: str) -> Callable[[str], tuple[int, ...]]:
     def parse(text: str) -> tuple[int, ...]:
         try:
-            return tuple(int(v) for v in split_names(str(text)))
-        except ValueError:
-            raise UsageError(f"{flag} {text!r} is not a comma-separated list of integers",
-                             hint="e.g. 5,10,50") from None
+            return split_ints(str(text))
+        except UsageError as e:
+            raise UsageError(f"{flag} {e.message}", hint=e.hint) from None
     return parse
 
 
@@ -97,6 +96,7 @@ class EvalParams:
     def check(self) -> None:
         from mhr.ranking.fusion import FITTED, FUSIONS
 
+        refuse_non_finite(self)
         if self.fusion not in FUSIONS:
             raise UsageError(f"unknown fusion {self.fusion!r}", hint=f"use one of {', '.join(FUSIONS)}")
         if self.fusion in FITTED and self.oracle_event:

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from mhr.cache import stage_key, write_json_atomic
+from mhr.cache import stage_key, write_json
 from mhr.errors import UsageError
 from mhr.priors.kinds import EVENTS, ITEM_KINDS
 from mhr.priors.spec import PriorSpec
@@ -209,7 +209,7 @@ class _Setup:
 
     @property
     def kmax(self) -> int:
-        return max(self.ks)
+        return min(max(self.ks), self.n_items)  # no ranking is longer than the catalogue
 
 
 def _setup(run: LoadedRun, dataset: Dataset, params: EvalParams) -> _Setup:
@@ -466,5 +466,5 @@ def evaluate(dataset: Dataset, run_name: str, params: EvalParams, force: bool = 
             baseline_fit = load_or_fit_fusion(baseline, params.fusion, force=force, device=device)
     result = evaluate_run(run, dataset, params, baseline, device=device, fit=fit, baseline_fit=baseline_fit)
     result["key"] = key
-    write_json_atomic(path, result)
+    write_json(path, result, indent=1, sort_keys=True)
     return path, result, False

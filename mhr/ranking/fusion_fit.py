@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mhr.cache import stage_key, write_json_atomic
+from mhr.cache import stage_key, write_json
 from mhr.ranking import fusion as fusion_mod
 from mhr.ranking.fusion import FusionFit
 from mhr.ranking.inference import history_mask, iter_queries
@@ -98,5 +98,5 @@ def load_or_fit_fusion(run: LoadedRun, kind: str, force: bool = False, device: s
         except (OSError, ValueError, KeyError):
             pass
     fit = fit_fusion(run, kind, device=device)
-    write_json_atomic(path, fit.as_json())
+    write_json(path, fit.as_json(), indent=1, sort_keys=True)
     return fit

@@ -112,6 +112,7 @@ def rank_split(
     model.eval()
     item_vecs = model.item_vectors().float()
     n_items = item_vecs.shape[0] - 1
+    k = max(1, min(k, n_items))  # a user's size: the ranking holds at most the catalogue
     omega = (compat.omega if eligible is None else eligible).to(device)
     out_items, out_scores, out_winners = [], [], []
     members = head_items(omega) if routed else None

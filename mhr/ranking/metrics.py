@@ -93,9 +93,10 @@ def ndcg_at_k(ranked, targets, k: int, horizon: int | None = None) -> np.ndarray
     targets = _truncate(targets, horizon)
     n = _distinct_targets(targets)
     hits = _hits(ranked, targets, k)
-    discount = 1.0 / np.log2(np.arange(2, max(k, hits.shape[1]) + 2))
+    # as long as the list or the ideal needs, never K itself (K may be far above the catalogue)
+    discount = 1.0 / np.log2(np.arange(2, max(min(k, targets.shape[-1]), hits.shape[1]) + 2))
     dcg = (hits * discount[: hits.shape[1]]).sum(1)
-    ideal = np.concatenate([[0.0], np.cumsum(discount)])[np.minimum(n, k)]
+    ideal = np.concatenate([[0.0], np.cumsum(discount)])[np.minimum(n, min(k, targets.shape[-1]))]
     return _out(np.where(n > 0, dcg / np.where(ideal > 0, ideal, 1.0), 0.0), single)
 
 

@@ -32,7 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from mhr.cache import check_output, sweep_temps
 from mhr.console import err, progress
+from mhr.data.dense import normalise_id
 from mhr.errors import InputError, NotFoundError, UsageError
 from mhr.priors.spec import PriorSpec
 from mhr.ranking import fusion as fusion_mod
@@ -223,7 +225,7 @@ def recommend(run: LoadedRun, dataset: Dataset, raw_user: str, top: int = 10, fu
     resolved = resolve(objectives, run, dataset) if objectives is not None and objectives.active else None
     con = connect(dataset.store_path, read_only=True)
     try:
-        row = con.execute("SELECT user_id FROM users WHERE raw_id = ?", [raw_user]).fetchone()
+        row = con.execute("SELECT user_id FROM users WHERE raw_id = ?", [normalise_id(raw_user)]).fetchone()
         if row is None:
             sample = [r[0] for r in con.execute("SELECT raw_id FROM users ORDER BY user_id LIMIT 3").fetchall()]
             raise NotFoundError(
@@ -319,7 +321,7 @@ def read_user_file(path: Path) -> list[str]:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the user file {path}: {e}", hint="one raw user id a line") from e
-    users = [s.strip() for s in lines if s.strip()]
+    users = [normalise_id(s) for s in lines if s.strip()]
     if not users:
         raise InputError(f"the user file {path} lists no user", hint="one raw user id a line")
     return users
@@ -340,9 +342,7 @@ def export_recommendations(run: LoadedRun, dataset: Dataset, out: Path, top: int
     go to `profile_path(out)` (`PROFILE_SCHEMA`, one row per user, prior and group), written alike."""
     check_fusion(fusion)
     resolved = resolve(objectives, run, dataset) if objectives is not None and objectives.active else None
-    out = Path(out)
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder", hint="name the Parquet file to write, e.g. recs.parquet")
+    out = check_output(Path(out))
     started = time.perf_counter()
     con = connect(dataset.store_path, read_only=True)
     try:
@@ -435,7 +435,7 @@ def _export_chunk(run: LoadedRun, con, ids: np.ndarray, raw_items: np.ndarray, t
     prof = _profile_table(run, histories, uid[active], raw_users, scoring, specs, exclude_history)
     return pa.table({
         "user": pa.array(np.repeat(raw_users, filled.sum(axis=1)), pa.string()),
-        "rank": pa.array(np.broadcast_to(np.arange(1, top + 1, dtype=np.int32), filled.shape)[filled]),
+        "rank": pa.array(np.broadcast_to(np.arange(1, filled.shape[1] + 1, dtype=np.int32), filled.shape)[filled]),
         "item": pa.array(raw_items[ranked.items[filled]], pa.string()),
         "score": pa.array(ranked.scores[filled], pa.float32()),
         "head": pa.array(names[ranked.heads[filled]] if explain else [None] * int(filled.sum()), pa.string()),
@@ -463,6 +463,7 @@ def _profile_table(run: LoadedRun, histories, uid: np.ndarray, raw_users: np.nda
 def _atomic_parquet(out: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
     """A ParquetWriter on a temporary file beside `out`, renamed to `out` only after a clean exit;
     on any exception (Ctrl-C included) the temporary file is removed."""
+    sweep_temps(out)  # what a killed export left
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     writer = pq.ParquetWriter(tmp, schema)
     try:

@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from mhr.data.dense import normalise_id, normalise_ids
+from mhr.data.dense import normalise_id
 from mhr.errors import NotFoundError, UsageError
 from mhr.priors.spec import PriorSpec
 from mhr.ranking.decode import Resolved, profile_priors, resolve
@@ -149,8 +148,7 @@ class Recommender:
         ts = np.zeros(len(history), np.int64) if timestamps is None else np.asarray(timestamps, np.int64)
         if len(ts) != len(history):
             raise UsageError(f"{len(history)} items but {len(ts)} timestamps", hint="one timestamp per item")
-        keys = normalise_ids(pa.array([str(raw) for raw in history], pa.string())).to_pylist()
-        ids = np.array([self.item_ids.get(k, 0) for k in keys], dtype=np.int64)
+        ids = np.array([self.item_ids.get(normalise_id(raw), 0) for raw in history], dtype=np.int64)
         missing = [raw for raw, i in zip(history, ids, strict=True) if i == 0]
         if missing and unknown == "error":
             raise NotFoundError(

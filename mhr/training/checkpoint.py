@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mhr.cache import atomic_dir, file_sha256
+from mhr.cache import atomic_dir, dumps_json, file_sha256
 from mhr.errors import InputError, TrainingError
 
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
@@ -66,7 +66,7 @@ def save(path: Path, model, optimizer, scheduler, gen: torch.Generator, state: d
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         full = {**state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
                 "sha256": {f: file_sha256(tmp / f) for f in TENSOR_FILES}}
-        (tmp / "state.json").write_text(json.dumps(full, indent=1, default=float))
+        (tmp / "state.json").write_text(dumps_json(full, indent=1, default=float))
 
 
 def recover(path: Path) -> None:

@@ -10,13 +10,12 @@ and the reading of a run's record (`from_record`) follow, so no cached run chang
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mhr.errors import UsageError
-from mhr.options import flag_name, join_names, option, split_names
+from mhr.errors import UsageError, refuse_non_finite
+from mhr.options import join_names, option, split_names
 
 
 def parse_negatives(text: str) -> int | None:
@@ -150,6 +149,9 @@ class TrainParams:
         """The parameters a run was trained with, from its config.json's `params` (as `as_dict`
         wrote them, at any version): a field a record lacks reads back as its historical value."""
         p = {**{name: r.historical for name, r in RUN_KEY_RULES.items() if r.historical is not _NONE}, **params}
+        if p.get("negatives") is None:  # a full softmax samples nothing: its sampler options are moot
+            for name in ("negatives_per", "logq", "in_batch_negatives"):
+                p[name] = cls.__dataclass_fields__[name].default
         p["priors"] = tuple(p["priors"])
         if "text_cols" in p:
             p["text_cols"] = tuple(p["text_cols"])
@@ -247,10 +249,7 @@ def _check_choices(p: TrainParams) -> None:
 
 
 def _check_ranges(p: TrainParams) -> None:
-    for f in dataclasses.fields(p):  # nan/inf slip past every comparison below
-        value = getattr(p, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{flag_name(f.name)} {value} is not a finite number")
+    refuse_non_finite(p)  # nan/inf slip past every comparison below
     if not 0.0 <= p.global_ratio <= 1.0:
         raise UsageError("--global-ratio must be in [0, 1]")
     if p.batch_size < 1 or p.epochs < 1 or p.lr <= 0:
@@ -278,6 +277,8 @@ def _check_ranges(p: TrainParams) -> None:
         raise UsageError("--routing-reg must be >= 0")
     if p.router_weight < 0:
         raise UsageError("--router-weight must be a finite number >= 0")
+    if not 0 <= p.gamma <= 1:
+        raise UsageError(f"--gamma {p.gamma} must be in [0, 1]", hint="γ discounts later horizons; 0.99 is the default")
 
 
 def _check_combinations(p: TrainParams) -> None:
@@ -291,6 +292,11 @@ def _check_combinations(p: TrainParams) -> None:
                          hint="drop --priors (or use --decoder heads)")
     if p.decoder != "heads" and p.global_head:
         raise UsageError(f"--decoder {p.decoder} has no global head", hint="drop --global-head")
+    if p.negatives is None and (p.negatives_per != "position" or not p.logq):
+        given = ", ".join(f for f, on in (("--negatives-per " + p.negatives_per, p.negatives_per != "position"),
+                                          ("--no-logq", not p.logq)) if on)
+        raise UsageError(f"{given} shapes a sampled softmax, and without --negatives the full softmax samples nothing",
+                         hint="add --negatives N, e.g. --negatives 256, or drop it")
     if p.negatives is None and p.in_batch_negatives:
         raise UsageError("--in-batch-negatives shapes a sampled softmax", hint="add --negatives N, e.g. --negatives 256")
     if p.router and p.decoder != "heads":

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mhr.cache import is_done, locked, stage_key, write_manifest
+from mhr.cache import dumps_json, is_done, locked, stage_key, write_manifest
 from mhr.console import err, progress
 from mhr.errors import TrainingError, UsageError
 from mhr.models.heads import Compatibility, HeadLayout
@@ -263,6 +263,8 @@ def train(
     """
     params.check()
     check_device(device)
+    if checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every {checkpoint_every} must be >= 0", hint="0 checkpoints at each validation only")
     name = check_name(name or default_run_name(params), "run")
     run_dir = dataset.runs_dir / name
     if resume and not deterministic:  # a resumed run keeps the mode it was started in
@@ -467,7 +469,7 @@ def _start(run: _Run, resume: bool, deterministic: bool) -> dict[str, Any]:
         run.dir.mkdir(parents=True, exist_ok=True)
         record = run_record(run.name, run.inputs.key, run.params, run.inputs.keys, run.config, run.layout,
                             run.inputs.windows, run.dataset, run.dist.device, run.dist.world, deterministic)
-        (run.dir / "config.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+        (run.dir / "config.json").write_text(dumps_json(record, indent=2, sort_keys=True))
         (run.dir / "log.jsonl").write_text("")
     if run.dist.rank == 0:
         checkpoint.trim_log(run.dir / "log.jsonl", state["step"])
@@ -509,7 +511,7 @@ def _loop(run: _Run, state: dict[str, Any], checkpoint_every: int, show_progress
             if rank == 0:
                 entry["seq_per_s"] = round(seqs / max(time.time() - t0, 1e-9), 1)
                 with open(run.dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(entry) + "\n")
+                    f.write(dumps_json(entry) + "\n")
                 if bar:
                     bar.update(task, completed=step, info=_progress_info(entry, state))
             state["step"] = step
