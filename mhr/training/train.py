@@ -57,6 +57,7 @@ from mhr.ranking.metrics import ndcg_at_k
 from mhr.store import connect, data_key
 from mhr.training import checkpoint
 from mhr.training.loss import multihead_loss, router_loss, sample_negatives
+from mhr.training.optim import GatheredItems, build_optimizer, clip_grad_norm
 from mhr.training.params import RUN_KEY_RULES, TrainParams, default_run_name
 from mhr.windows import WindowsRef, horizon_targets, load_windows, sample_rows, subset_split
 from mhr.workspace import Dataset, check_name
@@ -525,7 +526,7 @@ def _build(dataset: Dataset, params: TrainParams, inp: _Inputs, dist: _Dist, nam
     train_split = wref.read_split("train", rows=shard)
     steps_per_epoch = math.ceil(n_windows / params.batch_size)
     total = params.max_steps or steps_per_epoch * params.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    optimizer = build_optimizer(model, params.lr, params.weight_decay, params.sparse_embeddings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(params.warmup_steps, total))
     train_omega = compat.omega
     if params.backbone == "hllm":
@@ -650,7 +651,7 @@ def _step(run: _Run, step: int) -> tuple[dict[str, Any], int]:
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if p.clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), p.clip)
+        clip_grad_norm(run.model.parameters(), p.clip)
     run.optimizer.step()
     run.scheduler.step()
     logged = loss.detach()
@@ -749,7 +750,10 @@ class _LossStep(torch.nn.Module):
             compat_t = self.compat.targets(targets, target_events, users)
             compat_t = self.model.heads.assign(q, item_vecs, scorer, targets, compat_t)
             # normalised once, then plain dot products inside the loss
-            if self.selective:
+            if p.sparse_embeddings:  # only the rows the loss reads, with a row-sparse gradient
+                item_vecs = GatheredItems(self.model.item_vectors(), scorer.prepare_items)
+                q = q if self.selective else scorer.prepare_queries(q)
+            elif self.selective:
                 item_vecs = scorer.prepare_items(item_vecs)
             else:
                 q, item_vecs = scorer.prepare(q, item_vecs)
