@@ -32,8 +32,11 @@ class GatheredItems:
         self.device, self.dtype = table.device, torch.float32
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = F.embedding(ids.reshape(-1), self.table, sparse=True).float()
-        return self.prepare(flat).reshape(*ids.shape, self.shape[1])
+        # each distinct row once: normalised once, one row of the sparse gradient (the repeats'
+        # gradients are summed densely over the few distinct rows, not coalesced over all reads)
+        rows, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        vecs = self.prepare(F.embedding(rows, self.table, sparse=True).float())
+        return vecs[inverse].reshape(*ids.shape, self.shape[1])
 
     def sum(self) -> torch.Tensor:
         """A zero-weight use of the table (the loss's anchor when a batch has no positive)."""
