@@ -87,7 +87,13 @@ def search_ratio(store: Path, kind: str, clusters: list[int], holdout: int, refe
         users, items = users[keep], items[keep]
     m = (binary_matrix(items, users, (n_items + 1, n_users + 1)) if kind == "graph"
          else binary_matrix(users, items, (n_users + 1, n_items + 1)))
-    src, dst, w = knn_edges(m, 50)
+    cache = store.parent / f"knn-{kind}-h{holdout}.npz"  # the edges, kept beside the store for reruns
+    if cache.is_file():
+        z = np.load(cache)
+        src, dst, w = z["src"], z["dst"], z["w"]
+    else:
+        src, dst, w = knn_edges(m, 50)
+        np.savez(cache, src=src, dst=dst, w=w)
     graph = ig.Graph(n=m.shape[0], edges=np.column_stack([src, dst]).tolist(), directed=False)
 
     def timed(fn, *args, **kwargs):
