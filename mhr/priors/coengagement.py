@@ -37,8 +37,12 @@ CHUNK_CELLS = 1 << 23
 # co-count entries one span of the sparse kNN holds (per thread; ≈ 40 bytes an entry at the peak)
 PAIR_BUDGET = 1 << 22
 
-# version of `search_resolution`, in the key of priors built with --clusters (1: the reference search)
-RESOLUTION_SEARCH = 2
+# version of `search_resolution`, in the key of priors built with --clusters (1: the reference search;
+# 3: ×2 steps through a plateau instead of ×4)
+RESOLUTION_SEARCH = 3
+# resolution factor of a whole-graph pass while the community count stays flat: past a plateau counts
+# jump (planted communities shatter), and a pass at a far higher resolution costs several plain ones
+PLATEAU_STEP = 2.0
 
 
 def training_pairs(
@@ -373,7 +377,8 @@ def search_resolution(graph: ig.Graph, weights: list[float] | None, active: np.n
     1. One Leiden iteration at resolution 1; if it has `clusters` communities, a second finishes the
        plain call (the same partition the reference search's first step gives).
     2. Too few: one iteration at a higher resolution (aiming at ~1.5× `clusters`, at most ×4: past
-       some resolution communities fall below `min_size` and the count drops again), until enough.
+       some resolution communities fall below `min_size` and the count drops again; ×2 while the count
+       stays flat), until enough.
     3. Search on the graph aggregated by the meet of these partitions (hundreds to a few thousand
        nodes: cheap), so each step's communities are unions of communities found on the whole graph
        at both ends of the bracket.
@@ -392,7 +397,7 @@ def search_resolution(graph: ig.Graph, weights: list[float] | None, active: np.n
     hi = (1.0, lei.count(raw))
     while hi[1] < clusters and len(parts) < max_fine:
         plateau = lo is not None and hi[1] == lo[1]  # e.g. planted communities that split only much later
-        res = hi[0] * (4.0 if plateau else min(4.0, max(1.5, 1.5 * clusters / max(hi[1], 1))))
+        res = hi[0] * (PLATEAU_STEP if plateau else min(4.0, max(1.5, 1.5 * clusters / max(hi[1], 1))))
         raw = lei.improve(lei.partition(res))
         parts.append(raw)
         lo, hi = hi, (res, lei.count(raw))
