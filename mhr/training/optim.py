@@ -34,7 +34,7 @@ class GatheredItems:
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         # each distinct row once: normalised once, one row of the sparse gradient (the repeats'
         # gradients are summed densely over the few distinct rows, not coalesced over all reads)
-        rows, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        rows, inverse = _distinct(ids.reshape(-1), self.shape[0])
         vecs = self.prepare(F.embedding(rows, self.table, sparse=True).float())
         return vecs[inverse].reshape(*ids.shape, self.shape[1])
 
@@ -44,6 +44,17 @@ class GatheredItems:
 
     def new_zeros(self, *size) -> torch.Tensor:
         return torch.zeros(*size, dtype=self.dtype, device=self.device)
+
+
+def _distinct(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the distinct ids in ascending order, each id's index among them) without sorting the ids: a
+    pass over an [n] mark (a few MB) instead of a sort of every read (often 10⁵–10⁶ of them)."""
+    mark = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    mark[ids] = True
+    rows = mark.nonzero().squeeze(1)
+    slot = torch.empty(n, dtype=torch.long, device=ids.device)
+    slot[rows] = torch.arange(len(rows), device=ids.device)
+    return rows, slot[ids]
 
 
 class LazyAdamW(torch.optim.AdamW):
