@@ -13,6 +13,18 @@ truth, it also reports the NMI of the recovered communities against `items.attrs
 
 times, in one process, one Leiden call against the whole `--clusters` resolution search (the new
 one, and with --reference the first one) on the graph prior's graph of an existing store.
+
+    python benchmarks/bench_priors.py --knn-store /tmp/bench-priors/ws/news/store.duckdb
+
+times, in one process, the sparse kNN (`knn_edges`) against the dense reference (`knn_edges_dense`) on
+the graph prior's item graph, and checks they give the same edges.
+
+    python benchmarks/bench_priors.py --scaling /tmp/bench-scaling --base 25000,25000,500000 [--dense]
+
+the two scaling ratios of the graph prior: 4× the items over the same interactions, and a 10× larger
+log at the same density (10× users, items and interactions), each as `mhr priors build --kind graph
+--clusters 20` children (wall, peak RSS) and as the kNN alone in this process (with --dense, the
+dense reference too, for the base and 4× logs).
 """
 
 from __future__ import annotations
@@ -75,7 +87,13 @@ def search_ratio(store: Path, kind: str, clusters: list[int], holdout: int, refe
         users, items = users[keep], items[keep]
     m = (binary_matrix(items, users, (n_items + 1, n_users + 1)) if kind == "graph"
          else binary_matrix(users, items, (n_users + 1, n_items + 1)))
-    src, dst, w = knn_edges(m, 50)
+    cache = store.parent / f"knn-{kind}-h{holdout}.npz"  # the edges, kept beside the store for reruns
+    if cache.is_file():
+        z = np.load(cache)
+        src, dst, w = z["src"], z["dst"], z["w"]
+    else:
+        src, dst, w = knn_edges(m, 50)
+        np.savez(cache, src=src, dst=dst, w=w)
     graph = ig.Graph(n=m.shape[0], edges=np.column_stack([src, dst]).tolist(), directed=False)
 
     def timed(fn, *args, **kwargs):
@@ -101,6 +119,69 @@ def search_ratio(store: Path, kind: str, clusters: list[int], holdout: int, refe
     return rows
 
 
+def _item_matrix(store: Path, holdout: int = 16, cap: int | None = 1000):
+    from mhr.priors.coengagement import binary_matrix, training_pairs
+
+    con = duckdb.connect(str(store), read_only=True)
+    n_items = con.execute("SELECT max(item_id) FROM items").fetchone()[0]
+    n_users = con.execute("SELECT max(user_id) FROM users").fetchone()[0]
+    users, items = training_pairs(con, holdout, cap)
+    con.close()
+    return binary_matrix(items, users, (n_items + 1, n_users + 1))
+
+
+def _timed_knn(fn, m) -> tuple[tuple, float]:
+    t = time.perf_counter()
+    out = fn(m, 50)
+    return out, time.perf_counter() - t
+
+
+def _peak_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def knn_compare(store: Path, dense: bool = True) -> dict:
+    """The sparse kNN against the dense reference on a store's item graph, in this process."""
+    from mhr.priors.coengagement import knn_edges, knn_edges_dense
+
+    m = _item_matrix(store)
+    pairs = int((np.diff(m.T.tocsr().indptr).astype(np.int64) ** 2).sum())
+    (src, dst, w), sparse_s = _timed_knn(knn_edges, m)
+    row = {"items": m.shape[0] - 1, "training_pairs": int(m.nnz), "pair_instances": pairs,
+           "edges": len(src), "sparse_s": round(sparse_s, 2), "peak_rss_gib_after_sparse": round(_peak_gib(), 2)}
+    if dense:
+        (s2, d2, w2), dense_s = _timed_knn(knn_edges_dense, m)
+        row.update(dense_s=round(dense_s, 2), dense_over_sparse=round(dense_s / sparse_s, 2),
+                   same_edges=bool(np.array_equal(src, s2) and np.array_equal(dst, d2) and np.array_equal(w, w2)))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def scaling(root: Path, base: tuple[int, int, int], dense: bool) -> None:
+    """The graph prior on a base log, 4× the items over the same interactions, and 10× everything."""
+    u, i, n = base
+    logs = {"base": (u, i, n), "items4": (u, 4 * i, n), "log10": (10 * u, 10 * i, 10 * n)}
+    rows = {}
+    for name, (users, items, inter) in logs.items():
+        ws = root / name / "ws"
+        child(["--workspace", str(ws), "data", "synth", "--name", "s", "--users", str(users), "--items",
+               str(items), "--interactions", str(inter), "--communities", "20"])
+        s, rss, _ = child(["--workspace", str(ws), "--dataset", "s", "priors", "build", "--kind", "graph",
+                           "--clusters", "20", "--force"])
+        knn = knn_compare(ws / "s" / "store.duckdb", dense=dense and name != "log10")
+        rows[name] = {"build_s": round(s, 1), "build_peak_rss_gib": round(rss, 2), **knn}
+        print(name, json.dumps(rows[name]), flush=True)
+    for what in ("build_s", "sparse_s", "dense_s"):
+        if all(what in r for r in rows.values()) or (what == "dense_s" and "dense_s" in rows["items4"]):
+            ratio4 = rows["items4"][what] / rows["base"][what]
+            line = f"{what}: 4x items / base = {ratio4:.2f} (goal <= 3)"
+            if what in rows["log10"]:
+                line += f"; 10x log / base = {rows['log10'][what] / rows['base'][what]:.2f} (goal <= 15)"
+            print(line, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratio-store", type=Path, default=None,
@@ -109,6 +190,11 @@ def main() -> None:
     ap.add_argument("--clusters", default="20,40,100", help="With --ratio-store: requested counts.")
     ap.add_argument("--holdout", type=int, default=16, help="With --ratio-store: the prior's --holdout.")
     ap.add_argument("--reference", action="store_true", help="With --ratio-store: also the first search.")
+    ap.add_argument("--knn-store", type=Path, default=None,
+                    help="Only time the sparse kNN against the dense reference on this store's item graph.")
+    ap.add_argument("--scaling", type=Path, default=None, help="Only the two scaling ratios, logs under this dir.")
+    ap.add_argument("--base", default="25000,25000,500000", help="With --scaling: users,items,interactions.")
+    ap.add_argument("--dense", action="store_true", help="With --scaling: also the dense reference kNN.")
     ap.add_argument("--dir")
     ap.add_argument("--users", type=int, default=45_000)
     ap.add_argument("--items", type=int, default=25_000)
@@ -116,6 +202,12 @@ def main() -> None:
     ap.add_argument("--communities", type=int, default=20)
     ap.add_argument("--only", choices=("graph", "user"), default=None)
     a = ap.parse_args()
+    if a.knn_store:
+        knn_compare(a.knn_store)
+        return
+    if a.scaling:
+        scaling(a.scaling, tuple(int(x) for x in a.base.split(",")), a.dense)
+        return
     if a.ratio_store:
         search_ratio(a.ratio_store, a.kind, [int(k) for k in a.clusters.split(",")], a.holdout, a.reference)
         return

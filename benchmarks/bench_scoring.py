@@ -5,6 +5,14 @@
     python benchmarks/bench_scoring.py --quick         # smaller, for a smoke run
     python benchmarks/bench_scoring.py --device cuda
     python benchmarks/bench_scoring.py --threads 1     # steadier on a shared, busy machine
+    python benchmarks/bench_scoring.py --ceiling 50000,500000 --users 1024   # users/s vs its ceiling
+
+`--ceiling A,B`: `mhr eval`'s ranking (`mhr.ranking.inference.rank_split`: HSTU-1 forward, head queries,
+history excluded, fused top-200 over the whole catalogue, batches of 256 users) of --users synthetic
+users at A and B items, for a plain run (one head) and a head run (2×8 hierarchical temporal × item,
+as bench_train.py), each timed beside its ceiling in this process: the bare backbone forward + a bare
+[256, d] × [d, N] matmul + top-200 over the same batches, same threads. Prints users/s and the ratio
+(goal ≥ 0.5).
 
 Head layouts (eligibility only; the head queries are random):
   one head   the plain backbone: one head, every item eligible (the baseline, ratio 1)
@@ -122,6 +130,51 @@ def timed(fns, repeats: int, device: torch.device) -> list[float]:
     return [statistics.median(col) for col in zip(*times, strict=True)]
 
 
+def ceiling(args) -> None:
+    """Users/s of the real ranking against the bare forward + matmul + top-k (see the docstring)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_train import make_priors, make_windows
+
+    from mhr.models.heads import Compatibility, build_layout
+    from mhr.models.multihead import backbone_config, build_model
+    from mhr.ranking.inference import rank_split
+
+    T, batch = 50, 256
+    print(f"# ranking vs its ceiling: HSTU-1, {args.users} users, batches of {batch}, top-{args.k}, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats} after a warm-up")
+    print("| items | run | heads | users/s | ceiling users/s | ratio | goal |\n|---|---|---|---|---|---|---|")
+    for n_items in (int(x) for x in args.ceiling.split(",")):
+        w = make_windows(args.users, T, n_items)
+        length = np.minimum((w["items"] != 0).sum(1), T).astype(np.int64)
+        split = {"user": w["user"], "items": w["items"][:, :T], "ts": w["ts"][:, :T], "length": length,
+                 "history_ptr": np.r_[0, np.cumsum(length)].astype(np.int64),
+                 "history_items": np.concatenate([w["items"][i, :length[i]] for i in range(args.users)])}
+        for run, priors in (("plain", ()), ("2x8 heads", make_priors(n_items))):
+            layout = build_layout(priors, "hierarchical", False)
+            torch.manual_seed(0)
+            model = build_model("hstu", backbone_config("hstu", "1", n_items, T), layout, "cosine", 0.05).eval()
+            compat = Compatibility(layout, n_items, [None])
+
+            def real(model=model, compat=compat, split=split):
+                rank_split(model, compat, split, args.k, batch_size=batch)
+
+            @torch.no_grad()
+            def bare(model=model, split=split):
+                vecs = model.item_vectors()
+                for s in range(0, args.users, batch):
+                    items = torch.from_numpy(split["items"][s:s + batch])
+                    h = model.backbone(items, torch.from_numpy(split["ts"][s:s + batch]))
+                    last = torch.from_numpy(split["length"][s:s + batch]) - 1
+                    torch.topk(h[torch.arange(len(items)), last] @ vecs.T, args.k, dim=1)
+
+            t_real, t_bare = timed([real, bare], args.repeats, torch.device("cpu"))
+            print(f"| {n_items:,} | {run} | {layout.n_heads} | {args.users / t_real:.0f} | "
+                  f"{args.users / t_bare:.0f} | **{t_bare / t_real:.2f}** | ≥ 0.5 |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=25_000)
@@ -133,12 +186,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="5k items, 128 users, d = 64")
+    ap.add_argument("--ceiling", default=None, help="A,B: only the ranking's users/s against its ceiling")
     args = ap.parse_args()
     if args.quick:
         args.items, args.users, args.dims, args.repeats, args.dense_repeats = 5000, 128, "64", 3, 1
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ceiling:
+        ceiling(args)
+        return
     print(
         f"# fused top-{args.k}: {args.items} items, {args.users} users, device {device}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} "

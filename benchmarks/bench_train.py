@@ -4,6 +4,13 @@
     python benchmarks/bench_train.py --sizes 1 --steps 3     # quicker
     python benchmarks/bench_train.py --threads 1             # steadier on a shared, busy machine
     python benchmarks/bench_train.py --device cuda --bf16    # the same on a GPU, bf16 autocast
+    python benchmarks/bench_train.py --catalogue 50000,500000 --batch 64 --sizes 1   # step vs catalogue
+
+`--catalogue A,B`: the plain HSTU (one head), 256 sampled negatives per position (logQ; or per
+`--negatives-per sequence|batch`), at A and B
+items, with the dense item table + AdamW and with `--sparse-embeddings` (row-sparse table + LazyAdamW),
+the four setups interleaved in this process: median step each, and the B/A ratio per optimizer
+(goal ≤ 1.5).
 
 What one step is: the real training step of `mhr.training.train` — a batch cut by `mhr.training.step.make_batch` from
 synthetic training windows (T + τ items, τ = 8), `mhr.training.step.LossStep` (backbone → heads →
@@ -75,6 +82,7 @@ from mhr.models.heads import (
 from mhr.models.multihead import backbone_config, build_model
 from mhr.priors.spec import PriorSpec
 from mhr.training.loss import find_positives, multihead_loss
+from mhr.training.optim import build_optimizer, clip_grad_norm
 from mhr.training.params import TrainParams
 from mhr.training.step import LossStep, make_batch
 
@@ -304,6 +312,69 @@ def time_pair(setups: list[Setup], batches: list[dict], warmup: int, steps: int,
     return [statistics.median(times[i]) for i in times], share
 
 
+class CatalogueSetup:
+    """The plain backbone with 256 sampled negatives per position at one catalogue size, dense or
+    sparse item table, as `mhr train` builds it."""
+
+    def __init__(self, size: str, n_items: int, sparse: bool, args) -> None:
+        self.n_items, self.sparse, self.device = n_items, sparse, args.device
+        self.layout_name = f"{n_items:,} items, {'sparse' if sparse else 'dense'}"
+        self.params = TrainParams(size=size, batch_size=args.batch, negatives=256, sparse_embeddings=sparse,
+                                  negatives_per=args.negatives_per)
+        config = backbone_config("hstu", size, n_items, args.context)
+        layout = build_layout((), self.params.compose, self.params.global_head)
+        torch.manual_seed(0)
+        self.model = build_model("hstu", config, layout, self.params.score, self.params.temperature).to(args.device)
+        self.model.train()
+        compat = Compatibility(layout, n_items, [None]).to(args.device)
+        self.gen = torch.Generator(device=args.device).manual_seed(1)
+        self.loss_step = LossStep(self.model, compat, self.params, self.gen, compat.omega)
+        self.opt = build_optimizer(self.model, self.params.lr, self.params.weight_decay, sparse)
+
+    def step(self, b: dict) -> None:
+        loss, _ = self.loss_step(b["items"], b["ts"], b["targets"], b["target_events"], b["users"])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grad_norm(self.model.parameters(), self.params.clip)
+        self.opt.step()
+
+
+def catalogue_ratio(args) -> None:
+    """Median step at each catalogue size, dense and sparse item table, all interleaved."""
+    import copy
+
+    sizes = [int(x) for x in args.catalogue.split(",")]
+    size = args.sizes.split(",")[0]
+    print(f"{machine_line(args.device)}; load average {os.getloadavg()[0]:.2f}")
+    print(f"HSTU-{size}, one head, batch {args.batch} x T {args.context}, 256 negatives per {args.negatives_per} (logQ); "
+          f"{args.warmup} warm-up + median of {args.steps} steps, setups interleaved")
+    setups, batches = [], []
+    for n in sizes:
+        a = copy.copy(args)
+        a.items = n
+        for sparse in (False, True):
+            setups.append(CatalogueSetup(size, n, sparse, a))
+        batches.append(make_batches(a, args.device))
+    times: dict[int, list[float]] = {i: [] for i in range(len(setups))}
+    for r in range(args.warmup + args.steps):
+        for i in (range(len(setups)) if r % 2 == 0 else reversed(range(len(setups)))):
+            b = batches[i // 2][r % len(batches[i // 2])]
+            t0 = time.perf_counter()
+            setups[i].step(b)
+            if r >= args.warmup:
+                times[i].append(time.perf_counter() - t0)
+    med = [statistics.median(times[i]) for i in times]
+    print("\n| items | item table | step ms | seq/s |\n|---|---|---|---|")
+    for s, t in zip(setups, med, strict=True):
+        print(f"| {s.n_items:,} | {'sparse, LazyAdamW' if s.sparse else 'dense, AdamW'} | {1000 * t:.0f} | "
+              f"{args.batch / t:.1f} |")
+    for j, name in enumerate(("dense", "sparse")):
+        print(f"{name}: step at {sizes[-1]:,} / at {sizes[0]:,} items = {med[2 * (len(sizes) - 1) + j] / med[j]:.2f} "
+              f"(goal <= 1.5)")
+    print(f"sparse / dense at {sizes[-1]:,} items: {med[-1] / med[-2]:.2f}; load average {os.getloadavg()[0]:.2f}; "
+          f"peak RSS {peak_rss() / 2**30:.2f} GiB")
+
+
 def peak_rss() -> int:
     """This process's peak resident set in bytes. VmHWM on Linux: ru_maxrss would do, but Linux
     carries the parent's ru_maxrss across fork + exec, so a child of this (large) benchmark
@@ -401,12 +472,17 @@ def main() -> None:
     ap.add_argument("--peak-size", type=int, default=0, help="matmul n for the peak (0: 2048 CPU, 8192 GPU)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory children")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table even when the goal is met")
+    ap.add_argument("--catalogue", default=None, help="A,B: only the step at A vs B items, dense vs sparse table")
+    ap.add_argument("--negatives-per", default="position", help="With --catalogue: the sampler's draw unit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.rows = max(args.rows, args.batch)
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device visible to torch")
+    if args.catalogue:
+        catalogue_ratio(args)
+        return
     if args.child:
         size, layout_name = args.child.split(":", 1)
         child_memory(args, size, layout_name)

@@ -18,7 +18,8 @@ import duckdb
 import numpy as np
 import pytest
 
-from mhr.training.train import TrainParams, train
+from mhr.training.params import TrainParams
+from mhr.training.train import train
 from mhr.windows import build_windows
 from tests.conftest import run_cli
 from tests.helpers import make_dataset

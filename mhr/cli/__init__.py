@@ -20,6 +20,7 @@ from mhr.cli.common import Context, refuse_non_finite_floats
 from mhr.console import err
 from mhr.errors import EXIT_CODES, DiskError, MhrError, disk_full_error
 from mhr.store import damaged_store_error
+from mhr.threads import apply_threads
 from mhr.workspace import Workspace
 
 app = typer.Typer(
@@ -48,7 +49,11 @@ def root(
         None, "--dataset", "-d", envvar="MHR_DATASET", help="Dataset name (default: the only one)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
+    threads: int = typer.Option(
+        None, "--threads", envvar="MHR_THREADS", min=1,
+        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores not busy by the load average)."),
 ) -> None:
+    apply_threads(threads)
     ctx.obj = Context(Workspace.from_option(workspace), dataset, verbose)
 
 

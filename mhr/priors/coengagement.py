@@ -4,10 +4,13 @@ Only training-period interactions count: for each user the last `holdout` intera
 validation and test targets of the windows built later: `holdout` must be ≥ 2τ) are dropped, so a
 prior never sees what the model is evaluated on. The graph of the rows of a binary matrix `M`
 (items × users for the item graph, users × items for the user graph) has the co-counts
-`S = M Mᵀ` as candidate edge weights; it is computed in row chunks with scipy's sparse product
-(threads: scipy releases the GIL) and each row keeps its `neighbors` most similar rows by cosine
-`S_ij / sqrt(S_ii S_jj)` (union over both ends), so memory stays bounded by the edge count, not
-the square of the node count. `neighbors = 0` keeps every co-engagement edge.
+`S = M Mᵀ` as candidate edge weights; only its non-zero entries — pairs of rows that share a column —
+are ever formed: it is computed as a sparse product in row spans of bounded size (threads: scipy
+releases the GIL) and each row keeps its `neighbors` most similar rows by cosine
+`S_ij / sqrt(S_ii S_jj)` (ties to the lower row id; union over both ends). Time follows the pairs
+(Σ over columns of their length², bounded by the per-user `cap`), memory the span and the edges —
+neither the square of the node count. `neighbors = 0` keeps every co-engagement edge.
+`knn_edges_dense`, the first version (each row scored against every row), is the tested reference.
 """
 
 from __future__ import annotations
@@ -29,11 +32,17 @@ import scipy.sparse as sp
 
 from mhr.errors import InputError
 
-# cells of the dense [rows × n] co-count block one kNN chunk scores (per thread; ≈ 230 MB at the peak)
+# cells of the dense [rows × n] co-count block one chunk of the dense reference scores (per thread)
 CHUNK_CELLS = 1 << 23
+# co-count entries one span of the sparse kNN holds (per thread; ≈ 40 bytes an entry at the peak)
+PAIR_BUDGET = 1 << 22
 
-# version of `search_resolution`, in the key of priors built with --clusters (1: the reference search)
-RESOLUTION_SEARCH = 2
+# version of `search_resolution`, in the key of priors built with --clusters (1: the reference search;
+# 3: ×2 steps through a plateau instead of ×4)
+RESOLUTION_SEARCH = 3
+# resolution factor of a whole-graph pass while the community count stays flat: past a plateau counts
+# jump (planted communities shatter), and a pass at a far higher resolution costs several plain ones
+PLATEAU_STEP = 2.0
 
 
 def training_pairs(
@@ -61,7 +70,18 @@ def binary_matrix(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) ->
     return m
 
 
-def _chunk_edges(
+def _top_dense(counts: np.ndarray, cos: np.ndarray, neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each row's `neighbors` largest `cos`, ties at the boundary to the lower column."""
+    neg = -cos
+    kth = np.partition(neg, neighbors - 1, axis=1)[:, neighbors - 1:neighbors]
+    tie = neg == kth
+    need = neighbors - (neg < kth).sum(axis=1, keepdims=True)
+    r, c = np.nonzero((neg < kth) | (tie & (np.cumsum(tie, axis=1) <= need)))
+    keep = counts[r, c] > 0
+    return r[keep], c[keep]
+
+
+def _chunk_edges_dense(
     m: sp.csr_matrix, mt: sp.csr_matrix, deg: np.ndarray, start: int, stop: int, neighbors: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     counts = (m[start:stop] @ mt).toarray()
@@ -73,32 +93,13 @@ def _chunk_edges(
         return r + start, c, counts[r, c]
     with np.errstate(divide="ignore", invalid="ignore"):
         cos = counts / np.sqrt(np.maximum(deg[start:stop, None], 1) * np.maximum(deg[None, :], 1))
-    top = np.argpartition(-cos, neighbors - 1, axis=1)[:, :neighbors]
-    r = np.repeat(rows, neighbors)
-    c = top.ravel()
-    w = counts[r, c]
-    keep = w > 0
-    return r[keep] + start, c[keep], w[keep]
+    r, c = _top_dense(counts, cos, neighbors)
+    return r + start, c, counts[r, c]
 
 
-def knn_edges(
-    m: sp.csr_matrix, neighbors: int, chunk: int = 256, threads: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Undirected edges (i < j) among the rows of binary `m` with co-count weights.
-
-    `m`: csr [n, k]. Returns (src, dst, count) sorted by (src, dst); deterministic.
-    """
-    n = m.shape[0]
-    mt = m.T.tocsr()
-    deg = np.asarray(m.sum(axis=1), dtype=np.float64).ravel()
-    # a chunk's rows are scored densely against every row (≈ 28 bytes a cell at the peak: counts,
-    # cosine and its temporaries), so fewer rows per chunk on big graphs; each row's selection is
-    # independent of the chunk it is in, so the edges are the same for any chunk size
-    chunk = max(1, min(chunk, CHUNK_CELLS // max(n, 1)))
-    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    threads = threads or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        parts = list(pool.map(lambda s: _chunk_edges(m, mt, deg, s[0], s[1], neighbors), spans))
+def _undirected(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The union over both ends of each row's kept (row, col, count): (src < dst) sorted, deduplicated."""
     if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
     src = np.concatenate([p[0] for p in parts]).astype(np.int64)
@@ -108,6 +109,105 @@ def knn_edges(
     code = lo * n + hi
     code, first = np.unique(code, return_index=True)
     return code // n, code % n, w[first]
+
+
+def knn_edges_dense(
+    m: sp.csr_matrix, neighbors: int, chunk: int = 256, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first kNN, kept as the reference `knn_edges` is tested against: each chunk of rows is scored
+    densely against every row (O(rows²) cells, whether or not two rows share a column)."""
+    n = m.shape[0]
+    mt = m.T.tocsr()
+    deg = np.asarray(m.sum(axis=1), dtype=np.float64).ravel()
+    # ≈ 28 bytes a cell at the peak (counts, cosine and its temporaries): fewer rows per chunk on
+    # big graphs; each row's selection is independent of the chunk it is in
+    chunk = max(1, min(chunk, CHUNK_CELLS // max(n, 1)))
+    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    threads = threads or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        parts = list(pool.map(lambda s: _chunk_edges_dense(m, mt, deg, s[0], s[1], neighbors), spans))
+    return _undirected(parts, n)
+
+
+def _select_long_rows(neg: np.ndarray, indptr: np.ndarray, rows: np.ndarray, neighbors: int,
+                      keep: np.ndarray, budget: int) -> None:
+    """Mark in `keep` each of `rows`' `neighbors` smallest `neg` (entries of a CSR whose rows are sorted
+    by column, so ties go to the lower column as in `_top_dense`): the rows, shortest first, are padded
+    into blocks of at most ~`budget` cells and selected with a partition — linear in the entries."""
+    lens = np.diff(indptr)[rows]
+    order = np.argsort(lens, kind="stable")
+    rows, lens = rows[order], lens[order]
+    i = 0
+    while i < len(rows):
+        j = i + max(1, int(np.searchsorted(np.arange(1, len(rows) - i + 1) * lens[i:], budget, side="right")))
+        block, blens = rows[i:j], lens[i:j]
+        at = np.repeat(np.arange(len(block)), blens)
+        within = np.arange(int(blens.sum())) - np.repeat(np.cumsum(blens) - blens, blens)
+        entry = indptr[block][at] + within
+        pad = np.full((len(block), int(blens[-1])), np.inf)
+        pad[at, within] = neg[entry]
+        kth = np.partition(pad, neighbors - 1, axis=1)[:, neighbors - 1:neighbors]
+        tie = pad == kth
+        need = neighbors - (pad < kth).sum(axis=1, keepdims=True)
+        take = (pad < kth) | (tie & (np.cumsum(tie, axis=1) <= need))
+        keep[entry[take[at, within] & np.isfinite(neg[entry])]] = True
+        i = j
+
+
+def _chunk_edges(
+    m: sp.csr_matrix, mt: sp.csr_matrix, deg: np.ndarray, start: int, stop: int, neighbors: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows start..stop: the co-counts of the pairs that share a column only (a sparse product), each
+    row's `neighbors` best by cosine (ties to the lower column, as `_top_dense`)."""
+    s = m[start:stop] @ mt
+    s.sort_indices()
+    lens = np.diff(s.indptr)
+    r = np.repeat(np.arange(start, stop, dtype=np.int64), lens)
+    c = s.indices.astype(np.int64)
+    counts = s.data
+    real = (r != c) & (counts > 0)
+    n = m.shape[0]
+    if neighbors <= 0 or neighbors >= n - 1:
+        return r[real], c[real], counts[real]
+    neg = np.where(real, -counts / np.sqrt(np.maximum(deg[r], 1) * np.maximum(deg[c], 1)), np.inf)
+    keep = real & np.repeat(lens <= neighbors, lens)
+    _select_long_rows(neg, s.indptr, np.flatnonzero(lens > neighbors), neighbors, keep, PAIR_BUDGET)
+    return r[keep], c[keep], counts[keep]
+
+
+def _work_spans(m: sp.csr_matrix, mt: sp.csr_matrix, budget: int) -> list[tuple[int, int]]:
+    """Row spans whose product holds at most ~`budget` entries: a row's entries are at most the sum of
+    its columns' lengths (the pairs it takes part in) and at most the row count."""
+    col_len = np.diff(mt.indptr).astype(np.int64)
+    work = np.minimum(m @ col_len, m.shape[0]).astype(np.int64) + 1
+    ends = np.cumsum(work)
+    spans, start = [], 0
+    while start < m.shape[0]:
+        stop = max(start + 1, int(np.searchsorted(ends, ends[start] - work[start] + budget, side="right")))
+        spans.append((start, min(stop, m.shape[0])))
+        start = stop
+    return spans
+
+
+def knn_edges(
+    m: sp.csr_matrix, neighbors: int, chunk: int = 256, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Undirected edges (i < j) among the rows of binary `m` with co-count weights: each row keeps its
+    `neighbors` most similar rows by cosine (`neighbors = 0`: every co-engaged row), union over both ends.
+
+    Only pairs of rows that share a column are ever formed (`M Mᵀ` as a sparse product, in row spans of
+    at most `PAIR_BUDGET` entries per thread), so time follows the pairs — Σ over columns of (column
+    length)² — and memory the span, never rows². The same edges as `knn_edges_dense` (tested).
+    `m`: csr [n, k]. Returns (src, dst, count) sorted by (src, dst); deterministic. `chunk` is unused
+    (kept for the dense reference's signature)."""
+    n = m.shape[0]
+    mt = m.T.tocsr()
+    deg = np.asarray(m.sum(axis=1), dtype=np.float64).ravel()
+    spans = _work_spans(m, mt, PAIR_BUDGET)
+    threads = threads or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        parts = list(pool.map(lambda s: _chunk_edges(m, mt, deg, s[0], s[1], neighbors), spans))
+    return _undirected(parts, n)
 
 
 @dataclass
@@ -277,7 +377,8 @@ def search_resolution(graph: ig.Graph, weights: list[float] | None, active: np.n
     1. One Leiden iteration at resolution 1; if it has `clusters` communities, a second finishes the
        plain call (the same partition the reference search's first step gives).
     2. Too few: one iteration at a higher resolution (aiming at ~1.5× `clusters`, at most ×4: past
-       some resolution communities fall below `min_size` and the count drops again), until enough.
+       some resolution communities fall below `min_size` and the count drops again; ×2 while the count
+       stays flat), until enough.
     3. Search on the graph aggregated by the meet of these partitions (hundreds to a few thousand
        nodes: cheap), so each step's communities are unions of communities found on the whole graph
        at both ends of the bracket.
@@ -296,7 +397,7 @@ def search_resolution(graph: ig.Graph, weights: list[float] | None, active: np.n
     hi = (1.0, lei.count(raw))
     while hi[1] < clusters and len(parts) < max_fine:
         plateau = lo is not None and hi[1] == lo[1]  # e.g. planted communities that split only much later
-        res = hi[0] * (4.0 if plateau else min(4.0, max(1.5, 1.5 * clusters / max(hi[1], 1))))
+        res = hi[0] * (PLATEAU_STEP if plateau else min(4.0, max(1.5, 1.5 * clusters / max(hi[1], 1))))
         raw = lei.improve(lei.partition(res))
         parts.append(raw)
         lo, hi = hi, (res, lei.count(raw))

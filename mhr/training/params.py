@@ -80,6 +80,10 @@ class TrainParams:
     batch_size: int = option(64, "Global batch size (windows per step).", panel=_SCHEDULE)
     lr: float = option(1e-3, "AdamW learning rate (warmup then cosine decay).", panel=_SCHEDULE)
     weight_decay: float = option(0.0, "AdamW weight decay.", panel=_SCHEDULE)
+    sparse_embeddings: bool = option(
+        False, "Row-sparse gradients for the item table, updated by a lazy Adam (only the rows a step "
+        "touched; not dense Adam): the step stops growing with the catalogue. Needs --negatives N; "
+        "hstu/sasrec with prior heads.", panel=_SCHEDULE)
     warmup_steps: int = option(50, "Linear warmup steps.", panel=_SCHEDULE)
     clip: float = option(1.0, "Gradient-norm clipping (0 = off).", panel=_SCHEDULE)
     eval_every: int = option(0, "Validate every N steps (0 = once per epoch).", panel=_SCHEDULE)
@@ -206,6 +210,7 @@ RUN_KEY_RULES: dict[str, KeyRule] = {
     "in_batch_negatives": KeyRule(False, _sampled),
     "logq": KeyRule(False, _sampled),
     "router": KeyRule(False),
+    "sparse_embeddings": KeyRule(False),  # earlier runs: dense AdamW over the whole item table
     "valid_users": KeyRule(None),  # earlier runs validated on every user
     "router_weight": KeyRule(applies=lambda p: p.router),
     # the baselines: earlier runs were all prior heads
@@ -308,6 +313,9 @@ def _check_combinations(p: TrainParams) -> None:
     if p.beta and p.negatives is None:
         raise UsageError("--beta reweights sampled negatives (REMI's hard negatives)",
                          hint="add --negatives N, e.g. --negatives 256")
+    if p.sparse_embeddings and (p.negatives is None or p.backbone == "hllm" or p.decoder != "heads"):
+        raise UsageError("--sparse-embeddings needs a sampled softmax over an hstu/sasrec item table with "
+                         "prior heads", hint="add --negatives N (e.g. 256), or drop --sparse-embeddings")
     if p.train_item_llm and p.backbone != "hllm":
         raise UsageError("--train-item-llm fine-tunes HLLM's item LLM", hint="add --backbone hllm")
     if p.train_item_llm and p.negatives is None:

@@ -17,6 +17,7 @@ import torch
 from mhr.models.heads import Compatibility, PriorHeads, SelectedQueries, dot_scores
 from mhr.models.multihead import MultiHeadRecommender
 from mhr.training.loss import multihead_loss, router_loss, sample_negatives
+from mhr.training.optim import GatheredItems
 from mhr.training.params import TrainParams
 from mhr.windows import horizon_targets
 
@@ -95,7 +96,10 @@ class LossStep(torch.nn.Module):
             compat_t = self.compat.targets(targets, target_events, users)
             compat_t = self.model.heads.assign(q, item_vecs, scorer, targets, compat_t)
             # normalised once, then plain dot products inside the loss
-            if self.selective:
+            if p.sparse_embeddings:  # only the rows the loss reads, with a row-sparse gradient
+                item_vecs = GatheredItems(self.model.item_vectors(), scorer.prepare_items)
+                q = q if self.selective else scorer.prepare_queries(q)
+            elif self.selective:
                 item_vecs = scorer.prepare_items(item_vecs)
             else:
                 q, item_vecs = scorer.prepare(q, item_vecs)

@@ -54,6 +54,7 @@ from mhr.ranking.inference import rank_split
 from mhr.ranking.metrics import ndcg_at_k
 from mhr.store import connect
 from mhr.training import checkpoint
+from mhr.training.optim import build_optimizer, clip_grad_norm
 from mhr.training.params import TrainParams, default_run_name
 from mhr.training.runs import check_device, load_priors, make_layout, read_record, run_lock_path, run_record
 from mhr.training.step import LossStep, batch_rows, make_batch
@@ -438,7 +439,7 @@ def _build(dataset: Dataset, params: TrainParams, inp: _Inputs, dist: _Dist, nam
     train_split = wref.read_split("train", rows=shard)
     steps_per_epoch = math.ceil(n_windows / params.batch_size)
     total = params.max_steps or steps_per_epoch * params.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    optimizer = build_optimizer(model, params.lr, params.weight_decay, params.sparse_embeddings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(params.warmup_steps, total))
     train_omega = compat.omega
     if BACKBONES[params.backbone].reads_item_texts:
@@ -544,7 +545,7 @@ def _step(run: _Run, step: int) -> tuple[dict[str, Any], int]:
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if p.clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), p.clip)
+        clip_grad_norm(run.model.parameters(), p.clip)
     run.optimizer.step()
     run.scheduler.step()
     logged = loss.detach()
