@@ -158,6 +158,22 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def frontier(ws: str, ds: str, prior: str, group: str, base: str, heads: str, seeds: list[int]) -> str:
+    """Every decoder along its knob's grid on the VALID split (mean over seeds): NDCG@10 against G's
+    exposure (steer, boost) or C_KL@10 (calibrate) — the curves behind the selected points."""
+    dataset = Workspace.from_option(ws).dataset(ds)
+    out = ["| decoder | knob | NDCG@10 (valid) | exposure of G@10 | C_KL@10 |", "|---|---|---|---|---|"]
+    for d in DECODERS:
+        grid = (0.0, *{"steer": SHARES, "boost": BETAS, "calibrate": LAMBDAS}[d.knob])
+        for v in grid:
+            knob = "boost" if v == 0 else d.knob
+            pts = [_point(dataset, f"{base if d.role == 'base' else heads}-s{s}",
+                          _params("valid", d.fusion, prior, group, knob, v), group) for s in seeds]
+            mean = {k: float(np.mean([p[k] for p in pts])) for k in ("ndcg", "share", "c_kl")}
+            out.append(f"| {d.name} | {d.knob} {v:g} | {mean['ndcg']:.2f} | {mean['share']:.3f} | {mean['c_kl']:.3f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-w", "--workspace", required=True)
@@ -167,9 +183,14 @@ def main() -> None:
     ap.add_argument("--heads", required=True, help="run name of the head run (trained with --router)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--frontier", action="store_true", help="also print every grid point on valid")
     a = ap.parse_args()
     result = study(a.workspace, a.dataset, a.prior, a.base, a.heads, [int(s) for s in a.seeds.split(",")])
     print(table(result))
+    if a.frontier:
+        print()
+        print(frontier(a.workspace, a.dataset, a.prior, result["group"], a.base, a.heads,
+                       [int(s) for s in a.seeds.split(",")]))
     with open(a.out, "w") as f:
         json.dump(_finite(result), f, indent=1, allow_nan=False)
 
