@@ -26,10 +26,9 @@ def _help(name: str) -> str:
 
 
 def objectives_from(steer: list[str] | None, boost: list[str] | None, calibrate: str | None, lam: float):
-    from mhr.ranking.objectives import Objectives, parse_boost, parse_steer
+    from mhr.ranking.objectives import objectives_from_texts
 
-    objectives = Objectives(tuple(parse_steer(t) for t in steer or ()), tuple(parse_boost(t) for t in boost or ()),
-                            calibrate, lam)
+    objectives = objectives_from_texts(steer or (), boost or (), calibrate, lam)
     objectives.check()
     return objectives
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from mhr.errors import UsageError, refuse_non_finite
 from mhr.options import option, split_ints
-from mhr.ranking.objectives import Objectives, parse_boost, parse_steer
+from mhr.ranking.objectives import Objectives, objectives_from_texts, parse_boost, parse_steer
 
 
 def _ints(flag: str) -> Callable[[str], tuple[int, ...]]:
@@ -89,9 +89,7 @@ class EvalParams:
                                      panel=_OBJ)
 
     def objectives(self) -> Objectives:
-        return Objectives(steer=tuple(parse_steer(t) for t in self.steer),
-                          boost=tuple(parse_boost(t) for t in self.boost),
-                          calibrate=self.calibrate, calibrate_lambda=self.calibrate_lambda)
+        return objectives_from_texts(self.steer, self.boost, self.calibrate, self.calibrate_lambda)
 
     def check(self) -> None:
         from mhr.ranking.fusion import FITTED, FUSIONS

@@ -111,6 +111,15 @@ def parse_boost(text: str, flag: str = "--boost") -> Boost:
     return Boost(prior, group, beta)
 
 
+def objectives_from_texts(steer: Sequence[str] = (), boost: Sequence[str] = (), calibrate: str | None = None,
+                         calibrate_lambda: float = 0.5, *, flags: tuple[str, str] = ("--steer", "--boost")
+                         ) -> Objectives:
+    """The objectives as a command line, a recipe or a request gives them (`PRIOR:GROUP=…` texts);
+    `flags`: how the steer and boost texts are named in an error. Not checked (`Objectives.check`)."""
+    return Objectives(tuple(parse_steer(t, flags[0]) for t in steer), tuple(parse_boost(t, flags[1]) for t in boost),
+                      calibrate or None, float(calibrate_lambda))
+
+
 def resolve_group(group: str, names: tuple[str, ...], prior: str, flag: str) -> int:
     """A group of `prior` by name (as `mhr priors show` lists it) or by id."""
     if group in names:

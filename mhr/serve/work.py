@@ -19,7 +19,7 @@ import numpy as np
 from mhr.errors import MhrError
 from mhr.priors.spec import PriorSpec
 from mhr.ranking.decode import Resolved, profile_priors, resolve
-from mhr.ranking.objectives import Objectives, parse_boost, parse_steer
+from mhr.ranking.objectives import Objectives, objectives_from_texts
 from mhr.ranking.recommend import Recommendation
 from mhr.ranking.service import Recommender
 from mhr.serve.batcher import MicroBatcher
@@ -52,9 +52,7 @@ def parse_objectives(steer: Sequence[str], boost: Sequence[str], calibrate: str 
                      calibrate_lambda: float) -> Objectives | None:
     """The request's objectives (None when it asks for none); a bad one is a 422 naming its field."""
     try:
-        objectives = Objectives(tuple(parse_steer(s, "steer") for s in steer),
-                                tuple(parse_boost(b, "boost") for b in boost), calibrate or None,
-                                float(calibrate_lambda))
+        objectives = objectives_from_texts(steer, boost, calibrate, calibrate_lambda, flags=("steer", "boost"))
         objectives.check()
     except MhrError as e:
         raise RequestError(422, _field_of(e.message), e.message, e.hint) from None
