@@ -66,7 +66,10 @@ def test_grouped_equals_dense(n_heads: int, fusion: str) -> None:
         # small blocks so that both blocks and the rare-pattern path are exercised
         plan = ScoringPlan(elig, min_block_items=int(rng.choice([1, 4, 10_000])))
         dense = dense_fused_topk(q, vecs, score_fn, elig, user_heads, exclude, k, fusion)
-        grouped = grouped_fused_topk(q, vecs, score_fn, plan, user_heads, exclude, k, fusion, batch_size=3)
+        # slabs of a few positions: the running top-k is merged across many slabs
+        slab = [None, 1, 5, 37][seed % 4]
+        grouped = grouped_fused_topk(q, vecs, score_fn, plan, user_heads, exclude, k, fusion, batch_size=3,
+                                     slab=slab)
         assert_same(dense, grouped)
 
 
@@ -80,8 +83,10 @@ def test_ties_break_by_head_then_item_id(fusion: str) -> None:
     elig = random_eligibility(rng, n_heads, n_cols)
     for min_items in (1, 1000):
         dense = dense_fused_topk(q, vecs, dot, elig, None, None, 7, fusion)
-        grouped = grouped_fused_topk(q, vecs, dot, ScoringPlan(elig, min_items), None, None, 7, fusion)
-        assert_same(dense, grouped)
+        for slab in (None, 1, 4, 13):  # ties across slabs too
+            grouped = grouped_fused_topk(q, vecs, dot, ScoringPlan(elig, min_items), None, None, 7, fusion,
+                                         slab=slab)
+            assert_same(dense, grouped)
         items, scores, _ = dense
         for row_items, row_scores in zip(items.tolist(), scores.tolist(), strict=True):
             keyed = [(-s, i) for i, s in zip(row_items, row_scores, strict=True) if i]
@@ -210,7 +215,8 @@ def test_grouped_equals_dense_with_head_parameters(fusion: str, per_user: bool) 
             k = int(rng.choice([1, 10, n_cols + 5]))
             plan = ScoringPlan(elig, min_block_items=int(rng.choice([1, 4, 10_000])))
             dense = dense_fused_topk(q, vecs, dot, elig, user_heads, exclude, k, fusion, **args)
-            grouped = grouped_fused_topk(q, vecs, dot, plan, user_heads, exclude, k, fusion, batch_size=2, **args)
+            grouped = grouped_fused_topk(q, vecs, dot, plan, user_heads, exclude, k, fusion, batch_size=2,
+                                         slab=[None, 2, 11][seed % 3], **args)
             assert_same(dense, grouped)
 
 

@@ -37,6 +37,16 @@ def history_mask(split: dict[str, np.ndarray], rows: np.ndarray, n_items: int) -
     return torch.from_numpy(mask)
 
 
+def history_rows(split: dict[str, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The users' histories as CSR (indptr [len(rows)+1], item ids): what `history_mask` marks,
+    without a [len(rows), N+1] mask — the scorers take either."""
+    ptr, hist = split["history_ptr"], split["history_items"]
+    lengths = ptr[rows + 1] - ptr[rows]
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    items = np.concatenate([hist[ptr[r] : ptr[r + 1]] for r in rows]) if len(rows) else hist[:0]
+    return indptr, items
+
+
 @torch.no_grad()
 def iter_queries(
     model: MultiHeadRecommender,
@@ -124,10 +134,13 @@ def rank_split(
             offset = router_offsets(log_p, head_log_normalisers(q, item_vecs, model.scorer, omega, members))
             if head_boost is not None:
                 offset = offset + head_boost.to(offset.device)
-        exclude = history_mask(split, rows, n_items).to(device) if exclude_history else None
+        exclude = None
         if allowed_items is not None:
-            outside = ~allowed_items(rows).to(device)
-            exclude = outside if exclude is None else exclude | outside
+            exclude = ~allowed_items(rows).to(device)
+            if exclude_history:
+                exclude |= history_mask(split, rows, n_items).to(device)
+        elif exclude_history:
+            exclude = history_rows(split, rows)
         top_items, top_scores, top_winners = grouped_fused_topk(
             q, item_vecs, model.scorer, omega, heads, exclude, k, fusion,
             weights=weights, scale=scale, offset=offset,

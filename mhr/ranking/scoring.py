@@ -32,7 +32,9 @@ dot); it is applied to item slices, so it must score each item independently of 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -48,6 +50,10 @@ Exclude = torch.Tensor | np.ndarray | tuple[np.ndarray, np.ndarray] | None
 # elements of one intermediate score tensor (64 MiB of float32) and of the fused [B, N+1] buffer
 _BLOCK_ELEMENTS = 1 << 20
 _BUFFER_ELEMENTS = 1 << 26
+# fused scores of one slab of the catalogue (8 MiB of float32, reused slab after slab), and the
+# users ranked together by the grouped path when the caller gives no batch size
+_SLAB_ELEMENTS = 1 << 21
+_USER_CHUNK = 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +278,6 @@ class ScoringPlan:
         order.append(rare_items)
         self.rare_start, self.rare_stop = pos, pos + len(rare_items)
         pos += len(rare_items)
-        self.n_winner = pos  # positions below this need a per-user winner
         for p in single:
             add_block(p)
         self.blocks = blocks
@@ -289,14 +294,34 @@ class ScoringPlan:
             for h in range(n_heads)
             if rare_elig[h].any()
         ]
-        static = np.full(len(order_np), -1, dtype=np.int64)
-        for blk in blocks:
-            if len(blk.heads) == 1:
-                static[blk.start : blk.stop] = int(blk.heads[0])
-        self.static_winner = torch.from_numpy(static).to(device)
+        self.eligible = torch.from_numpy(elig).to(device)  # [K, N+1], item 0 never: winners
+        self._block_starts = [blk.start for blk in blocks]
+        self._ordered: tuple | None = None  # (weakref to item_vecs, version key, reordered): `ordered`
         self.mean_heads_per_item = float(elig[:, 1:].sum() / max(1, n_cols - 1))
         whole = len(blocks) == 1 and len(blocks[0].heads) == 1 and not len(rare_items)
         self.single_head = int(blocks[0].heads[0]) if whole else None
+
+    def ordered(self, item_vecs: torch.Tensor) -> torch.Tensor:
+        """`item_vecs` [N+1, d] in plan order. The last one is kept, so that ranking a split batch
+        by batch against the same (unchanged) tensor reorders it once, not once per batch."""
+        key = (item_vecs.device, item_vecs.shape, item_vecs.dtype, item_vecs._version)
+        cached = self._ordered
+        if cached is not None and cached[0]() is item_vecs and cached[1] == key:
+            return cached[2]
+        out = item_vecs.index_select(0, self.order.to(item_vecs.device))
+        self._ordered = (weakref.ref(item_vecs), key, out)
+        return out
+
+    def blocks_in(self, s0: int, s1: int) -> list[Block]:
+        """The blocks that overlap plan positions [s0, s1), in plan order."""
+        first = max(0, bisect.bisect_right(self._block_starts, s0) - 1)
+        out = []
+        for blk in self.blocks[first:]:
+            if blk.start >= s1:
+                break
+            if blk.stop > s0:
+                out.append(blk)
+        return out
 
     def __repr__(self) -> str:
         return (
@@ -340,10 +365,17 @@ def grouped_fused_topk(
     weights: HeadParam = None,
     scale: HeadParam = None,
     offset: HeadParam = None,
+    slab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused top-k whose cost follows the eligible heads; same arguments and results as
     `dense_fused_topk` (scores equal up to float rounding). `eligible` may be a prepared
-    `ScoringPlan`; a bool [K, N+1] matrix is looked up in a small content-keyed plan cache."""
+    `ScoringPlan`; a bool [K, N+1] matrix is looked up in a small content-keyed plan cache.
+
+    The catalogue is streamed in slabs of plan positions (`slab` positions, default what keeps one
+    slab's fused scores at `_SLAB_ELEMENTS`): each slab's scores go into one reused buffer, and only
+    the positions at or above a user's running k-th score join that user's running top-k; the
+    max-fusion winner is found afterwards for the k selected items alone. No [B, N] buffer is
+    allocated, so memory and page faults do not grow with the catalogue."""
     plan = eligible if isinstance(eligible, ScoringPlan) else plan_for(eligible)
     b, n_heads, _ = q.shape
     if fusion not in FORMULAS:
@@ -355,8 +387,8 @@ def grouped_fused_topk(
     device = q.device
     weights, scale, offset = _head_params(n_heads, device, fusion, weights, scale, offset)
     order = plan.order.to(device)
-    vecs = item_vecs.index_select(0, order)  # plan order: every block is a contiguous slice
-    chunk = _user_chunk(b, plan.n_eligible, batch_size)
+    vecs = plan.ordered(item_vecs)  # plan order: every block is a contiguous slice
+    chunk = batch_size or max(1, min(b, _USER_CHUNK))
     out = []
     for start in range(0, b, chunk):
         stop = min(b, start + chunk)
@@ -364,28 +396,96 @@ def grouped_fused_topk(
         if uh is not None and bool(uh.all()):
             uh = None
         params = tuple(_rows(p, start, stop) for p in (weights, scale, offset))
-        fused, winner = _fuse_chunk(plan, q[start:stop], vecs, score_fn, uh, fusion, *params)
         ex = _exclusion_rows(exclude, start, stop, plan.n_cols, device)
         if ex is not None:
             pos = plan.position.to(device)[ex[1]]
             keep = pos >= 0
-            fused[ex[0][keep], pos[keep]] = NEG_INF
-        items, vals, cols = _select_topk(fused, order, k)
+            ex = (ex[0][keep], pos[keep])
+        width = slab or max(1, _SLAB_ELEMENTS // (stop - start))
+        items, vals = _stream_topk(plan, q[start:stop], vecs, order, score_fn, uh, fusion, params, ex, k, width)
         if fusion == "max":
-            static = plan.static_winner.to(device)[cols.clamp(min=0)]
-            dynamic = (
-                winner.gather(1, cols.clamp(min=0, max=max(0, plan.n_winner - 1))).long()
-                if plan.n_winner
-                else static
-            )
-            win = torch.where(cols < plan.n_winner, dynamic, static).masked_fill(cols < 0, -1)
+            win = _winners(plan, q[start:stop], item_vecs, score_fn, uh, params[1], params[2], items, vals)
         else:
             win = torch.full_like(items, -1)
         out.append((items, vals, win))
     return tuple(torch.cat(parts) for parts in zip(*out, strict=True))  # type: ignore[return-value]
 
 
-def _fuse_chunk(
+def _stream_topk(plan, q, vecs, order, score_fn, user_heads, fusion, params, ex, k, width):
+    """(items, scores) [b, k]: the fused top-k of one user chunk, slab by slab (see
+    `grouped_fused_topk`). After the first slab a row's candidates are its positions scoring at
+    least its running k-th score — a tie may still win on the lower item id — so the selection
+    over a slab is a comparison and a gather, not a sort."""
+    b, device = q.shape[0], q.device
+    width = min(width, max(1, plan.n_eligible))
+    buffer = torch.empty(b * width, device=device)
+    best = None
+    for s0 in range(0, plan.n_eligible, width):
+        s1 = min(plan.n_eligible, s0 + width)
+        fused = buffer[: b * (s1 - s0)].view(b, s1 - s0)
+        _fuse_range(plan, q, vecs, score_fn, user_heads, fusion, *params, s0=s0, s1=s1, fused=fused)
+        if ex is not None:
+            inside = (ex[1] >= s0) & (ex[1] < s1)
+            fused[ex[0][inside], ex[1][inside] - s0] = NEG_INF
+        ids = order[s0:s1]
+        if best is None:
+            items, vals, _ = _select_topk(fused, ids, k)
+            best = (items, torch.where(torch.isnan(vals), NEG_INF, vals))
+            continue
+        kth = best[1][:, -1:]
+        floor = torch.where(torch.isneginf(kth), torch.finfo(fused.dtype).min, kth)  # -inf never joins
+        rows, cols = torch.nonzero(fused >= floor, as_tuple=True)
+        if len(rows):
+            best = _merge_topk(best, _padded(rows, cols, fused, ids, b), k)
+    if best is None:  # nothing is recommendable
+        return q.new_zeros(b, k, dtype=torch.long), q.new_full((b, k), NEG_INF)
+    items, vals = best
+    return items.masked_fill(torch.isneginf(vals), 0), vals
+
+
+def _padded(rows: torch.Tensor, cols: torch.Tensor, fused: torch.Tensor, ids: torch.Tensor, b: int):
+    """Candidates (row, column) of a slab, row-sorted, as (items, scores) [b, c], padded with
+    (0, -inf); c is the most candidates of any row."""
+    counts = torch.bincount(rows, minlength=b)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows), device=rows.device) - first[rows]
+    width = int(counts.max())
+    items = torch.zeros(b, width, dtype=torch.long, device=rows.device)
+    vals = torch.full((b, width), NEG_INF, device=rows.device)
+    items[rows, slot] = ids[cols]
+    vals[rows, slot] = fused[rows, cols]
+    return items, vals
+
+
+def _merge_topk(a, b, k: int):
+    """The top-k of two selections (items, scores) [B, *] in the order of `_select_topk`
+    (score desc, item id asc); empty slots (item 0, -inf) sort last."""
+    items, vals = (torch.cat(pair, 1) for pair in zip(a, b, strict=True))
+    by_id = torch.argsort(items, dim=1, stable=True)
+    items, vals = items.gather(1, by_id), vals.gather(1, by_id)
+    by_score = torch.argsort(vals, dim=1, descending=True, stable=True)[:, :k]
+    return items.gather(1, by_score), vals.gather(1, by_score)
+
+
+def _winners(plan, q, item_vecs, score_fn, user_heads, scale, offset, items, vals) -> torch.Tensor:
+    """The max-fusion winner of each selected item: the lowest head among those the user may use
+    and the item is eligible for whose (calibrated) score is highest; -1 for empty slots."""
+    device = q.device
+    allowed = plan.eligible.to(device).T[items]  # [b, k, K]
+    if user_heads is not None:
+        allowed = allowed & user_heads.unsqueeze(1)
+    win = torch.full_like(items, -1)
+    for r in range(items.shape[0]):
+        s = score_fn(q[r], item_vecs.index_select(0, items[r])).float()  # [K, k]
+        if scale is not None:
+            s = s * _rows(scale, r, r + 1).reshape(-1, 1)
+        if offset is not None:
+            s = s + _rows(offset, r, r + 1).reshape(-1, 1)
+        win[r] = s.T.masked_fill(~allowed[r], NEG_INF).argmax(1)
+    return win.masked_fill(torch.isneginf(vals) | (items == 0), -1)
+
+
+def _fuse_range(
     plan: ScoringPlan,
     q: torch.Tensor,
     vecs: torch.Tensor,
@@ -395,27 +495,30 @@ def _fuse_chunk(
     weights: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused scores [b, n_eligible] in plan order and max-fusion winners [b, n_winner] (int16/32).
+    *,
+    s0: int,
+    s1: int,
+    fused: torch.Tensor,
+) -> None:
+    """Fused scores of plan positions [s0, s1) into `fused [b, s1-s0]`.
 
     weights / scale / offset: None or [1|b, K] float (checked by the caller)."""
     b = q.shape[0]
     device = q.device
     if plan.single_head is not None and user_heads is None:
-        # one head scores every eligible item: a plain matmul, its output is the buffer
+        # one head scores every eligible item: a plain matmul
         h = plan.single_head
-        fused = score_fn(q[:, h], vecs).float()
+        s = score_fn(q[:, h], vecs[s0:s1]).float()
         if scale is not None:
-            fused = fused * scale[:, h : h + 1]
+            s = s * scale[:, h : h + 1]
         if offset is not None:
-            fused = fused + offset[:, h : h + 1]
-        return fused, fused.new_zeros(b, 0, dtype=torch.int16)
-    fused = torch.empty(b, plan.n_eligible, device=device)
-    wdtype = torch.int16 if plan.n_heads < 2**15 else torch.int32
-    winner = torch.full((b, plan.n_winner if fusion == "max" else 0), -1, dtype=wdtype, device=device)
-    for blk in plan.blocks:
+            s = s + offset[:, h : h + 1]
+        fused.copy_(s)
+        return
+    for blk in plan.blocks_in(s0, s1):
         heads = blk.heads.to(device)
         qp = q.index_select(1, heads)  # [b, p, d]
+        qh = qp.transpose(0, 1).contiguous() if fusion == "max" else None  # [p, b, d]
         p = len(heads)
         allowed = None if user_heads is None else user_heads.index_select(1, heads)  # [b, p]
         sc = None if scale is None else scale.index_select(1, heads).unsqueeze(-1)  # [1|b, p, 1]
@@ -427,43 +530,54 @@ def _fuse_chunk(
                 ww = torch.where(allowed, ww, 0.0)
             wsum = ww.sum(1, keepdim=True)
         step = max(1, _BLOCK_ELEMENTS // max(1, b * p))
-        for s0 in range(blk.start, blk.stop, step):
-            s1 = min(blk.stop, s0 + step)
-            s = score_fn(qp, vecs[s0:s1]).float()  # [b, p, m]
+        for a0 in range(max(blk.start, s0), min(blk.stop, s1), step):
+            a1 = min(blk.stop, s1, a0 + step)
+            cols = slice(a0 - s0, a1 - s0)
+            if fusion == "max":
+                # heads outermost, [p, b, m]: the max over heads is then elementwise over rows
+                s = score_fn(qh, vecs[a0:a1]).float()
+                if sc is not None:
+                    s = s * sc.transpose(0, 1)
+                if of is not None:
+                    s = s + of.transpose(0, 1)
+                if allowed is not None:
+                    s.masked_fill_(~allowed.T.unsqueeze(-1), NEG_INF)
+                torch.amax(s, dim=0, out=fused[:, cols])  # winners: `_winners`, for the selection only
+                continue
+            s = score_fn(qp, vecs[a0:a1]).float()  # [b, p, m]
             if sc is not None:
                 s = s * sc
             if of is not None:
                 s = s + of
-            if fusion == "max":
-                if allowed is not None:
-                    s.masked_fill_(~allowed.unsqueeze(-1), NEG_INF)
-                if p == 1:
-                    fused[:, s0:s1] = s[:, 0]
-                else:
-                    val, arg = s.max(dim=1)  # first (lowest) head on ties, as argmax in the reference
-                    fused[:, s0:s1] = val
-                    winner[:, s0:s1] = heads[arg].to(wdtype)
-            elif ww is not None:
+            if ww is not None:
                 total = torch.bmm(ww.unsqueeze(1), s).squeeze(1)  # Σ_k w_k t_k: [b, m]
-                fused[:, s0:s1] = (total / torch.where(wsum > 0, wsum, 1.0)).masked_fill(wsum == 0, NEG_INF)
+                fused[:, cols] = (total / torch.where(wsum > 0, wsum, 1.0)).masked_fill(wsum == 0, NEG_INF)
             else:
                 if allowed is None:
-                    fused[:, s0:s1] = s.mean(1)
+                    fused[:, cols] = s.mean(1)
                 else:
                     count = allowed.sum(1, keepdim=True)  # [b, 1]
                     total = torch.where(allowed.unsqueeze(-1), s, 0.0).sum(1)
-                    fused[:, s0:s1] = (total / count.clamp(min=1)).masked_fill(count == 0, NEG_INF)
-    if plan.rare_stop > plan.rare_start:
-        _fuse_rare(plan, q, vecs, score_fn, user_heads, fusion, fused, winner, weights, scale, offset)
-    return fused, winner
+                    fused[:, cols] = (total / count.clamp(min=1)).masked_fill(count == 0, NEG_INF)
+    r0, r1 = max(plan.rare_start, s0), min(plan.rare_stop, s1)
+    if r0 < r1:
+        _fuse_rare(plan, q, vecs, score_fn, user_heads, fusion, fused[:, r0 - s0 : r1 - s0], weights, scale, offset,
+                   r0=r0, r1=r1)
 
 
-def _fuse_rare(plan, q, vecs, score_fn, user_heads, fusion, fused, winner,
-               weights=None, scale=None, offset=None) -> None:
-    """Rare patterns: head by head over its items, scatter-max (or weighted sum and weight) in place."""
+def _fuse_rare(plan, q, vecs, score_fn, user_heads, fusion, fused,
+               weights=None, scale=None, offset=None, *, r0: int, r1: int) -> None:
+    """Rare patterns at plan positions [r0, r1) (inside the rare region): head by head over its
+    items there, scatter-max (or weighted sum and weight) into `fused` [b, r1-r0]."""
     device = q.device
-    r0, r1 = plan.rare_start, plan.rare_stop
     rare_vecs = vecs[r0:r1]
+    lo, hi = r0 - plan.rare_start, r1 - plan.rare_start  # rare-region offsets
+
+    def heads_here():
+        for h, idx in plan.rare_heads:
+            idx = idx[int(torch.searchsorted(idx, lo)) : int(torch.searchsorted(idx, hi))]
+            if len(idx):
+                yield h, (idx - lo).to(device)
 
     def head_scores(h: int, idx: torch.Tensor) -> torch.Tensor:
         s = score_fn(q[:, h], rare_vecs.index_select(0, idx)).float()  # [b, m]
@@ -475,36 +589,28 @@ def _fuse_rare(plan, q, vecs, score_fn, user_heads, fusion, fused, winner,
 
     if fusion == "max":
         best = torch.full((q.shape[0], r1 - r0), NEG_INF, device=device)
-        won = winner[:, r0:r1]
-        for h, idx in plan.rare_heads:
-            idx = idx.to(device)
+        for h, idx in heads_here():
             s = head_scores(h, idx)
             if user_heads is not None:
                 s.masked_fill_(~user_heads[:, h : h + 1], NEG_INF)
-            cur = best.index_select(1, idx)
-            better = s > cur  # strict: an earlier (lower) head keeps a tie
-            best.index_copy_(1, idx, torch.where(better, s, cur))
-            won.index_copy_(
-                1, idx, torch.where(better, torch.full_like(won[:, :1], h), won.index_select(1, idx))
-            )
-        fused[:, r0:r1] = best
+            best.index_copy_(1, idx, torch.maximum(s, best.index_select(1, idx)))
+        fused.copy_(best)
     else:
         total = torch.zeros(q.shape[0], r1 - r0, device=device)
-        for h, idx in plan.rare_heads:
-            idx = idx.to(device)
+        for h, idx in heads_here():
             s = head_scores(h, idx)
             if weights is not None:
                 s = s * weights[:, h : h + 1]
             if user_heads is not None:
                 s = torch.where(user_heads[:, h : h + 1], s, 0.0)
             total.index_add_(1, idx, s)
-        elig = plan.rare_eligible.to(device).float()
+        elig = plan.rare_eligible[:, lo:hi].to(device).float()
         if weights is None:
             count = elig.sum(0).expand_as(total) if user_heads is None else user_heads.float() @ elig
-            fused[:, r0:r1] = (total / count.clamp(min=1)).masked_fill(count == 0, NEG_INF)
+            fused.copy_((total / count.clamp(min=1)).masked_fill(count == 0, NEG_INF))
         else:
             w = weights.expand(q.shape[0], -1)
             if user_heads is not None:
                 w = torch.where(user_heads, w, 0.0)
             wsum = w @ elig  # [b, R]
-            fused[:, r0:r1] = (total / torch.where(wsum > 0, wsum, 1.0)).masked_fill(wsum == 0, NEG_INF)
+            fused.copy_((total / torch.where(wsum > 0, wsum, 1.0)).masked_fill(wsum == 0, NEG_INF))
