@@ -16,7 +16,7 @@ Stages, each a child process `python -m mhr --workspace <dir>/ws …` on dataset
 6. train     HSTU size 1 with the graph heads, 256 sampled negatives per position, a fixed
              number of steps; seq/s is the trainer's own figure at the step before the last (the
              last step also validates, on a 2,000-user sample (`--valid-users`), in the wall time);
-7. eval      `mhr eval --sample-users 10000`: a seeded sample of 10k test users (100 in --tiny),
+7. eval      `mhr eval`: every test user (a seeded sample of 100 in --tiny, `--sample-users`),
              each ranked over the full catalogue;
 8. recommend `mhr recommend RUN --all --out recs.parquet` for every user.
 
@@ -50,7 +50,7 @@ class Size:
     batch: int = 64
     negatives: int = 256
     backbone_size: str = "1"
-    eval_users: int = 10_000  # `mhr eval --sample-users`: a seeded sample of the test split
+    eval_users: int | None = None  # `mhr eval --sample-users`: a seeded sample; None: the whole test split
     valid_users: int = 2_000  # `mhr train --valid-users`: the validation after the last step
 
 
@@ -143,8 +143,8 @@ def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None,
         ("train", [*on, "train", "--backbone", "hstu", "--size", size.backbone_size, "--priors", priors,
                    "--negatives", str(size.negatives), "--negatives-per", "position", "--max-steps", str(size.steps),
                    "--batch-size", str(size.batch), "--valid-users", str(size.valid_users), "--name", run], 0, "seq/s"),
-        ("eval", [*on, "eval", run, "--sample-users", str(size.eval_users), "--json", "--force"], size.users,
-         "users/s"),
+        ("eval", [*on, "eval", run, *(["--sample-users", str(size.eval_users)] if size.eval_users else []),
+                  "--json", "--force"], size.users, "users/s"),
         ("recommend", [*on, "recommend", run, "--all", "--out", str(recs)], size.users, "users/s"),
     ]
     stages = []
@@ -170,7 +170,8 @@ def pipeline(size: Size, work: Path, log: Path, only: set[str] | None = None,
         elif name == "eval":
             users = json.loads(out)["metrics"].get("users") if out.strip().startswith("{") else None
             stage.throughput = users / seconds if users else None
-            stage.note = f"{size.eval_users:,}-user sample of the test split ({users} with targets), full catalogue of {size.items:,}"
+            whole = f"{size.eval_users:,}-user sample of" if size.eval_users else "the whole"
+            stage.note = f"{whole} test split ({users} users with targets), full catalogue of {size.items:,}"
         elif name == "recommend":
             stage.note = f"top 10 for all {size.users:,} users"
         stages.append(stage)
@@ -184,6 +185,10 @@ def table(stages: list[Stage]) -> str:
         tp = f"{s.throughput:,.0f} {s.unit}" if s.throughput is not None else "—"
         rss = f"{s.peak_rss_gib:.2f}" + (" **over 8**" if s.peak_rss_gib > RSS_GOAL_GIB else "")
         lines.append(f"| {s.name} | {s.seconds:.1f} | {rss} | {tp} | {s.note if s.ok or s.note else 'failed'} |")
+    if stages:
+        worst = max(s.peak_rss_gib for s in stages)
+        lines.append(f"| **total** | **{sum(s.seconds for s in stages):.1f}** ({sum(s.seconds for s in stages) / 60:.1f} min) "
+                     f"| {worst:.2f} (largest stage) | | {'all stages ok' if all(s.ok for s in stages) else 'FAILED'} |")
     return "\n".join(lines)
 
 
