@@ -107,12 +107,14 @@ def _fast(q, item_vecs, targets, ct, omega, m, seed, gamma, head_weights):
                           global_ratio=m[5], generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("path", ["dense-table", "gathered"])
+@pytest.mark.parametrize("path", ["dense-table", "gathered", "shared"])
 @pytest.mark.parametrize("m", MODES, ids=lambda m: "-".join(str(x) for x in m))
 @pytest.mark.parametrize("compose,names,global_head", layouts())
 def test_sampling_modes_equal_the_loop_reference(monkeypatch, compose, names, global_head, m, path):
-    if path == "gathered":  # per-row draws gather [rows, n, d] vectors instead of scoring the table
+    if path != "dense-table":  # per-row draws gather vectors instead of scoring the table
         monkeypatch.setattr(sampling_mod, "DENSE_FACTOR", 0)
+        # gathered: [rows, n, d], one draw per query; shared: each draw once, a batched matmul
+        monkeypatch.setattr(sampling_mod, "SHARED_QUERIES", 1 if path == "shared" else 10**9)
     compat, q, item_vecs, targets, ct = setup(compose, names, global_head, seed=len(names))
     sampling = Sampling(m[0], m[1], m[2], m[3], m[4], m[5])
     for head_weights, gamma in (("frequency", 0.8), ("uniform", 1.0)):
@@ -125,10 +127,11 @@ def test_sampling_modes_equal_the_loop_reference(monkeypatch, compose, names, gl
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("dense", [64, 0], ids=["dense-table", "gathered"])
+@pytest.mark.parametrize("dense,shared", [(64, 4), (0, 10**9), (0, 1)], ids=["dense-table", "gathered", "shared"])
 @pytest.mark.parametrize("m", MODES[:5], ids=lambda m: "-".join(str(x) for x in m))
-def test_chunked_and_unchunked_sampled_losses_agree(monkeypatch, m, dense):
+def test_chunked_and_unchunked_sampled_losses_agree(monkeypatch, m, dense, shared):
     monkeypatch.setattr(sampling_mod, "DENSE_FACTOR", dense)
+    monkeypatch.setattr(sampling_mod, "SHARED_QUERIES", shared)
     compat, q, item_vecs, targets, ct = setup("hierarchical", ["temporal", "item"], False, seed=3)
     whole, _ = _fast(q, item_vecs, targets, ct, compat.omega, m, 11, 0.9, "frequency")
     g_whole = torch.autograd.grad(whole, (q, item_vecs))

@@ -37,6 +37,9 @@ CHUNK_ELEMENTS = 1 << 24
 # table with one matmul and pick each row's n columns; larger tables gather [rows, n, d] vectors
 # (memory-bound, with a slow scatter in backward: ~8x slower at 1.7k items, par at ~12k)
 DENSE_FACTOR = 64
+# a draw read by at least this many queries on average (draws per sequence) is gathered once per
+# draw and scored with a batched matmul, not gathered once per query
+SHARED_QUERIES = 4
 
 
 @dataclass(frozen=True)
@@ -160,12 +163,14 @@ def sampled_head_lse(
     d = queries.shape[1]
     m = 0 if batch_ids is None else len(batch_ids)
     dense = rows is not None and table is not None and 0 < len(table) <= DENSE_FACTOR * n
+    # draws read by many queries each (per sequence): each draw's vectors are gathered once
+    shared = rows is not None and not dense and len(neg_ids) * SHARED_QUERIES <= len(queries)
     if dense:
         per_row = len(table) + n + m
         columns = torch.searchsorted(table, neg_ids).clamp(max=len(table) - 1)  # [R, n] into the table
         vecs_in = item_vecs[table]
     else:
-        per_row = (n * d if rows is not None else n) + m
+        per_row = (2 * n if shared else n * d if rows is not None else n) + m
         columns, vecs_in = None, (item_vecs if rows is not None else None)
     chunk = max(1, CHUNK_ELEMENTS // max(1, per_row + n))
     bounds = list(range(0, len(queries), chunk)) + [len(queries)]
@@ -184,15 +189,15 @@ def sampled_head_lse(
             vecs_in if rows is not None else shared_vecs, neg_offset, batch_ids, batch_vecs, batch_offset,
         )
         if len(bounds) > 2 and torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_lse, *args, beta, columns, use_reentrant=False,
+            parts.append(checkpoint(_chunk_lse, *args, beta, columns, shared, use_reentrant=False,
                                     preserve_rng_state=False))
         else:
-            parts.append(_chunk_lse(*args, beta, columns))
+            parts.append(_chunk_lse(*args, beta, columns, shared))
     return torch.cat(parts) if parts else queries.new_zeros(0)
 
 
 def _chunk_lse(queries, local, target, rows, neg_ids, vecs, neg_offset, batch_ids, batch_vecs, batch_offset,
-               beta: float, columns: torch.Tensor | None = None) -> torch.Tensor:
+               beta: float, columns: torch.Tensor | None = None, shared: bool = False) -> torch.Tensor:
     if rows is None:  # one draw shared by every query: a plain [C, n] matmul
         logits = (queries @ vecs.transpose(0, 1)).float()[local]  # [P, n]
         ids = neg_ids[0].expand(len(local), -1)
@@ -200,7 +205,9 @@ def _chunk_lse(queries, local, target, rows, neg_ids, vecs, neg_offset, batch_id
     else:  # a draw per sequence / position, scored per query, then read per positive
         if columns is not None:  # the whole (small) table with one matmul, then each row's columns
             per_query = (queries @ vecs.transpose(0, 1)).float().gather(1, columns[rows])  # [C, n]
-        else:  # [C, n, d] gathered vectors
+        elif shared:  # each draw's [n, d] vectors once, its queries padded into one batched matmul
+            per_query = _shared_draw_logits(queries, rows, neg_ids, vecs)
+        else:  # [C, n, d] gathered vectors (the reference the shared path is tested against)
             per_query = torch.einsum("cd,cnd->cn", queries, vecs[neg_ids[rows]]).float()
         logits = per_query[local]  # [P, n]
         r = rows[local]
@@ -222,6 +229,19 @@ def _chunk_lse(queries, local, target, rows, neg_ids, vecs, neg_offset, batch_id
         inb = inb.masked_fill(batch_ids == target.unsqueeze(1), float("-inf"))
         lse = torch.logaddexp(lse, inb.logsumexp(dim=-1))
     return lse
+
+
+def _shared_draw_logits(queries: torch.Tensor, rows: torch.Tensor, neg_ids: torch.Tensor, vecs) -> torch.Tensor:
+    """[C, n] logits of each query against its draw's negatives, `neg_ids[rows]`, with each draw
+    read once: [R', n, d] vectors for the R' draws of the chunk instead of [C, n, d]."""
+    draws, j = torch.unique(rows, return_inverse=True)
+    counts = torch.bincount(j, minlength=len(draws))
+    order = torch.argsort(j, stable=True)
+    slot = torch.empty_like(j)
+    slot[order] = torch.arange(len(j), device=j.device) - (torch.cumsum(counts, 0) - counts)[j[order]]
+    padded = queries.new_zeros(len(draws), int(counts.max()), queries.shape[1])
+    padded = padded.index_put((j, slot), queries)
+    return torch.bmm(padded, vecs[neg_ids[draws]].transpose(1, 2))[j, slot].float()
 
 
 def head_negatives(sampler: HeadSampler, k: int, n_queries: int, positions: torch.Tensor, length: int,
