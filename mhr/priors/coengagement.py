@@ -338,13 +338,6 @@ class _Leiden:
         self.tried.append((res, self.count(raw)))
         return raw
 
-    def move_nodes(self, res: float, raw: np.ndarray) -> np.ndarray:
-        """Leiden's first phase alone on the whole graph from `raw`: single nodes move to better
-        communities, none is split or merged, so the count stays (unless one empties)."""
-        part = self.partition(res, raw)
-        self.opt.move_nodes(part)
-        return np.asarray(part.membership, dtype=np.int64)
-
     def count(self, raw: np.ndarray) -> int:
         return _relabel(raw, self.active, self.min_size)[1]
 
@@ -407,8 +400,9 @@ def search_resolution(graph: ig.Graph, weights: list[float] | None, active: np.n
     3. Search on the graph aggregated by the meet of these partitions (hundreds to a few thousand
        nodes: cheap), so each step's communities are unions of communities found on the whole graph
        at both ends of the bracket.
-    4. Polish: Leiden's node-moving phase on the whole graph at the resolution found (boundary nodes
-       move, no community splits or merges), kept unless it moves the count away or lowers modularity.
+    No polish after the aggregate search (search 3 ran leidenalg's node-moving phase on the whole
+    graph: 2–4 igraph iterations' time for +0.0003–0.002 modularity; one more igraph iteration from
+    the result gains +0.0007 on average on the nested-block test graphs and can change the count).
     """
     lei = _Leiden(graph, weights, active, min_size, seed)
     raw = lei.improve(1.0)
@@ -431,10 +425,6 @@ def search_resolution(graph: ig.Graph, weights: list[float] | None, active: np.n
         res, raw = hi[0], parts[-1]
     else:
         res, raw = lei.bisect(_meet(parts), lo, hi, clusters)
-    polished = lei.move_nodes(res, raw)
-    if (abs(lei.count(polished) - clusters), -lei.modularity(polished)) <= (
-            abs(lei.count(raw) - clusters), -lei.modularity(raw)):
-        raw = polished
     return Search(raw, res, lei.tried, lei.full_passes)
 
 
