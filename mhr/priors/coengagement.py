@@ -253,7 +253,8 @@ def _relabel(raw: np.ndarray, active: np.ndarray, min_size: int) -> tuple[np.nda
     return out, len(big), small
 
 
-def group_modularity(graph: ig.Graph, weights: list[float] | None, labels: np.ndarray, n_big: int) -> float:
+def group_modularity(graph: ig.Graph, weights: list[float] | np.ndarray | None, labels: np.ndarray,
+                     n_big: int) -> float:
     """Modularity of the final groups (`labels` from `_relabel`; -1, the "other" group, counted as one)."""
     return float(graph.modularity(np.where(labels < 0, n_big, labels).tolist(), weights))
 
@@ -311,9 +312,12 @@ class _Leiden:
     quality as leidenalg's RB-configuration, ~10× faster on large sparse graphs), searches on an
     aggregate and the node-moving polish by leidenalg; one generator each, so a run is reproducible."""
 
-    def __init__(self, graph: ig.Graph, weights: list[float] | None, active: np.ndarray, min_size: int,
-                 seed: int) -> None:
-        self.graph, self.weights, self.active, self.min_size = graph, weights, active, min_size
+    def __init__(self, graph: ig.Graph, weights: list[float] | np.ndarray | None, active: np.ndarray,
+                 min_size: int, seed: int) -> None:
+        # igraph reads a float64 array as it is; leidenalg wants a list (≈ 32 bytes an edge in Python
+        # floats), made only where a leidenalg partition is (the aggregate search)
+        self.graph, self.active, self.min_size = graph, active, min_size
+        self.weights = None if weights is None else np.ascontiguousarray(weights, dtype=np.float64)
         self.opt = leidenalg.Optimiser()
         self.opt.set_rng_seed(seed)
         self.rng = random.Random(seed)
@@ -322,7 +326,7 @@ class _Leiden:
 
     def partition(self, res: float, initial: np.ndarray | None = None) -> leidenalg.RBConfigurationVertexPartition:
         return leidenalg.RBConfigurationVertexPartition(
-            self.graph, weights=self.weights, resolution_parameter=res,
+            self.graph, weights=None if self.weights is None else self.weights.tolist(), resolution_parameter=res,
             initial_membership=None if initial is None else initial.tolist())
 
     def improve(self, res: float, initial: np.ndarray | None = None) -> np.ndarray:
@@ -385,7 +389,7 @@ def _meet(memberships: list[np.ndarray]) -> np.ndarray:
     return inverse.ravel().astype(np.int64)
 
 
-def search_resolution(graph: ig.Graph, weights: list[float] | None, active: np.ndarray, clusters: int,
+def search_resolution(graph: ig.Graph, weights: list[float] | np.ndarray | None, active: np.ndarray, clusters: int,
                       min_size: int, seed: int, max_fine: int = 6) -> Search:
     """The RB-configuration resolution giving `clusters` communities of ≥ `min_size` nodes, in about
     1–2 Leiden calls instead of one call per bisection step. `communities` hands it the graph of the
@@ -472,7 +476,7 @@ def communities(
             "the co-engagement graph has no edges (no two training interactions share a user or item)",
             hint="lower --holdout, or use a prior that needs no graph (--kind item / event / temporal)",
         )
-    weights = None if weight is None else weight.tolist()
+    weights = None if weight is None else np.asarray(weight, dtype=np.float64)
     active = np.zeros(n_nodes, dtype=bool)
     active[src] = True
     active[dst] = True
@@ -490,11 +494,12 @@ def communities(
     else:
         graph = edge_graph(n_nodes, src, dst)
         if clusters is None:
-            raw = _leiden(graph, weights, None, seed)
+            raw = _leiden(graph, None if weights is None else weights.tolist(), None, seed)
             labels, n_big, small = _relabel(raw, active, min_size)
             info.update(resolution=None, raw_clusters=int(len(np.unique(raw[active]))))
         else:
-            search = search_resolution_reference(graph, weights, active, clusters, min_size, seed)
+            search = search_resolution_reference(graph, None if weights is None else weights.tolist(), active,
+                                                 clusters, min_size, seed)
             labels, n_big, small = _relabel(search.raw, active, min_size)
         modularity = group_modularity(graph, weights, labels, n_big)
     if clusters is not None:
