@@ -75,9 +75,12 @@ def build_graph_prior(con: duckdb.DuckDBPyConnection, p: GraphParams) -> PriorGr
     n_items = int(con.execute("SELECT coalesce(max(item_id), 0) FROM items").fetchone()[0])
     n_users = int(con.execute("SELECT coalesce(max(user_id), 0) FROM users").fetchone()[0])
     users, items = training_pairs(con, p.holdout, p.cap)
+    n_pairs = len(users)
     n_users = max(n_users, int(users.max()) if len(users) else 0)
     m = binary_matrix(items, users, (n_items + 1, n_users + 1))  # rows = items (0 = padding, empty)
+    del users, items  # ≈ 16 bytes a training pair, not needed past the matrix (the peak is later)
     src, dst, count = knn_edges(m, p.neighbors)
+    del m
     found = communities(
         n_items + 1, src, dst, None if p.weights == "binary" else count,
         clusters=p.clusters, min_size=p.min_size, seed=p.seed,
@@ -109,7 +112,7 @@ def build_graph_prior(con: duckdb.DuckDBPyConnection, p: GraphParams) -> PriorGr
     info.pop("nodes", None)
     info["isolated"] = int(isolated.sum())  # padding row 0 is not an item
     info["other_nodes"] = int((group_col == found.n_clusters).sum())
-    info["training_pairs"] = len(users)
+    info["training_pairs"] = n_pairs
     groups.report.update(graph=info)
     try:
         groups.report["top_tags"] = dict(zip(names, top_tags(con, item_col, group_col, len(names)), strict=True))
