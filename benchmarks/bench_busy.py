@@ -12,11 +12,12 @@ short `mhr train` run. Workloads, each the real command as a child process:
 Configurations (environment of the child; OMP_NUM_THREADS is removed first):
   torch default   MHR_THREADS = every core: what `mhr` did before (one intra-op thread per core)
   passive wait    the same with OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning)
-  free cores      nothing set: `mhr.threads.choose_threads` (the cores the load average leaves free)
+  free cores      nothing set: `mhr.threads.choose_threads` (the cores other processes leave free now,
+                  `mhr.threads.busy_now`)
 Each (workload, configuration) is timed quiet, then with --busy `python -c 'while True: pass'` loops
 started by this script (they run for the measurement only), --rounds times, alternating; printed: the
-median wall seconds and speed ratio busy / quiet (goal ≥ 0.4), with the 1-minute load average seen
-before each measurement. Other sessions on a shared machine add their own load to both: compare only
+median wall seconds and speed ratio busy / quiet (goal ≥ 0.4), with the other processes seen running
+(`mhr.threads.busy_now`) before each measurement. Other sessions on a shared machine add their own load to both: compare only
 within one run, and read the load column.
 """
 
@@ -29,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mhr.threads import busy_now
 
 CONFIGS = {
     "torch default": {"MHR_THREADS": str(len(os.sched_getaffinity(0)))},
@@ -99,12 +102,12 @@ def main() -> None:
         for config in configs:
             quiet, busy, loads = [], [], []
             for _ in range(a.rounds):
-                loads.append(os.getloadavg()[0])
+                loads.append(busy_now())
                 quiet.append(mhr(ws, jobs[name], CONFIGS[config]))
                 procs = start_busy(a.busy)
                 try:
                     time.sleep(1.0)
-                    loads.append(os.getloadavg()[0])
+                    loads.append(busy_now())
                     busy.append(mhr(ws, jobs[name], CONFIGS[config]))
                 finally:
                     stop(procs)
@@ -113,7 +116,8 @@ def main() -> None:
             print(f"{name:6s} {config:14s} quiet {q:6.1f} s  busy {b:6.1f} s  speed busy/quiet {q / b:.2f}  "
                   f"(runs {[round(x, 1) for x in quiet]} / {[round(x, 1) for x in busy]}; load {min(loads):.1f}-"
                   f"{max(loads):.1f})", flush=True)
-    print("\n| workload | threads | quiet s | busy s | speed busy / quiet | load average seen |\n|---|---|---|---|---|---|")
+    print("\n| workload | threads | quiet s | busy s | speed busy / quiet | other processes running (busy_now) |"
+          "\n|---|---|---|---|---|---|")
     for name, config, q, b, lo, hi in rows:
         print(f"| {name} | {config} | {q:.1f} | {b:.1f} | **{q / b:.2f}** | {lo:.1f}–{hi:.1f} |")
 

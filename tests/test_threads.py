@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mhr.errors import UsageError
-from mhr.threads import apply_threads, choose_threads
+from mhr.threads import apply_threads, busy_now, choose_threads
 
 
 @pytest.mark.parametrize("cores, load, env, total, want", [
@@ -42,3 +42,25 @@ def test_apply_threads_sets_torch_once_it_is_imported():
         assert apply_threads(None, env=env) == 1 and env == {"OMP_NUM_THREADS": "1"}
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("reads, want", [
+    (["0.00 0.00 0.00 1/180 99"] * 5, 0.0),  # only this process runs
+    (["1.90 1.20 0.40 3/181 99"] * 5, 2.0),  # two busy loops beside it
+    (["9.00 9.00 9.00 1/180 99"] * 5, 0.0),  # a high 1-minute average from loops that have stopped
+    (["0 0 0 1/9 1", "0 0 0 6/9 1", "0 0 0 1/9 1", "0 0 0 2/9 1", "0 0 0 1/9 1"], 0.0),  # a blip
+    (["0 0 0 3/9 1", "0 0 0 3/9 1", "0 0 0 2/9 1", "0 0 0 3/9 1", "0 0 0 4/9 1"], 2.0),
+])
+def test_busy_now_reads_the_runnable_count_not_the_average(reads, want):
+    it = iter(reads)
+    assert busy_now(lambda: next(it), interval=0) == want
+
+
+def test_busy_now_falls_back_to_the_load_average(monkeypatch):
+    monkeypatch.setattr("os.getloadavg", lambda: (1.5, 1.0, 0.5))
+    assert busy_now(lambda: "garbage", interval=0) == 1.5
+
+    def unreadable() -> str:
+        raise OSError("no /proc")
+
+    assert busy_now(unreadable, interval=0) == 1.5
